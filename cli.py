@@ -1,0 +1,176 @@
+"""Command-line entry points: `mokd-eval` (evaluation suite) and `mokd-train` (MOKD pair trainer).
+
+This file only parses options, calls the evaluation/training logic, prints tables and writes results.
+User mistakes (`MokdError`) print one line and exit with status 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from mokd_eval.errors import MokdError
+
+EXIT_USER_ERROR = 2
+
+
+def _report_user_errors(debug: bool, action: Callable[[], Any]) -> Any:
+    try:
+        return action()
+    except MokdError as error:
+        if debug:
+            raise
+        click.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+class GuardedGroup(click.Group):
+    """A click group whose subcommands report `MokdError` as one line, without traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = bool(ctx.params.get("debug")) or os.environ.get("MOKD_DEBUG") == "1"
+        return _report_user_errors(debug, lambda: super(GuardedGroup, self).invoke(ctx))
+
+
+def _checkpoint_argument(function: Callable) -> Callable:
+    return click.argument("checkpoint", type=click.Path(path_type=Path))(function)
+
+
+def _model_options(function: Callable) -> Callable:
+    options = [
+        click.option("--model", default=None, help="Architecture (r18 r34 r50 r101 vit_t vit_s vit_b or a timm name); "
+                                                   "inferred from the weights when omitted."),
+        click.option("--key", default=None, help="Which model of the checkpoint (teacher_cnn, teacher_vit, teacher, "
+                                                 "student, teacher1, ...); pair checkpoints evaluate both by default."),
+        click.option("--trust-checkpoint", "trust", is_flag=True,
+                     help="Allow a checkpoint that needs arbitrary unpickling (runs code from the file)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _feature_options(function: Callable) -> Callable:
+    options = [
+        click.option("--data", default=None, help="Dataset: imagefolder:PATH, cifar10:PATH, cifar100:PATH, digits, "
+                                                  "shapes[:N]. Default: $MOKD_DATA, else digits."),
+        click.option("--image-size", type=int, default=None, help="Evaluation resolution (default: the protocol's)."),
+        click.option("--feature", "feature", default="default", show_default=True,
+                     help="default (pooled/CLS), patch_mean, or last_cls:N."),
+        click.option("--batch-size", type=int, default=256, show_default=True),
+        click.option("--num-workers", type=int, default=None, help="DataLoader workers (default: min(4, CPUs))."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+                     help="Feature cache (default: $MOKD_CACHE_DIR or ~/.cache/mokd)."),
+        click.option("--no-cache", is_flag=True, help="Neither read nor write the feature cache."),
+        click.option("--cache-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True),
+        click.option("--skip-bad-images", is_flag=True, help="Skip unreadable images (counted) instead of failing."),
+        click.option("--out", type=click.Path(path_type=Path), default=None,
+                     help="Results JSON (default: results/<command>/<checkpoint name>.json)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _feature_settings(kwargs: dict[str, Any]):
+    from mokd_eval.features import DEFAULT_CACHE_DIR, FeatureCache, FeatureKind
+    from mokd_eval.pipeline import FeatureOptions
+
+    if kwargs["batch_size"] < 1:
+        raise MokdError("--batch-size must be at least 1")
+    root = None if kwargs["no_cache"] else (kwargs["cache_dir"] or DEFAULT_CACHE_DIR)
+    return FeatureOptions(cache=FeatureCache(root, kwargs["cache_dtype"]), kind=FeatureKind.parse(kwargs["feature"]),
+                          batch_size=kwargs["batch_size"], num_workers=kwargs["num_workers"], device=kwargs["device"])
+
+
+def _write(payload: dict[str, Any], out: Path | None, command: str, name: str) -> None:
+    from mokd_eval.results import default_out_path, write_results
+
+    path = write_results(out or default_out_path(command, name), payload)
+    click.echo(f"results: {path}")
+
+
+@click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show Python tracebacks for user errors.")
+@click.version_option(package_name="mokd")
+def mokd_eval(debug: bool) -> None:
+    """Evaluate self-supervised checkpoints (MOKD, DINO, MoCo, timm) the way the MOKD paper does."""
+
+
+@mokd_eval.command()
+@_checkpoint_argument
+@_model_options
+@_feature_options
+@click.option("--k", "ks", default="10,20,100,200", show_default=True, help="Comma-separated neighbour counts.")
+@click.option("--temperature", type=float, default=0.07, show_default=True)
+@click.option("--fp16-bank", is_flag=True, help="Store the train bank in fp16 (halves memory; last digits may move).")
+def knn(checkpoint: Path, ks: str, temperature: float, fp16_bank: bool, **kwargs: Any) -> None:
+    """Weighted k-NN classification (DINO protocol): top-1/top-5 for every k, best k starred."""
+    from mokd_eval.knn_eval import knn_table, run_knn
+
+    payload = run_knn(checkpoint, data=kwargs["data"], ks=_parse_ks(ks), temperature=temperature,
+                      features=_feature_settings(kwargs), model=kwargs["model"], key=kwargs["key"],
+                      trust=kwargs["trust"], image_size=kwargs["image_size"],
+                      skip_bad_images=kwargs["skip_bad_images"], fp16_bank=fp16_bank, seed=kwargs["seed"],
+                      echo=click.echo)
+    click.echo(knn_table(payload))
+    _write(payload, kwargs["out"], "knn", checkpoint.stem)
+
+
+def _parse_ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise MokdError(f"--k takes comma-separated whole numbers such as 10,20,100,200, not {text!r}") from None
+    if not ks or min(ks) < 1:
+        raise MokdError(f"--k needs at least one value >= 1, got {text!r}")
+    return ks
+
+
+@mokd_eval.command()
+@_checkpoint_argument
+@click.option("--trust-checkpoint", "trust", is_flag=True,
+              help="Allow a checkpoint that needs arbitrary unpickling (runs code from the file).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Also write the inspection as JSON (default: results/inspect/<name>.json).")
+def inspect(checkpoint: Path, trust: bool, out: Path | None) -> None:
+    """Show a checkpoint's format, keys, models (inferred architecture), sizes and epoch."""
+    from mokd_eval.checkpoints import inspect_checkpoint
+    from mokd_eval.results import build_results
+
+    report = inspect_checkpoint(checkpoint, trust=trust)
+    click.echo(_inspection_text(report))
+    models = [{"key": entry["key"], "arch": entry["arch"], "metrics": {}, **entry} for entry in report["models"]]
+    payload = build_results(command="inspect", protocol={}, dataset={}, results=models, timings={}, seed=None,
+                            config={"checkpoint": str(checkpoint), "inspection": report})
+    _write(payload, out, "inspect", checkpoint.stem)
+
+
+def _inspection_text(report: dict[str, Any]) -> str:
+    lines = [f"file: {report['path']}", f"format: {report['format']}", f"sha256: {report['sha256']}",
+             f"epoch: {report.get('epoch')}", f"top-level keys: {', '.join(report['top_level_keys'])}",
+             f"default models: {', '.join(report['default_keys'])}"]
+    for entry in report["models"]:
+        lines.append(f"- {entry['key']}: {entry['describe']}{' (inferred)' if entry['inferred'] else ''}")
+        lines.append(f"    backbone {entry['backbone_tensors']} tensors / {entry['backbone_params']:,} params; "
+                     f"heads {entry['head_tensors']} tensors / {entry['head_params']:,} params"
+                     f" ({', '.join(entry['head_prefixes']) or 'none'})")
+    return "\n".join(lines)
+
+
+def main() -> None:  # pragma: no cover - `python cli.py ...` convenience
+    mokd_eval()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""mokd_train: train MOKD model pairs (and their Independent/DINO baseline)."""
