@@ -168,9 +168,72 @@ def _inspection_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:  # pragma: no cover - `python cli.py ...` convenience
-    mokd_eval()
+@mokd_eval.command()
+@click.option("--output-dir", type=click.Path(path_type=Path), default=Path("demo-output"), show_default=True)
+@click.option("--epochs", type=int, default=None, help="Training epochs per mode (default: the tiny preset's).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def demo(output_dir: Path, epochs: int | None, seed: int, device: str) -> None:
+    """Train the tiny pair on digits (independent and MOKD), k-NN all four models, print Table 1 in miniature."""
+    from mokd_eval.demo import run_demo
+    from mokd_eval.knn import DEFAULT_KS, DEFAULT_TEMPERATURE
+
+    run_demo(output_dir, epochs=epochs, seed=seed, device=device, ks=DEFAULT_KS, temperature=DEFAULT_TEMPERATURE,
+             echo=click.echo)
+
+
+class GuardedCommand(click.Command):
+    """A single click command reporting `MokdError` like `GuardedGroup` does."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = bool(ctx.params.get("debug")) or os.environ.get("MOKD_DEBUG") == "1"
+        return _report_user_errors(debug, lambda: super(GuardedCommand, self).invoke(ctx))
+
+
+def _training_setting_options(function: Callable) -> Callable:
+    """One `--flag` per TrainConfig field, so every setting can be given on the command line.
+
+    Every option defaults to None ("not given") so that the precedence defaults < preset < YAML < flags holds.
+    """
+    import dataclasses
+    import typing
+
+    from mokd_train.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for field in reversed(dataclasses.fields(TrainConfig)):
+        if field.name == "preset":
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        kind = hints[field.name]
+        base = next((arg for arg in typing.get_args(kind) if arg is not type(None)), kind)
+        help_text = f"(default {field.default!r})" if field.default is not dataclasses.MISSING else ""
+        if base is bool:
+            option = click.option(f"{flag}/--no-{flag[2:]}", field.name, default=None, help=help_text)
+        elif base in (int, float, str):
+            option = click.option(flag, field.name, type=base, default=None, help=help_text)
+        else:  # tuples: comma-separated on the command line
+            option = click.option(flag, field.name, type=str, default=None, help=f"comma-separated {help_text}")
+        function = option(function)
+    return function
+
+
+@click.command(cls=GuardedCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--preset", default=None, help="A paper pair (r50-vit_s, r50-r18, vit_s-vit_t, ...) or tiny (CPU).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="YAML file of settings (keys = the flag names); flags override it.")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks for user errors.")
+@_training_setting_options
+def mokd_train(preset: str | None, config_path: Path | None, debug: bool, **settings: Any) -> None:
+    """Train a MOKD model pair (or, with --mode independent, its DINO baseline) and write checkpoints."""
+    from mokd_train.config import describe, resolve_config
+    from mokd_train.engine import train
+
+    config = resolve_config(preset, config_path, settings)
+    click.echo(describe(config))
+    summary = train(config)
+    click.echo(f"checkpoint: {summary['checkpoint']}")
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    mokd_eval()

@@ -1,0 +1,157 @@
+"""Benchmark: mokd's k-NN (one FAISS search for all ks) against a DINO-style torch loop (one search per k).
+
+Usage: python benchmarks/bench_knn.py [--n-train 100000 --n-test 10000 --dim 384]
+
+Both methods classify the same random clustered features. Each runs in its own spawned process,
+which loads the features from .npy files and then reports its wall time and peak resident memory
+(`ru_maxrss`, which, unlike tracemalloc, sees torch and FAISS allocations); "extra" is the peak
+minus the resident size right after loading the features. Further sections (feature extraction
+rate, ...) are added as functions returning table rows and called from `main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mokd_eval.atomic import save_numpy, write_json
+from mokd_eval.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_classify
+
+DINO_NUM_CHUNKS = 100
+GENERATION_ROWS = 65536
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-train", type=int, default=100_000)
+    parser.add_argument("--n-test", type=int, default=10_000)
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--num-classes", type=int, default=100)
+    parser.add_argument("--spread", type=float, default=4.0,
+                        help="per-dimension noise around unit-variance class centres; 4 overlaps the "
+                             "clusters so that accuracy is well below 100%%")
+    parser.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS))
+    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser.parse_args()
+
+
+def write_clustered_features(directory: Path, args: argparse.Namespace) -> dict[str, Path]:
+    """Gaussian clusters around shared random centres, saved as .npy so each child loads the same bytes."""
+    generator = torch.Generator().manual_seed(args.seed)
+    centres = torch.randn(args.num_classes, args.dim, generator=generator)
+    paths = {}
+    for split, n in (("train", args.n_train), ("test", args.n_test)):
+        labels = torch.randint(0, args.num_classes, (n,), generator=generator)
+        features = torch.empty(n, args.dim)
+        for start in range(0, n, GENERATION_ROWS):
+            rows = labels[start:start + GENERATION_ROWS]
+            features[start:start + len(rows)] = centres[rows] + args.spread * torch.randn(
+                len(rows), args.dim, generator=generator)
+        paths[f"{split}_features"] = save_numpy(directory / f"{split}_features.npy", features.numpy())
+        paths[f"{split}_labels"] = save_numpy(directory / f"{split}_labels.npy", labels.numpy())
+    return paths
+
+
+def dino_style_knn(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, ks: list[int],
+                   temperature: float, num_classes: int) -> dict[int, np.ndarray]:
+    """DINO's loop: for EACH k, every query chunk does a full matmul, a topk and a one-hot weighted vote.
+
+    Queries are chunked as DINO does (n_test // 100 per chunk), guarded against n_test < 100.
+    Classes are ranked by a stable descending sort, the same tie rule as mokd.
+    """
+    bank = F.normalize(torch.from_numpy(train_x), dim=1)
+    queries = F.normalize(torch.from_numpy(test_x), dim=1)
+    bank_labels = torch.from_numpy(train_y)
+    chunk = max(1, len(queries) // DINO_NUM_CHUNKS)
+    predictions = {}
+    for k in ks:
+        predicted = []
+        for start in range(0, len(queries), chunk):
+            similarity = queries[start:start + chunk] @ bank.T
+            top_sims, top_idx = similarity.topk(k, dim=1)
+            one_hot = torch.zeros(top_idx.numel(), num_classes).scatter_(1, bank_labels[top_idx].view(-1, 1), 1)
+            weights = (top_sims / temperature).exp()
+            scores = (one_hot.view(len(top_idx), k, num_classes) * weights[:, :, None]).sum(dim=1)
+            predicted.append(scores.sort(dim=1, descending=True, stable=True).indices[:, 0])
+        predictions[k] = torch.cat(predicted).numpy()
+    return predictions
+
+
+def run_method(method: str, paths: dict[str, Path], args: argparse.Namespace) -> dict:
+    """Child-process body: load features, time one method, report peak RSS (ru_maxrss is in KiB on Linux)."""
+    torch.set_num_threads(args.threads)
+    data = {name: np.load(path) for name, path in paths.items()}
+    loaded_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    if method == "mokd":
+        result = knn_classify(data["train_features"], data["train_labels"], data["test_features"],
+                              data["test_labels"], num_classes=args.num_classes, ks=args.ks,
+                              temperature=args.temperature, device="cpu")
+        predictions, details = result.predictions, {"timings": result.timings}
+    else:
+        predictions = dino_style_knn(data["train_features"], data["train_labels"], data["test_features"],
+                                     args.ks, args.temperature, args.num_classes)
+        details = {}
+    seconds = time.perf_counter() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    top1 = {k: float(100 * (pred == data["test_labels"]).mean()) for k, pred in predictions.items()}
+    return {"method": method, "seconds": seconds, "peak_mib": peak_kib / 1024,
+            "extra_mib": (peak_kib - loaded_kib) / 1024, "top1": top1, "predictions": predictions, **details}
+
+
+def in_fresh_process(method: str, paths: dict[str, Path], args: argparse.Namespace) -> dict:
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(run_method, method, paths, args).result()
+
+
+def knn_section(args: argparse.Namespace) -> list[dict]:
+    """Time both k-NN methods on identical features; compare their top-1 predictions for every k."""
+    with tempfile.TemporaryDirectory(prefix="bench_knn_") as directory:
+        paths = write_clustered_features(Path(directory), args)
+        reference = in_fresh_process("dino-style torch", paths, args)
+        mokd = in_fresh_process("mokd", paths, args)
+    reference_predictions, mokd_predictions = reference.pop("predictions"), mokd.pop("predictions")
+    reference["differing_top1"] = {k: 0 for k in reference_predictions}
+    mokd["differing_top1"] = {k: int((mokd_predictions[k] != reference_predictions[k]).sum())
+                              for k in reference_predictions}
+    for row in (reference, mokd):
+        row["speedup"] = reference["seconds"] / row["seconds"]
+    return [reference, mokd]
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    print(f"\n{title}")
+    print(f"{'method':<18} {'wall s':>8} {'speed-up':>8} {'peak MiB':>9} {'extra MiB':>9}  top-1 identical (k: differing)")
+    for row in rows:
+        identical = ", ".join(f"{k}: {n}" for k, n in row["differing_top1"].items())
+        print(f"{row['method']:<18} {row['seconds']:>8.2f} {row['speedup']:>7.2f}x {row['peak_mib']:>9.0f} "
+              f"{row['extra_mib']:>9.0f}  {identical}")
+    for row in rows:
+        accuracy = ", ".join(f"k={k}: {value:.2f}%" for k, value in row["top1"].items())
+        print(f"  {row['method']} top-1: {accuracy}" + (f"  timings: {row['timings']}" if "timings" in row else ""))
+
+
+def main() -> None:
+    args = parse_args()
+    print(f"k-NN benchmark: {args.n_train} train x {args.n_test} test x {args.dim} dims, {args.num_classes} "
+          f"classes, ks {args.ks}, T={args.temperature}, {args.threads} threads")
+    knn_rows = knn_section(args)
+    print_table("k-NN: one FAISS search for all ks vs DINO-style search per k", knn_rows)
+    if args.json:
+        write_json(args.json, {"config": {key: str(value) for key, value in vars(args).items()}, "knn": knn_rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""`mokd-eval knn`: DINO's weighted k-NN protocol on every model of a checkpoint, as a results payload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from mokd_eval.knn import knn_classify
+from mokd_eval.pipeline import FeatureOptions, load_models, model_features, model_record, open_eval_data
+from mokd_eval.results import StageTimer, build_results, format_table
+
+
+def run_knn(checkpoint: str | Path, *, data: str | None, ks: Sequence[int], temperature: float,
+            features: FeatureOptions, model: str | None = None, key: str | None = None, trust: bool = False,
+            image_size: int | None = None, skip_bad_images: bool = False, fp16_bank: bool = False,
+            seed: int = 0, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Evaluate each selected model of `checkpoint` and return the results payload (not yet written)."""
+    timer = StageTimer()
+    with timer.stage("load"):
+        eval_data = open_eval_data(data, image_size=image_size, skip_bad_images=skip_bad_images)
+        echo(f"data: {eval_data.spec.text} ({len(eval_data.train)} train / {len(eval_data.val)} val images, "
+             f"{eval_data.train.num_classes} classes; {eval_data.transform})")
+        loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo)
+
+    results, warnings = [], []
+    for entry in loaded:
+        train, val = model_features(entry, eval_data, features, timer)
+        outcome = knn_classify(train.features, train.labels, val.features, val.labels,
+                               num_classes=eval_data.train.num_classes, ks=ks, temperature=temperature,
+                               fp16_bank=fp16_bank, device=features.device)
+        for stage, seconds in outcome.timings.items():
+            timer.add(stage, seconds)
+        warnings.extend(outcome.warnings)
+        metrics = {str(k): values for k, values in outcome.metrics.items()}
+        results.append({**model_record(entry), "metrics": {"knn": metrics}, "best_k": outcome.best_k,
+                        "feature_rate_images_per_s": round(train.images_per_second, 1) if not train.from_cache else None,
+                        "features_from_cache": train.from_cache and val.from_cache,
+                        "skipped_images": train.skipped + val.skipped})
+    for message in dict.fromkeys(warnings):
+        echo(f"warning: {message}")
+
+    protocol = {"name": "knn", "ks": list(ks), "temperature": temperature, "feature": features.kind.describe(),
+                "similarity": "cosine (L2-normalised features)", "vote": "sum of exp(sim / T) per class",
+                "fp16_bank": fp16_bank, "num_classes_from": "train split"}
+    config = {"checkpoint": str(checkpoint), "model": model, "key": key, "image_size": image_size,
+              "batch_size": features.batch_size, "device": features.device,
+              "cache_dir": str(features.cache.root) if features.cache.root else None}
+    return build_results(command="knn", protocol=protocol, dataset=eval_data.record(), results=results,
+                         timings=timer.as_dict(), seed=seed, config=config)
+
+
+def knn_table(payload: dict[str, Any]) -> str:
+    """k rows, one top-1/top-5 column pair per model (Net1/Net2 side by side); best k starred."""
+    models = payload["results"]
+    ks = sorted({int(k) for entry in models for k in entry["metrics"]["knn"]})
+    headers = ["k"]
+    for entry in models:
+        headers += [f"{entry['key']} top1", "top5"]
+    rows = []
+    for k in ks:
+        row: list[Any] = [str(k)]
+        for entry in models:
+            values = entry["metrics"]["knn"].get(str(k))
+            if values is None:
+                row += ["-", "-"]
+                continue
+            star = "*" if entry["best_k"] == k else ""
+            row += [f"{values['top1']:.2f}{star}", f"{values['top5']:.2f}"]
+        rows.append(row)
+    title = f"k-NN on {payload['dataset']['spec']} (T = {payload['protocol']['temperature']}; * = best k)"
+    archs = "  ".join(f"{entry['key']}: {entry['arch']}" for entry in models)
+    return format_table(headers, rows, title=title) + f"\n{archs}"

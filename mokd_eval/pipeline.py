@@ -1,0 +1,83 @@
+"""Steps shared by every evaluation command: open the data, load the models, get their features.
+
+Commands (k-NN today; linear probe, consistency, t-SNE later) compose these so that data, checkpoints and
+features are always handled the same way and recorded the same way in the results JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from mokd_eval.checkpoints import LoadedBackbone, load_backbones
+from mokd_eval.data import DataSpec, LabelledDataset, eval_transform, open_dataset, parse_data_spec
+from mokd_eval.features import FeatureCache, FeatureKind, FeatureSet, cached_features
+from mokd_eval.results import StageTimer
+
+
+@dataclass
+class EvalData:
+    spec: DataSpec
+    train: LabelledDataset
+    val: LabelledDataset
+    transform: str
+
+    def record(self) -> dict[str, Any]:
+        """How the dataset is described in a results JSON."""
+        return {"spec": self.spec.text, "train_images": len(self.train), "val_images": len(self.val),
+                "num_classes": self.train.num_classes, "transform": self.transform,
+                "fingerprint": {"train": self.train.fingerprint, "val": self.val.fingerprint}}
+
+
+def open_eval_data(data: str | None, *, image_size: int | None = None, skip_bad_images: bool = False) -> EvalData:
+    spec = parse_data_spec(data)
+    transform, description = eval_transform(spec, image_size)
+    train = open_dataset(spec, "train", transform, skip_bad_images=skip_bad_images)
+    val = open_dataset(spec, "val", transform, skip_bad_images=skip_bad_images)
+    return EvalData(spec, train, val, description)
+
+
+@dataclass
+class FeatureOptions:
+    cache: FeatureCache
+    kind: FeatureKind = FeatureKind()
+    batch_size: int = 256
+    num_workers: int | None = None
+    device: str = "auto"
+
+
+def load_models(checkpoint: str | Path, *, model: str | None, key: str | None, trust: bool,
+                echo: Callable[[str], None]) -> list[LoadedBackbone]:
+    """Load every requested backbone strictly and say what was loaded."""
+    loaded = load_backbones(checkpoint, model=model, key=key, trust=trust)
+    first = loaded[0].checkpoint
+    echo(f"checkpoint: {first.path} ({first.format}, sha256 {first.sha256[:12]})")
+    for entry in loaded:
+        echo(f"  {entry.report}")
+    return loaded
+
+
+def model_features(loaded: LoadedBackbone, data: EvalData, options: FeatureOptions,
+                   timer: StageTimer) -> tuple[FeatureSet, FeatureSet]:
+    """Train and val features of one model, from the cache when possible."""
+    sets = []
+    for split, dataset in (("train", data.train), ("val", data.val)):
+        identity = {"checkpoint_sha256": loaded.checkpoint.sha256, "model_key": loaded.key,
+                    "dataset": data.spec.text, "split": split, "fingerprint": dataset.fingerprint,
+                    "transform": data.transform}
+        feature_set = cached_features(loaded.module, loaded.spec, dataset, identity=identity, cache=options.cache,
+                                      kind=options.kind, batch_size=options.batch_size,
+                                      num_workers=options.num_workers, device=options.device,
+                                      desc=f"{loaded.key} {split}")
+        timer.add("extract" if not feature_set.from_cache else "cache_read", feature_set.seconds)
+        sets.append(feature_set)
+    return sets[0], sets[1]
+
+
+def model_record(loaded: LoadedBackbone) -> dict[str, Any]:
+    """The `results[]` entry fields that identify a model."""
+    checkpoint = loaded.checkpoint
+    return {"key": loaded.key, "arch": loaded.spec.name, "arch_spec": loaded.spec.to_dict(),
+            "checkpoint": {"path": str(checkpoint.path), "sha256": checkpoint.sha256, "format": checkpoint.format,
+                           "epoch": checkpoint.epoch}}

@@ -1,0 +1,341 @@
+"""Every training setting in one dataclass, and how presets, a YAML file and flags combine into it.
+
+Precedence: defaults < preset < YAML < explicit flags. The defaults are the paper's ImageNet recipe
+(224/96 px crops, 8 locals, batch 256, 100 epochs, K = 65536, the README's crop scales); the presets
+name the paper's model pairs, plus `tiny`, a CPU-sized pair for demos and tests. The resolved config
+is printed and saved with every run, so a result always says exactly how it was trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from mokd_eval.data import parse_data_spec
+from mokd_eval.errors import MokdError
+from mokd_eval.registry import ArchSpec, build_backbone, resolve_arch
+
+MODES = ("mokd", "independent")
+LOSS_TERMS = ("sm", "st", "cm", "ct")
+DEVICES = ("auto", "cpu", "cuda")
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+# Paper §4.5: the larger model learns fully from its partner, the smaller one only a little.
+LAMBDA_LARGER, LAMBDA_SMALLER = 1.0, 0.1
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Field names are the YAML keys and (with `-` for `_`) the CLI flags."""
+
+    preset: str | None = None
+    mode: str = "mokd"  # "mokd" | "independent" (each model trained alone with DINO's loss)
+    arch1: str = "r50"
+    arch2: str = "vit_s"
+    img_size: int = 224  # global crop size = the backbones' img_size
+    patch_size: int | None = None  # ViT patch override (applies to the ViT members only)
+    stem: str | None = None  # ResNet stem override (applies to the ResNet members only)
+    data: str | None = None  # dataset spec; None = $MOKD_DATA or digits (mokd_eval.data)
+    output_dir: str | None = None
+    epochs: int = 100
+    batch_size: int = 256  # global, across all processes
+    seed: int = 0
+    # objective
+    losses: tuple[str, ...] = LOSS_TERMS
+    lambda1: float | None = None  # None = 1 for the larger model, 0.1 for the smaller, 1/1 if identical
+    lambda2: float | None = None
+    out_dim: int = 65536
+    mlp_hidden_dim: int = 2048
+    mlp_bottleneck_dim: int = 256
+    thead_dim: int | None = None
+    thead_heads: int | None = None
+    thead_depth: int = 3
+    drop_path: float = 0.1  # ViT students only
+    # multi-crop
+    n_local: int = 8
+    local_size: int = 96
+    global_scale: tuple[float, float] = (0.25, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.25)
+    # optimisation: base learning rates are per 256 images and scaled by batch_size / 256
+    lr_cnn: float = 0.1
+    min_lr_cnn: float = 0.0048
+    weight_decay_cnn: float = 1e-4
+    lr_vit: float = 3e-4
+    min_lr_vit: float = 1e-5
+    weight_decay_vit: float = 0.04
+    weight_decay_end_vit: float = 0.4
+    warmup_epochs: int = 10
+    clip_grad: float = 3.0  # per parameter tensor; 0 disables
+    freeze_last_layer: int = 1  # epochs during which the heads' last layers get no update
+    momentum_teacher: float = 0.996
+    # teacher temperature: linear warm-up, then constant
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 30
+    cnn_self_warmup_teacher_temp_epochs: int = 50  # official code quirk for a CNN's self terms
+    paper_temperature: bool = False  # True: every term warms up over warmup_teacher_temp_epochs
+    # runtime
+    device: str = "auto"
+    amp: str = "auto"  # auto = bf16 on CUDA, none on CPU
+    num_workers: int = 4
+    init_from: str | None = None
+    resume: bool = True
+    save_every: int = 10
+    checkpoint_every_steps: int = 0  # 0 = only at epoch ends
+    max_steps: int = 0  # stop after this many optimisation steps in total; 0 = no limit
+    log_every: int = 10
+    export_official: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+IMAGENET_RECIPE: dict[str, Any] = {
+    "img_size": 224, "local_size": 96, "n_local": 8, "batch_size": 256, "epochs": 100, "out_dim": 65536,
+    "global_scale": (0.25, 1.0), "local_scale": (0.05, 0.25),
+}
+PAPER_PAIRS = {
+    "r50-vit_s": ("r50", "vit_s"), "r50-vit_b": ("r50", "vit_b"),
+    "r101-vit_s": ("r101", "vit_s"), "r101-vit_b": ("r101", "vit_b"),
+    "r50-r34": ("r50", "r34"), "r50-r18": ("r50", "r18"),
+    "r101-r34": ("r101", "r34"), "r101-r18": ("r101", "r18"),
+    "r50-r50": ("r50", "r50"), "r18-r18": ("r18", "r18"),
+    "vit_s-vit_t": ("vit_s", "vit_t"), "vit_s-vit_s": ("vit_s", "vit_s"),
+}
+# CPU-sized: a few minutes per epoch on `digits` with 2 cores (see the engine benchmark).
+TINY_PRESET: dict[str, Any] = {
+    "arch1": "r_tiny", "arch2": "vit_t", "patch_size": 4, "img_size": 32, "local_size": 16, "n_local": 2,
+    "global_scale": (0.4, 1.0), "local_scale": (0.1, 0.4),
+    "out_dim": 1024, "mlp_hidden_dim": 256, "mlp_bottleneck_dim": 64,
+    "data": "digits", "epochs": 10, "batch_size": 64, "warmup_epochs": 1,
+    "warmup_teacher_temp_epochs": 3, "cnn_self_warmup_teacher_temp_epochs": 5,
+    "save_every": 5, "num_workers": 2, "log_every": 5,
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    **{name: {**IMAGENET_RECIPE, "arch1": a1, "arch2": a2} for name, (a1, a2) in PAPER_PAIRS.items()},
+    "tiny": TINY_PRESET,
+}
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def resolve_config(preset: str | None, yaml_path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Combine defaults < preset < YAML < flags (a flag value of None means "not given").
+
+    The YAML may name a preset too; a `preset` argument wins. Lambdas left unset are filled in by the
+    default rule and the data spec is canonicalised, so the saved config is fully explicit.
+    """
+    from_yaml = _read_yaml(Path(yaml_path)) if yaml_path is not None else {}
+    given_flags = {key: value for key, value in overrides.items() if value is not None}
+    for key in given_flags:
+        if key not in _FIELDS:
+            raise MokdError(f"unknown training option {key!r}{_suggest(key)}")
+    preset = preset if preset is not None else from_yaml.get("preset")
+    if preset is not None and preset not in PRESETS:
+        raise MokdError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+    values: dict[str, Any] = {}
+    layers = [(PRESETS.get(preset, {}), f"preset {preset}"), (from_yaml, str(yaml_path)),
+              (given_flags, "the command line")]
+    for layer, source in layers:
+        for key, value in layer.items():
+            values[key] = _coerce(key, value, source)
+    values["preset"] = preset
+    config = TrainConfig(**values)
+    validate(config)
+    lambda1, lambda2 = resolved_lambdas(config)
+    return dataclasses.replace(config, lambda1=lambda1, lambda2=lambda2, data=parse_data_spec(config.data).text)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise MokdError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as error:
+        raise MokdError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise MokdError(f"config file {path} must be a mapping of setting: value")
+    settings = {}
+    for raw_key, value in loaded.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in _FIELDS:
+            raise MokdError(f"config file {path}: unknown setting {raw_key!r}{_suggest(key)}")
+        settings[key] = value
+    return settings
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f"; known settings: {', '.join(_FIELDS)}"
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """Check `value` against the field's type, converting YAML/CLI spellings (lists, '1e-4', 'a,b')."""
+    expected = _TYPES[key]
+
+    def bad(what: str) -> MokdError:
+        return MokdError(f"{source}: setting {key!r} must be {what}, got {value!r}")
+
+    args = typing.get_args(expected)
+    if type(None) in args:
+        if value is None:
+            return None
+        expected = next(arg for arg in args if arg is not type(None))
+        args = typing.get_args(expected)
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if expected is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad("a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if expected is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if typing.get_origin(expected) is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise bad("a list")
+        if args[-1] is Ellipsis:
+            return tuple(_coerce_item(key, item, args[0], bad) for item in items)
+        if len(items) != len(args):
+            raise bad(f"a list of {len(args)} values")
+        return tuple(_coerce_item(key, item, kind, bad) for item, kind in zip(items, args))
+    raise AssertionError(f"no coercion for {key}: {expected}")
+
+
+def _coerce_item(key: str, item: Any, kind: type, bad) -> Any:
+    if kind is str:
+        if not isinstance(item, str):
+            raise bad("a list of names")
+        return item.strip()
+    try:
+        if isinstance(item, bool):
+            raise ValueError
+        return kind(item)
+    except (TypeError, ValueError):
+        raise bad("a list of numbers") from None
+
+
+def validate(config: TrainConfig) -> None:
+    """Reject values that cannot train, naming the setting; also resolves both architectures."""
+    choices = {"mode": MODES, "device": DEVICES, "amp": AMP_MODES}
+    for key, allowed in choices.items():
+        if getattr(config, key) not in allowed:
+            raise MokdError(f"setting {key!r} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
+    if config.output_dir is None:
+        raise MokdError("no output directory: give --output-dir (checkpoints, config.json and log.jsonl go there)")
+    unknown = [term for term in config.losses if term not in LOSS_TERMS]
+    if unknown or not config.losses or len(set(config.losses)) != len(config.losses):
+        raise MokdError(f"setting 'losses' must be distinct names from {', '.join(LOSS_TERMS)}, "
+                        f"got {list(config.losses)}")
+    if "ct" in config.losses and config.mode == "mokd" and config.n_local < 1:
+        raise MokdError("the cross search term 'ct' needs local crops: set n_local >= 1 or drop 'ct' from losses")
+    positive = ("img_size", "epochs", "batch_size", "out_dim", "mlp_hidden_dim", "mlp_bottleneck_dim",
+                "thead_depth", "local_size", "save_every", "log_every")
+    non_negative = ("n_local", "warmup_epochs", "clip_grad", "freeze_last_layer", "num_workers",
+                    "checkpoint_every_steps", "max_steps", "drop_path", "warmup_teacher_temp_epochs",
+                    "cnn_self_warmup_teacher_temp_epochs", "lr_cnn", "lr_vit", "min_lr_cnn", "min_lr_vit",
+                    "weight_decay_cnn", "weight_decay_vit", "weight_decay_end_vit")
+    for key in positive:
+        if getattr(config, key) <= 0:
+            raise MokdError(f"setting {key!r} must be positive, got {getattr(config, key)}")
+    for key in non_negative:
+        if getattr(config, key) < 0:
+            raise MokdError(f"setting {key!r} must be >= 0, got {getattr(config, key)}")
+    for key in ("lambda1", "lambda2", "thead_dim", "thead_heads", "patch_size"):
+        if getattr(config, key) is not None and getattr(config, key) < 0:
+            raise MokdError(f"setting {key!r} must be >= 0, got {getattr(config, key)}")
+    if config.warmup_epochs > config.epochs:
+        raise MokdError(f"warmup_epochs ({config.warmup_epochs}) exceeds epochs ({config.epochs}): lower it")
+    if not 0.0 <= config.momentum_teacher <= 1.0:
+        raise MokdError(f"setting 'momentum_teacher' must be in [0, 1], got {config.momentum_teacher}")
+    for key in ("global_scale", "local_scale"):
+        low, high = getattr(config, key)
+        if not 0.0 < low <= high <= 1.0:
+            raise MokdError(f"setting {key!r} must be (low, high) with 0 < low <= high <= 1, got {(low, high)}")
+    for spec in arch_specs(config):
+        if spec.is_vit:
+            for key in ("img_size", "local_size"):
+                if getattr(config, key) % spec.patch_size:
+                    raise MokdError(f"setting {key!r} ({getattr(config, key)}) must be a multiple of "
+                                    f"{spec.name}'s patch size {spec.patch_size}")
+
+
+def arch_specs(config: TrainConfig) -> tuple[ArchSpec, ArchSpec]:
+    """Both backbones. The patch override reaches only the ViT members and the stem override only the
+    ResNet members (so a preset's patch size survives swapping its ViT for a ResNet)."""
+    names = (config.arch1, config.arch2)
+    plain = [resolve_arch(name) for name in names]
+    return tuple(
+        resolve_arch(name, img_size=config.img_size,
+                     patch_size=config.patch_size if spec.is_vit else None,
+                     stem=None if spec.is_vit else config.stem)
+        for name, spec in zip(names, plain)
+    )
+
+
+def backbone_parameter_count(spec: ArchSpec) -> int:
+    """Parameters of the backbone, counted on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        backbone = build_backbone(spec)
+    return sum(parameter.numel() for parameter in backbone.parameters())
+
+
+def resolved_lambdas(config: TrainConfig) -> tuple[float, float]:
+    """The configured lambdas, with None replaced by the default rule (paper §4.5)."""
+    if config.lambda1 is not None and config.lambda2 is not None:
+        return config.lambda1, config.lambda2
+    spec1, spec2 = arch_specs(config)
+    if spec1 == dataclasses.replace(spec2, name=spec1.name):
+        defaults = (LAMBDA_LARGER, LAMBDA_LARGER)
+    else:
+        count1, count2 = backbone_parameter_count(spec1), backbone_parameter_count(spec2)
+        if count1 == count2:
+            defaults = (LAMBDA_LARGER, LAMBDA_LARGER)
+        else:
+            defaults = (LAMBDA_LARGER, LAMBDA_SMALLER) if count1 > count2 else (LAMBDA_SMALLER, LAMBDA_LARGER)
+    return (config.lambda1 if config.lambda1 is not None else defaults[0],
+            config.lambda2 if config.lambda2 is not None else defaults[1])
+
+
+def describe(config: TrainConfig) -> str:
+    """The resolved config as a person reads it: the pair first, then every setting."""
+    spec1, spec2 = arch_specs(config)
+    lambda1, lambda2 = resolved_lambdas(config)
+    scale = config.batch_size / 256
+    lines = [
+        f"mokd-train: {config.mode} training" + (f" (preset {config.preset})" if config.preset else ""),
+        f"  model 1: {spec1.describe()}",
+        f"  model 2: {spec2.describe()}",
+    ]
+    if config.mode == "mokd":
+        lines.append(f"  losses: {', '.join(config.losses)}; lambda1 = {lambda1:g}, lambda2 = {lambda2:g}")
+    else:
+        lines.append("  losses: sm only for each model (DINO); nothing crosses between the models")
+    lines.append(f"  peak lr: cnn {config.lr_cnn * scale:g}, vit {config.lr_vit * scale:g} "
+                 f"(base x batch {config.batch_size} / 256)")
+    lines.append("  settings:")
+    lines.extend(f"    {key} = {value!r}" for key, value in config.to_dict().items())
+    return "\n".join(lines)
+
