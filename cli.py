@@ -226,13 +226,12 @@ def _training_setting_options(function: Callable) -> Callable:
 @_training_setting_options
 def mokd_train(preset: str | None, config_path: Path | None, debug: bool, **settings: Any) -> None:
     """Train a MOKD model pair (or, with --mode independent, its DINO baseline) and write checkpoints."""
-    from mokd_train.config import describe, resolve_config
+    from mokd_train.config import resolve_config
     from mokd_train.engine import train
 
-    config = resolve_config(preset, config_path, settings)
-    click.echo(describe(config))
-    summary = train(config)
-    click.echo(f"checkpoint: {summary['checkpoint']}")
+    summary = train(resolve_config(preset, config_path, settings))  # prints the resolved config on rank 0
+    if summary["rank"] == 0:
+        click.echo(f"checkpoint: {summary['checkpoint']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -42,7 +42,7 @@ def raw_pixel_knn(data: EvalData, ks: tuple[int, ...], temperature: float) -> di
 def run_demo(output_dir: Path, *, epochs: int | None, seed: int, device: str, ks: tuple[int, ...],
              temperature: float, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Train both modes, evaluate the four models, and return the summary payload."""
-    from mokd_train.config import describe, resolve_config
+    from mokd_train.config import resolve_config
     from mokd_train.engine import train
 
     timer = StageTimer()
@@ -51,7 +51,6 @@ def run_demo(output_dir: Path, *, epochs: int | None, seed: int, device: str, ks
         config = resolve_config("tiny", None, {"mode": mode, "epochs": epochs, "seed": seed, "device": device,
                                               "data": DEMO_DATA, "output_dir": str(output_dir / mode)})
         echo(f"\n== training: {mode} ==")
-        echo(describe(config).split("\n  settings:")[0])
         with timer.stage(f"train_{mode}"):
             summary = train(config)
         echo(f"\n== k-NN: {mode} ==")

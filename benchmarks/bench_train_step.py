@@ -1,0 +1,182 @@
+"""Benchmark: one MOKD pair step against one step of each model trained alone (DINO), same batch.
+
+Usage: python benchmarks/bench_train_step.py [--steps 5 --warmup 2 --setups tiny r18-vit_t@64]
+
+"Alone" uses the same engine pieces with one model: its student network (backbone + MLP-Head, no
+T-Head), its EMA teacher, DINO's self-distillation loss `sm` with its center, the same optimizer
+(SGD for a ResNet, AdamW for a ViT), per-tensor clipping and EMA update. The pair step is the
+engine's: all 8 terms, one combined backward, two optimizer steps, two EMA updates. Crops are
+random tensors (data loading is the same for both and excluded).
+
+Each measurement runs in its own spawned process and reports the fastest of its timed steps (the
+least disturbed by other processes on a shared machine; the median is printed too) and the peak
+resident memory above the resident size just before the models are built (`ru_maxrss`, which sees
+every torch allocation on CPU; on CUDA the peak of `torch.cuda.max_memory_allocated`).
+Paper Table S3 (8 V100, 100 ImageNet epochs): DINO R50 97 h + DINO ViT-S 94 h = 191 h vs MOKD
+R50-ViT-S 122 h (0.64x the sum); memory 6.4 + 6.3 = 12.7 GB vs 13.5 GB (1.06x the sum).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import resource
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+
+import torch
+
+from mokd_train.config import TrainConfig, arch_specs, resolve_config
+from mokd_train.engine import build_optimizer, clip_gradients_per_tensor, pair_config
+from mokd_train.losses import Centers, batch_center, distillation_loss
+from mokd_train.pair import MokdPair, build_network, thead_width
+
+# name -> overrides of the tiny preset; the second is the paper's recipe (8 locals, K = 65536,
+# 2048-wide MLP) at 64 px with ImageNet-stem R18 and 16 px-patch ViT-T.
+SETUPS = {
+    "tiny": {},
+    "r18-vit_t@64": {"arch1": "r18", "arch2": "vit_t", "patch_size": 16, "img_size": 64, "local_size": 32,
+                     "n_local": 8, "out_dim": 65536, "mlp_hidden_dim": 2048, "mlp_bottleneck_dim": 256},
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (fastest and median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu")
+    return parser.parse_args()
+
+
+@dataclass
+class Measurement:
+    step_seconds: float  # fastest timed step
+    median_seconds: float
+    peak_mb: float
+
+
+def random_crops(config: TrainConfig, device: torch.device) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    sizes = [config.img_size] * 2 + [config.local_size] * config.n_local
+    return [torch.randn(config.batch_size, 3, size, size, generator=generator).to(device) for size in sizes]
+
+
+def pair_step(config: TrainConfig, device: torch.device):
+    """The engine's optimisation step for the pair (all terms)."""
+    pair = MokdPair(*arch_specs(config), pair_config(config)).to(device)
+    optimizers = [build_optimizer(pair, index) for index in (0, 1)]
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-4
+
+    def step(crops: list[torch.Tensor]) -> None:
+        loss1, loss2, _ = pair.compute_losses(crops, epoch=0)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        (loss1 + loss2).backward()
+        for index, optimizer in enumerate(optimizers):
+            clip_gradients_per_tensor(list(pair.students[index].parameters()), config.clip_grad)
+            optimizer.step()
+        pair.update_teachers(0.996)
+
+    return step
+
+
+def single_step(config: TrainConfig, index: int, device: torch.device):
+    """DINO on model `index` alone, built from the pair's pieces (no T-Head, no partner)."""
+    specs = arch_specs(config)
+    spec, settings = specs[index], pair_config(config)
+    dim, heads = thead_width(*specs, settings)
+    student = build_network(spec, settings, dim, heads, drop_path_rate=settings.vit_drop_path if spec.is_vit else 0.0)
+    student.transhead = None
+    student.to(device)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    centers = Centers(["sm"], settings.out_dim, settings.center_momentum).to(device)
+    params = [param for param in student.parameters() if param.requires_grad]
+    optimizer = (torch.optim.AdamW(params, lr=1e-4) if spec.is_vit
+                 else torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=config.weight_decay_cnn))
+    only_mlp = frozenset({"mlp"})
+
+    def step(crops: list[torch.Tensor]) -> None:
+        global_crops, local_crops = torch.cat(crops[:2]), torch.cat(crops[2:]) if len(crops) > 2 else None
+        student_logits = student(global_crops, local_crops, outputs=only_mlp)["mlp"]
+        with torch.no_grad():
+            teacher_logits = teacher.head(teacher.features(global_crops)[0])
+        loss = distillation_loss(student_logits, teacher_logits, centers["sm"], settings.warmup_teacher_temp,
+                                 settings.student_temp)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_gradients_per_tensor(params, config.clip_grad)
+        optimizer.step()
+        centers.update({"sm": batch_center(teacher_logits)})
+        with torch.no_grad():
+            for student_param, teacher_param in zip(student.parameters(), teacher.parameters()):
+                teacher_param.mul_(0.996).add_(student_param.detach(), alpha=0.004)
+
+    return step
+
+
+def resident_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def measure(setup: str, variant: str, args: argparse.Namespace) -> Measurement:
+    """Runs in a fresh process: build the variant, warm up, time `args.steps` steps."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    config = resolve_config("tiny", None, {**SETUPS[setup], "output_dir": "unused", "batch_size": args.batch_size})
+    crops = random_crops(config, device)
+    baseline = resident_mb()
+    step = pair_step(config, device) if variant == "mokd" else single_step(config, int(variant[-1]) - 1, device)
+    times = []
+    for iteration in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        step(crops)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if iteration >= args.warmup:
+            times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
+    return Measurement(min(times), statistics.median(times), peak)
+
+
+def main() -> None:
+    args = parse_args()
+    context = get_context("spawn")
+    print(f"{args.batch_size} images per step, {args.warmup} warm-up + {args.steps} timed steps, "
+          f"{args.threads} threads, {args.device}")
+    print(f"{'setup':<14} {'step':<22} {'s/step':>8} {'median':>8} {'peak MB':>9}")
+    for setup in args.setups:
+        config = resolve_config("tiny", None, {**SETUPS[setup], "output_dir": "unused"})
+        names = [spec.name for spec in arch_specs(config)]
+        results = {}
+        for variant in ("alone1", "alone2", "mokd"):
+            with ProcessPoolExecutor(1, mp_context=context) as pool:
+                results[variant] = pool.submit(measure, setup, variant, args).result()
+        labels = {"alone1": f"{names[0]} alone (DINO)", "alone2": f"{names[1]} alone (DINO)",
+                  "mokd": f"MOKD {names[0]}-{names[1]}"}
+        for variant, result in results.items():
+            print(f"{setup:<14} {labels[variant]:<22} {result.step_seconds:>8.3f} {result.median_seconds:>8.3f} "
+                  f"{result.peak_mb:>9.0f}")
+        alone_time = results["alone1"].step_seconds + results["alone2"].step_seconds
+        alone_memory = results["alone1"].peak_mb + results["alone2"].peak_mb
+        print(f"{setup:<14} {'MOKD / sum of alone':<22} {results['mokd'].step_seconds / alone_time:>7.2f}x "
+              f"{'':>8} {results['mokd'].peak_mb / alone_memory:>8.2f}x")
+    print("paper Table S3 (R50-ViT-S, 8 V100): time 0.64x the sum (122 h vs 97 + 94 h), "
+          "memory 1.06x the sum (13.5 GB vs 6.4 + 6.3 GB)")
+
+
+if __name__ == "__main__":
+    main()

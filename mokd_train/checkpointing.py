@@ -1,0 +1,335 @@
+"""Training checkpoints: the native layout, resuming, the official MOKD export, and --init-from.
+
+Native layout (read by mokd_eval/checkpoints.py): `mokd_format`, `archs`, `student1/2`, `teacher1/2`
+(raw module state dicts, no `module.` prefix), `epoch` (finished epochs), `step_in_epoch`,
+`global_step`, `config`, `mode`, `centers`, `optimizer1/2`, `scaler1/2` (or None) and `rng`. Only
+tensors and plain Python values, so everything loads with `torch.load(weights_only=True)`.
+
+Every write is atomic. Before `checkpoint.pth` is replaced, the previous one is renamed (atomically)
+to `checkpoint_prev.pth`, so a checkpoint damaged on disk still leaves an older one to resume from.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from mokd_eval.atomic import save_torch
+from mokd_eval.errors import MokdError
+from mokd_eval.registry import ALIASES, TIMM_NAMES, ArchSpec
+from mokd_train.pair import MokdPair
+
+FORMAT_VERSION = 1
+LATEST = "checkpoint.pth"
+PREVIOUS = "checkpoint_prev.pth"
+UNREADABLE = "checkpoint_unreadable.pth"
+NUMBERED = re.compile(r"checkpoint_(\d{4,})\.pth$")
+NETWORKS = ("student1", "teacher1", "student2", "teacher2")
+OFFICIAL_DIR = "official"
+OFFICIAL_EXPERIMENT = "mokd"
+# Official arch names (DINO's), from our aliases: the inverse of the registry's DINO-name table.
+OFFICIAL_ARCH_NAMES = {alias: official for official, alias in TIMM_NAMES.items()}
+# Our per-model center names -> the official code's loss modules (each saved as {"center": 1×K}).
+OFFICIAL_LOSS_KEYS = {"sm": "loss_{family}_fn", "st": "loss_{family}_thead_fn", "cm": "loss_{family}_ct_fn"}
+Log = Callable[[str], None]
+
+
+@dataclass
+class Progress:
+    """Where training stands: finished epochs, steps done in the current epoch, steps done in total."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+
+
+def numbered_name(epoch: int) -> str:
+    return f"checkpoint_{epoch:04d}.pth"
+
+
+def native_state(pair: MokdPair, optimizers: list[torch.optim.Optimizer], scalers: list[Any],
+                 progress: Progress, config: dict[str, Any]) -> dict[str, Any]:
+    """Everything needed to resume, in the native layout."""
+    state: dict[str, Any] = {
+        "mokd_format": FORMAT_VERSION,
+        "archs": {"1": pair.specs[0].to_dict(), "2": pair.specs[1].to_dict()},
+        "epoch": progress.epoch,
+        "step_in_epoch": progress.step_in_epoch,
+        "global_step": progress.global_step,
+        "config": config,
+        "mode": pair.cfg.mode,
+        "centers": pair.centers_state_dict(),
+        "rng": capture_rng(),
+    }
+    for index in (0, 1):
+        state[f"student{index + 1}"] = pair.students[index].state_dict()
+        state[f"teacher{index + 1}"] = pair.teachers[index].state_dict()
+        state[f"optimizer{index + 1}"] = optimizers[index].state_dict()
+        scaler = scalers[index]
+        state[f"scaler{index + 1}"] = scaler.state_dict() if scaler is not None else None
+    return state
+
+
+def save_checkpoint(output_dir: Path, state: dict[str, Any], *, numbered: bool, official: bool) -> Path:
+    """Write `checkpoint.pth` (keeping the previous one as `checkpoint_prev.pth`), optionally a numbered
+    copy and the official-layout files. Returns the path of `checkpoint.pth`."""
+    latest = output_dir / LATEST
+    if latest.exists():
+        latest.replace(output_dir / PREVIOUS)
+    save_torch(state, latest)
+    if numbered:
+        save_torch(state, output_dir / numbered_name(state["epoch"]))
+    if official:
+        specs = tuple(ArchSpec.from_dict(state["archs"][key]) for key in ("1", "2"))
+        exported = official_state(state, specs)
+        base = output_dir / OFFICIAL_DIR / official_stem(specs)
+        save_torch(exported, base.with_name(base.name + "_temp.pth"))
+        if numbered:
+            # The official code numbers its copies by the 0-based index of the epoch just finished.
+            save_torch(exported, base.with_name(f"{base.name}_{state['epoch'] - 1:04d}.pth"))
+    return latest
+
+
+# --- RNG ------------------------------------------------------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and python RNG states as tensors and lists (weights_only-safe)."""
+    _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_cached = np.random.get_state()
+    version, python_state, python_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(numpy_keys.astype(np.int64)), "pos": int(numpy_pos),
+                  "has_gauss": int(numpy_has_gauss), "cached_gaussian": float(numpy_cached)},
+        "python": [version, list(python_state), python_gauss],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    version, python_state, python_gauss = state["python"]
+    random.setstate((version, tuple(python_state), python_gauss))
+
+
+# --- resume ---------------------------------------------------------------------------------------
+
+
+def _try_load(path: Path, log: Log) -> dict[str, Any] | None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged file raises whatever the unpickler or zip reader hits
+        log(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); trying an older one")
+        return None
+    if not isinstance(state, dict) or state.get("mokd_format") != FORMAT_VERSION:
+        log(f"checkpoint {path} is not a mokd training checkpoint; trying an older one")
+        return None
+    return state
+
+
+def find_resume_state(output_dir: Path, log: Log) -> tuple[dict[str, Any], Path] | None:
+    """The newest readable checkpoint in `output_dir`: `checkpoint.pth`, else the most advanced of
+    `checkpoint_prev.pth` and the numbered copies. None when the directory has no checkpoint at all."""
+    latest = output_dir / LATEST
+    if latest.exists():
+        state = _try_load(latest, log)
+        if state is not None:
+            return state, latest
+    numbered = sorted((path for path in output_dir.glob("checkpoint_*.pth") if NUMBERED.search(path.name)),
+                      key=lambda path: int(NUMBERED.search(path.name).group(1)), reverse=True)
+    fallbacks: list[tuple[dict[str, Any], Path]] = []
+    previous = output_dir / PREVIOUS
+    if previous.exists() and (state := _try_load(previous, log)) is not None:
+        fallbacks.append((state, previous))
+    for path in numbered:
+        if (state := _try_load(path, log)) is not None:
+            fallbacks.append((state, path))
+            break
+    if not fallbacks:
+        if latest.exists() or previous.exists() or numbered:
+            raise MokdError(f"no readable checkpoint in {output_dir}: every checkpoint file failed to load; "
+                            f"move them away or use another --output-dir to start afresh")
+        return None
+    return max(fallbacks, key=lambda found: found[0]["global_step"])
+
+
+def set_aside_unreadable_latest(output_dir: Path, resumed_from: Path, log: Log) -> None:
+    """After resuming from a fallback, rename the unreadable `checkpoint.pth` so that the next save's
+    rotation does not move it over the good `checkpoint_prev.pth`; it is kept for inspection."""
+    latest = output_dir / LATEST
+    if resumed_from != latest and latest.exists():
+        unreadable = output_dir / UNREADABLE
+        latest.replace(unreadable)
+        log(f"moved the unreadable {latest.name} to {unreadable}")
+
+
+def check_compatible(state: dict[str, Any], path: Path, specs: tuple[ArchSpec, ArchSpec], mode: str) -> None:
+    """Refuse to continue a run of other models or another mode in the same directory."""
+    saved = tuple(ArchSpec.from_dict(state["archs"][key]) for key in ("1", "2"))
+    if saved != specs or state["mode"] != mode:
+        raise MokdError(f"{path} holds a {state['mode']} run of {saved[0].name} + {saved[1].name}, but the config "
+                        f"asks for {mode} with {specs[0].name} + {specs[1].name}: use another --output-dir "
+                        f"or --no-resume")
+
+
+def restore(state: dict[str, Any], path: Path, pair: MokdPair, optimizers: list[torch.optim.Optimizer],
+            scalers: list[Any]) -> Progress:
+    """Load weights, teachers, centers, optimizers, scalers and RNG from a native checkpoint."""
+    try:
+        for index in (0, 1):
+            pair.students[index].load_state_dict(state[f"student{index + 1}"])
+            pair.teachers[index].load_state_dict(state[f"teacher{index + 1}"])
+            optimizers[index].load_state_dict(state[f"optimizer{index + 1}"])
+            if scalers[index] is not None:
+                if state[f"scaler{index + 1}"] is None:
+                    raise MokdError(f"{path} was trained without fp16 loss scaling: resume with the same --amp")
+                scalers[index].load_state_dict(state[f"scaler{index + 1}"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise MokdError(f"{path} does not match the model this config builds ({first_line}): resume with the "
+                        f"original settings or use another --output-dir") from None
+    pair.load_centers_state_dict(state["centers"])
+    restore_rng(state["rng"])
+    return Progress(state["epoch"], state["step_in_epoch"], state["global_step"])
+
+
+# --- official MOKD layout -------------------------------------------------------------------------
+
+
+def official_arch_name(spec: ArchSpec) -> str:
+    """DINO/MOKD arch name ('resnet50', 'vit_small'...) of a standard backbone; error otherwise."""
+    alias = ALIASES.get(spec.name)
+    name = OFFICIAL_ARCH_NAMES.get(spec.name)
+    if alias is None or name is None or spec != ArchSpec(**{**alias.to_dict(), "img_size": spec.img_size,
+                                                           "patch_size": spec.patch_size}):
+        raise MokdError(f"{spec.describe()} has no official MOKD architecture name: --export-official needs a "
+                        f"standard ResNet (r18/r34/r50/r101/r152, imagenet stem) and a standard ViT")
+    return name
+
+
+def cnn_vit_indices(specs: tuple[ArchSpec, ArchSpec], purpose: str) -> tuple[int, int]:
+    """(index of the ResNet, index of the ViT); the official layout exists only for such pairs."""
+    families = [spec.is_vit for spec in specs]
+    if sorted(families) != [False, True]:
+        raise MokdError(f"{purpose} needs a CNN-ViT pair (the official MOKD layout has one of each), "
+                        f"got {specs[0].name} + {specs[1].name}")
+    return families.index(False), families.index(True)
+
+
+def official_stem(specs: tuple[ArchSpec, ArchSpec]) -> str:
+    cnn, vit = cnn_vit_indices(specs, "--export-official")
+    return (f"mokd_{official_arch_name(specs[cnn])}.{official_arch_name(specs[vit])}"
+            f"_pretrain_{OFFICIAL_EXPERIMENT}")
+
+
+def official_state(native: dict[str, Any], specs: tuple[ArchSpec, ArchSpec]) -> dict[str, Any]:
+    """The official checkpoint dict: `module.` on every network but teacher_vit (as DDP-saved there)."""
+    cnn, vit = cnn_vit_indices(specs, "--export-official")
+    for network in NETWORKS:
+        extra = [key for key in native[network] if key.startswith("transhead.input_proj")]
+        if extra:
+            raise MokdError(f"{network} has a T-Head input projection (thead_dim differs from the ViT width), "
+                            f"which the official layout cannot hold: export without --thead-dim")
+
+    def prefixed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {f"module.{key}": value for key, value in state.items()}
+
+    exported: dict[str, Any] = {
+        "student_cnn": prefixed(native[f"student{cnn + 1}"]),
+        "teacher_cnn": prefixed(native[f"teacher{cnn + 1}"]),
+        "student_vit": prefixed(native[f"student{vit + 1}"]),
+        "teacher_vit": dict(native[f"teacher{vit + 1}"]),
+        "optimizer_cnn": native[f"optimizer{cnn + 1}"],
+        "optimizer_vit": native[f"optimizer{vit + 1}"],
+        "epoch": native["epoch"],
+        "arch_cnn": official_arch_name(specs[cnn]),
+        "arch_vit": official_arch_name(specs[vit]),
+    }
+    for family, index in (("cnn", cnn), ("vit", vit)):
+        for term, key in OFFICIAL_LOSS_KEYS.items():
+            exported[key.format(family=family)] = {"center": native["centers"][f"{term}{index + 1}"]}
+        if native[f"scaler{index + 1}"] is not None:
+            exported[f"fp16_scaler_{family}"] = native[f"scaler{index + 1}"]
+    return exported
+
+
+# --- --init-from ----------------------------------------------------------------------------------
+
+
+def _strip_module(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def _networks_and_centers(raw: Any, path: Path,
+                          specs: tuple[ArchSpec, ArchSpec]) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+    """Per-network state dicts (our names) and centers from a native or an official MOKD checkpoint."""
+    if isinstance(raw, dict) and raw.get("mokd_format") == FORMAT_VERSION:
+        return {name: raw[name] for name in NETWORKS}, raw["centers"]
+    official_keys = ("student_cnn", "teacher_cnn", "student_vit", "teacher_vit")
+    if not (isinstance(raw, dict) and all(key in raw for key in official_keys)):
+        raise MokdError(f"{path} is neither a mokd training checkpoint nor an official MOKD checkpoint "
+                        f"(expected keys {', '.join(official_keys)})")
+    cnn, vit = cnn_vit_indices(specs, "--init-from an official MOKD checkpoint")
+    for family, index in (("cnn", cnn), ("vit", vit)):
+        wanted = official_arch_name(specs[index])
+        if raw.get(f"arch_{family}", wanted) != wanted:
+            raise MokdError(f"{path} holds a {raw[f'arch_{family}']} {family.upper()}, but the config trains "
+                            f"{specs[index].name} ({wanted})")
+    networks = {}
+    for family, index in (("cnn", cnn), ("vit", vit)):
+        networks[f"student{index + 1}"] = _strip_module(raw[f"student_{family}"])
+        networks[f"teacher{index + 1}"] = _strip_module(raw[f"teacher_{family}"])
+    centers = {}
+    for family, index in (("cnn", cnn), ("vit", vit)):
+        for term, key in OFFICIAL_LOSS_KEYS.items():
+            loss_key = key.format(family=family)
+            if loss_key not in raw:
+                raise MokdError(f"{path} has no {loss_key!r} (its center): it is not a complete MOKD checkpoint")
+            centers[f"{term}{index + 1}"] = raw[loss_key]["center"]
+    return networks, centers
+
+
+def _load_network_strictly(module: nn.Module, state: dict[str, torch.Tensor], name: str, path: Path) -> int:
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = sorted(key for key in set(expected) & set(state)
+                      if tuple(expected[key].shape) != tuple(state[key].shape))
+    if missing or unexpected or reshaped:
+        details = "; ".join(f"{label} {keys[:3]}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
+                            for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                                ("wrong shape", reshaped)) if keys)
+        raise MokdError(f"--init-from {path}: {name} does not match the configured model: {details}")
+    module.load_state_dict(state)
+    return len(state)
+
+
+def initialise_from(path: Path, pair: MokdPair, log: Log) -> None:
+    """Start all four networks and the centers from a checkpoint (strict; optimizers and epoch are not restored)."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise MokdError(f"--init-from {path}: file does not exist") from None
+    except Exception as error:  # damaged or foreign file
+        raise MokdError(f"--init-from {path}: cannot be read with torch.load(weights_only=True) "
+                        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+    networks, centers = _networks_and_centers(raw, path, pair.specs)
+    modules = {"student1": pair.students[0], "teacher1": pair.teachers[0],
+               "student2": pair.students[1], "teacher2": pair.teachers[1]}
+    for name in NETWORKS:
+        count = _load_network_strictly(modules[name], networks[name], name, path)
+        log(f"loaded {count} tensors into {name} ({pair.specs[int(name[-1]) - 1].name}) from {path}")
+    pair.load_centers_state_dict(centers)
+    log(f"loaded {len(centers)} centers from {path}")

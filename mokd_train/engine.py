@@ -1,0 +1,473 @@
+"""The MOKD training loop: data, optimisation, schedules, logging and checkpoints around a `MokdPair`.
+
+Per step (official recipe): per-iteration lr / weight decay, one forward of the pair, one combined
+backward of L1 + L2 (exact, since nothing crossing models carries gradient; with fp16 each loss is
+scaled by its own model's GradScaler), per-tensor gradient clipping, last layers frozen during the
+first epoch(s), one optimizer step per model (SGD for a ResNet, AdamW for a ViT), then the EMA update
+of both teachers.
+
+Reproducibility: each sample's crops are drawn from an RNG seeded by (seed, epoch, index) and the
+order comes from a sampler seeded by seed + epoch, so a run resumed mid-epoch on CPU reproduces the
+uninterrupted one exactly, and W processes see the global batches of one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, ContextManager
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from mokd_eval.atomic import write_json, write_text
+from mokd_eval.data import DataSpec, open_dataset, parse_data_spec
+from mokd_eval.errors import MokdError
+from mokd_train import checkpointing, distributed
+from mokd_train.augment import MultiCropAugmentation, MultiCropConfig
+from mokd_train.checkpointing import Progress
+from mokd_train.config import TrainConfig, arch_specs, describe, resolved_lambdas, validate
+from mokd_train.distributed import DistContext, EpochShardSampler
+from mokd_train.losses import NonFiniteLossError
+from mokd_train.pair import MokdPair, PairConfig
+from mokd_train.schedules import cosine_schedule
+
+SGD_MOMENTUM = 0.9
+LR_REFERENCE_BATCH = 256
+LOG_NAME = "log.jsonl"
+CONFIG_NAME = "config.json"
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train (or resume) the pair `cfg` describes; returns a summary of the run."""
+    validate(cfg)
+    context = distributed.setup(cfg.device)
+    try:
+        return Trainer(cfg, context).run()
+    finally:
+        distributed.teardown(context)
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+class SeededCrops(Dataset):
+    """Multi-crop views whose randomness depends only on (seed, epoch, index).
+
+    Keys are `(epoch, index)` from `EpochShardSampler`. The transform runs under a forked torch RNG
+    seeded from those three numbers, so the crops of a sample do not depend on the worker, the rank,
+    or on what ran before: the condition for exact resumption and for 1-vs-W-process equality.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> list[torch.Tensor]:
+        epoch, index = key
+        sample_seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            crops, _label = self.dataset[index]
+        return crops
+
+
+def multicrop_config(cfg: TrainConfig, data_spec: DataSpec) -> MultiCropConfig:
+    """The configured crop sizes and scales on the recipe that suits the data (32 px sets: weaker blur)."""
+    recipe = MultiCropConfig.small if data_spec.native_size is not None else MultiCropConfig
+    return recipe(global_size=cfg.img_size, local_size=cfg.local_size, n_local=cfg.n_local,
+                  global_scale=cfg.global_scale, local_scale=cfg.local_scale)
+
+
+# --- model and optimisation -----------------------------------------------------------------------
+
+
+def pair_config(cfg: TrainConfig) -> PairConfig:
+    lambda1, lambda2 = resolved_lambdas(cfg)
+    return PairConfig(
+        out_dim=cfg.out_dim, mlp_hidden_dim=cfg.mlp_hidden_dim, mlp_bottleneck_dim=cfg.mlp_bottleneck_dim,
+        thead_depth=cfg.thead_depth, thead_dim=cfg.thead_dim, thead_heads=cfg.thead_heads, mode=cfg.mode,
+        losses=cfg.losses, lambda1=lambda1, lambda2=lambda2, n_local=cfg.n_local,
+        warmup_teacher_temp=cfg.warmup_teacher_temp, teacher_temp=cfg.teacher_temp,
+        warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs,
+        cnn_self_warmup_epochs=None if cfg.paper_temperature else cfg.cnn_self_warmup_teacher_temp_epochs,
+        epochs=cfg.epochs, vit_drop_path=cfg.drop_path,
+    )
+
+
+def build_optimizer(pair: MokdPair, index: int) -> torch.optim.Optimizer:
+    """SGD (momentum 0.9) for a ResNet, AdamW for a ViT; lr and weight decay are set every step."""
+    groups = pair.param_groups(index)
+    if pair.specs[index].is_vit:
+        return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0)
+    return torch.optim.SGD(groups, lr=0.0, momentum=SGD_MOMENTUM, weight_decay=0.0)
+
+
+@dataclasses.dataclass
+class Schedules:
+    """Per-iteration values: lr and weight decay per backbone family, and the EMA momentum."""
+
+    lr: dict[str, np.ndarray]
+    weight_decay: dict[str, np.ndarray]
+    momentum: np.ndarray
+
+
+def build_schedules(cfg: TrainConfig, steps_per_epoch: int) -> Schedules:
+    """Official schedules: peak lr scaled by batch/256 with linear warm-up then cosine to a fixed floor;
+    ViT weight decay cosine 0.04 -> 0.4, CNN constant; EMA momentum cosine to 1."""
+    scale = cfg.batch_size / LR_REFERENCE_BATCH
+    epochs, warmup = cfg.epochs, cfg.warmup_epochs
+    return Schedules(
+        lr={"resnet": cosine_schedule(cfg.lr_cnn * scale, cfg.min_lr_cnn, epochs, steps_per_epoch, warmup),
+            "vit": cosine_schedule(cfg.lr_vit * scale, cfg.min_lr_vit, epochs, steps_per_epoch, warmup)},
+        weight_decay={"resnet": np.full(epochs * steps_per_epoch, cfg.weight_decay_cnn),
+                      "vit": cosine_schedule(cfg.weight_decay_vit, cfg.weight_decay_end_vit, epochs, steps_per_epoch)},
+        momentum=cosine_schedule(cfg.momentum_teacher, 1.0, epochs, steps_per_epoch),
+    )
+
+
+def schedule_family(pair: MokdPair, index: int, part: str) -> str:
+    """Which family's lr/wd schedule a parameter group follows.
+
+    Official code quirk: a CNN's T-Head follows its ViT partner's schedules (its biases and norms
+    still get no weight decay here). In CNN-CNN pairs every group follows the CNN schedules.
+    """
+    own, peer = pair.specs[index], pair.specs[1 - index]
+    if part == "thead" and not own.is_vit and peer.is_vit:
+        return peer.family
+    return own.family
+
+
+def clip_gradients_per_tensor(parameters: list[torch.nn.Parameter], max_norm: float) -> None:
+    """Clip each gradient tensor to its own norm `max_norm` (DINO's clip_gradients), not the global norm."""
+    for param in parameters:
+        if param.grad is not None:
+            torch.nn.utils.clip_grad_norm_(param, max_norm, foreach=False)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """None = full precision. auto = bf16 on CUDA, none on CPU."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    if amp == "fp16" and device.type != "cuda":
+        raise MokdError("--amp fp16 needs a CUDA device: use --amp bf16 or none on CPU")
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+# --- logging --------------------------------------------------------------------------------------
+
+
+class JsonLinesLog:
+    """`log.jsonl`, one JSON record per line, written by rank 0 only.
+
+    Appending is the one write that is not atomic (rewriting the whole log every step would be
+    quadratic). A crash can cut at most the last line; on resume the log is rewritten atomically with
+    only the complete records up to the resumed step, so the log always describes one run.
+    """
+
+    def __init__(self, path: Path, resumed_step: int | None) -> None:
+        self.path = path
+        kept = []
+        if resumed_step is not None and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("step", 0) <= resumed_step:
+                    kept.append(line + "\n")
+        write_text(path, "".join(kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+# --- the trainer ----------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Builds everything for one run and drives the epochs; one instance per process."""
+
+    def __init__(self, cfg: TrainConfig, context: DistContext) -> None:
+        lambda1, lambda2 = resolved_lambdas(cfg)
+        self.cfg = dataclasses.replace(cfg, lambda1=lambda1, lambda2=lambda2)
+        self.context = context
+        self.output_dir = Path(cfg.output_dir)
+        self.device = context.device
+        self.dtype = autocast_dtype(cfg.amp, self.device)
+        if cfg.batch_size % context.world_size:
+            raise MokdError(f"batch size {cfg.batch_size} is global and must divide evenly over "
+                            f"{context.world_size} processes: choose a multiple of {context.world_size}")
+        self.rank_batch = cfg.batch_size // context.world_size
+        self.specs = arch_specs(cfg)
+        _seed_everything(cfg.seed)
+
+        data_spec = parse_data_spec(cfg.data)
+        dataset = open_dataset(data_spec, "train", MultiCropAugmentation(multicrop_config(cfg, data_spec)))
+        self.crops = SeededCrops(dataset, cfg.seed)
+        samples = EpochShardSampler.samples_per_rank(len(dataset), context.world_size)
+        self.steps_per_epoch = samples // self.rank_batch
+        if self.steps_per_epoch < 1:
+            raise MokdError(f"{data_spec.text} has {len(dataset)} training images, fewer than one global batch "
+                            f"of {cfg.batch_size}: lower --batch-size")
+        self.schedules = build_schedules(self.cfg, self.steps_per_epoch)
+
+        self.pair = MokdPair(*self.specs, pair_config(self.cfg))
+        found = self._find_resume_state()
+        self.resumed_from = found[1] if found is not None else None
+        if cfg.init_from and found is None:
+            checkpointing.initialise_from(Path(cfg.init_from), self.pair, self.log)
+        elif cfg.init_from:
+            self.log(f"--init-from {cfg.init_from} ignored: resuming the run in {self.output_dir}")
+        self.pair.to(self.device)
+        if context.distributed:
+            for index in (0, 1):
+                distributed.synchronise_batchnorm(self.pair.students[index], context)
+                distributed.synchronise_batchnorm(self.pair.teachers[index], context)
+            self.pair.wrap_students(distributed.ddp_wrapper(context, self.pair.has_unused_parameters))
+        self.optimizers = [build_optimizer(self.pair, index) for index in (0, 1)]
+        use_scaler = self.dtype == torch.float16
+        self.scalers = [torch.amp.GradScaler("cuda") if use_scaler else None for _ in (0, 1)]
+        self.progress = Progress()
+        if found is not None:
+            state, path = found
+            self.progress = checkpointing.restore(state, path, self.pair, self.optimizers, self.scalers)
+            self.log(f"resumed from {path}: {self.progress.epoch} epochs + {self.progress.step_in_epoch} steps done "
+                     f"({self.progress.global_step} steps in total)")
+            if context.is_main:
+                checkpointing.set_aside_unreadable_latest(self.output_dir, path, self.log)
+        self.last_stats: dict[str, float] = {}
+        self.checkpoint_path: Path | None = None
+        self.step_seconds: list[float] = []
+
+    # -- helpers --
+
+    def log(self, message: str) -> None:
+        if self.context.is_main:
+            tqdm.write(message)
+
+    def _find_resume_state(self) -> tuple[dict[str, Any], Path] | None:
+        if not self.cfg.resume:
+            return None
+        found = checkpointing.find_resume_state(self.output_dir, self.log)
+        if found is not None:
+            checkpointing.check_compatible(found[0], found[1], self.specs, self.cfg.mode)
+        return found
+
+    def _autocast(self) -> ContextManager:
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def _loader(self, epoch: int, skip_batches: int) -> DataLoader:
+        sampler = EpochShardSampler(self.crops, self.context, self.cfg.seed, epoch, skip=skip_batches * self.rank_batch)
+        # An explicit generator keeps the DataLoader from drawing its base seed from the global RNG,
+        # which would shift drop-path masks between an interrupted run and an uninterrupted one.
+        return DataLoader(self.crops, batch_size=self.rank_batch, sampler=sampler, num_workers=self.cfg.num_workers,
+                          pin_memory=self.device.type == "cuda", drop_last=True, generator=torch.Generator())
+
+    def _done(self) -> bool:
+        cfg, progress = self.cfg, self.progress
+        return progress.epoch >= cfg.epochs or (cfg.max_steps > 0 and progress.global_step >= cfg.max_steps)
+
+    # -- the run --
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.context.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.log(describe(cfg))
+            self.log(f"  runtime: {self.context.world_size} process(es) on {self.device}, autocast "
+                     f"{self.dtype or 'off'}, {self.rank_batch} images per process and step, "
+                     f"{self.steps_per_epoch} steps per epoch")
+            write_json(self.output_dir / CONFIG_NAME, cfg.to_dict())
+            resumed_step = self.progress.global_step if self.resumed_from is not None else None
+            self.journal = JsonLinesLog(self.output_dir / LOG_NAME, resumed_step)
+        start = time.perf_counter()
+        while not self._done():
+            self._train_epoch()
+        total = time.perf_counter() - start
+        if self.checkpoint_path is None:
+            self.checkpoint_path = self.resumed_from
+        return self._summary(total)
+
+    def _train_epoch(self) -> None:
+        cfg, progress = self.cfg, self.progress
+        epoch = progress.epoch
+        loader = self._loader(epoch, progress.step_in_epoch)
+        bar = tqdm(total=self.steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not self.context.is_main, dynamic_ncols=True, leave=False)
+        sums: dict[str, float] = {}
+        steps_here = 0
+        epoch_start = tick = time.perf_counter()
+        for crops in loader:
+            stats = self._step(crops)
+            progress.step_in_epoch += 1
+            progress.global_step += 1
+            now = time.perf_counter()
+            self.step_seconds.append(now - tick)
+            images_per_s = cfg.batch_size / (now - tick)
+            tick = now
+            steps_here += 1
+            for name, value in stats.items():
+                sums[name] = sums.get(name, 0.0) + value
+            self._report_step(bar, stats, images_per_s)
+            if progress.step_in_epoch == self.steps_per_epoch:
+                progress.epoch += 1
+                progress.step_in_epoch = 0
+                self._report_epoch(sums, steps_here, time.perf_counter() - epoch_start)
+                self._save(numbered=progress.epoch % cfg.save_every == 0 or progress.epoch == cfg.epochs)
+            elif self._done() or self._periodic_save_due():
+                self._save(numbered=False)
+            if self._done():
+                break
+        bar.close()
+
+    def _periodic_save_due(self) -> bool:
+        every = self.cfg.checkpoint_every_steps
+        return every > 0 and self.progress.global_step % every == 0
+
+    def _set_hyperparameters(self, iteration: int) -> None:
+        for index, optimizer in enumerate(self.optimizers):
+            for group in optimizer.param_groups:
+                family = schedule_family(self.pair, index, group["part"])
+                group["lr"] = float(self.schedules.lr[family][iteration])
+                decay = float(self.schedules.weight_decay[family][iteration])
+                group["weight_decay"] = decay if group["regularized"] else 0.0
+
+    def _step(self, crops: list[torch.Tensor]) -> dict[str, float]:
+        cfg, progress, pair = self.cfg, self.progress, self.pair
+        epoch = progress.epoch
+        iteration = epoch * self.steps_per_epoch + progress.step_in_epoch
+        self._set_hyperparameters(iteration)
+        crops = [crop.to(self.device, non_blocking=True) for crop in crops]
+        with self._autocast():
+            try:
+                loss1, loss2, stats = pair.compute_losses(crops, epoch)
+            except NonFiniteLossError as error:
+                last_good = self.checkpoint_path or self.resumed_from
+                kept = (f"the last good checkpoint {last_good} was left untouched: lower the learning rate, "
+                        f"or resume from it" if last_good else "no checkpoint had been written yet")
+                raise MokdError(f"loss term {error.term} became non-finite at step {progress.global_step + 1} "
+                                f"(epoch {epoch + 1}); training stopped and {kept}") from None
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        losses = [loss1, loss2]
+        scaled = [scaler.scale(loss) if scaler is not None else loss for scaler, loss in zip(self.scalers, losses)]
+        (scaled[0] + scaled[1]).backward()
+        for index, (optimizer, scaler) in enumerate(zip(self.optimizers, self.scalers)):
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if cfg.clip_grad > 0:
+                clip_gradients_per_tensor(list(pair.students[index].parameters()), cfg.clip_grad)
+            if epoch < cfg.freeze_last_layer:
+                for param in pair.last_layer_parameters(index):
+                    param.grad = None
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+        pair.update_teachers(float(self.schedules.momentum[iteration]))
+        if self.context.distributed:
+            names = list(stats)
+            means = self.context.sum(torch.tensor([stats[name] for name in names], dtype=torch.float64))
+            stats = dict(zip(names, (means / self.context.world_size).tolist()))
+        self.last_stats = stats
+        return stats
+
+    def _report_step(self, bar: tqdm, stats: dict[str, float], images_per_s: float) -> None:
+        cfg, progress = self.cfg, self.progress
+        bar.update(1)
+        if not self.context.is_main:
+            return
+        epoch = progress.epoch  # called before an epoch end advances it: step_in_epoch is 1..steps_per_epoch
+        iteration = epoch * self.steps_per_epoch + progress.step_in_epoch - 1
+        lr = {f"{index + 1}": self.optimizers[index].param_groups[0]["lr"] for index in (0, 1)}
+        momentum = float(self.schedules.momentum[iteration])
+        bar.set_postfix({**{name: f"{value:.3f}" for name, value in stats.items()},
+                         "lr1": f"{lr['1']:.2e}", "lr2": f"{lr['2']:.2e}", "m": f"{momentum:.4f}",
+                         "img/s": f"{images_per_s:.1f}"})
+        if progress.global_step % cfg.log_every:
+            return
+        temps = self.pair.teacher_temperatures(epoch)
+        self.journal.write({
+            "kind": "step", "step": progress.global_step, "epoch": epoch,
+            "step_in_epoch": progress.step_in_epoch, "losses": stats,
+            "lr": {**lr, **{f"{index + 1}_thead": _group_value(self.optimizers[index], "thead", "lr")
+                            for index in (0, 1)}},
+            "weight_decay": {f"{index + 1}": _group_value(self.optimizers[index], "main", "weight_decay")
+                             for index in (0, 1)},
+            "momentum": momentum, "teacher_temp": {name: temps[name] for name in stats if name in temps},
+            "images_per_s": round(images_per_s, 2),
+        })
+
+    def _report_epoch(self, sums: dict[str, float], steps: int, seconds: float) -> None:
+        if not self.context.is_main:
+            return
+        means = {name: value / steps for name, value in sums.items()}
+        summary = ", ".join(f"{name} {value:.4f}" for name, value in means.items())
+        self.log(f"epoch {self.progress.epoch}/{self.cfg.epochs} done in {seconds:.1f} s: {summary}")
+        self.journal.write({"kind": "epoch", "step": self.progress.global_step, "epoch": self.progress.epoch,
+                            "steps": steps, "mean_losses": means, "seconds": round(seconds, 3),
+                            "images_per_s": round(steps * self.cfg.batch_size / seconds, 2)})
+
+    def _save(self, *, numbered: bool) -> None:
+        if self.context.is_main:
+            state = checkpointing.native_state(self.pair, self.optimizers, self.scalers, self.progress,
+                                               self.cfg.to_dict())
+            self.checkpoint_path = checkpointing.save_checkpoint(self.output_dir, state, numbered=numbered,
+                                                                 official=self.cfg.export_official)
+        else:
+            self.checkpoint_path = self.output_dir / checkpointing.LATEST
+        self.context.barrier()
+
+    def _summary(self, total_seconds: float) -> dict[str, Any]:
+        steps = self.step_seconds
+        official = None
+        if self.cfg.export_official:
+            official = str(self.output_dir / checkpointing.OFFICIAL_DIR
+                           / f"{checkpointing.official_stem(self.specs)}_temp.pth")
+        return {
+            "output_dir": str(self.output_dir),
+            "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
+            "official_checkpoint": official,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "epochs_done": self.progress.epoch,
+            "step_in_epoch": self.progress.step_in_epoch,
+            "global_step": self.progress.global_step,
+            "final_losses": self.last_stats,
+            "rank": self.context.rank,  # callers print the summary on rank 0 only
+            "world_size": self.context.world_size,
+            "device": str(self.device),
+            "timings": {
+                "total_s": round(total_seconds, 3),
+                "steps": len(steps),
+                "mean_step_s": round(sum(steps) / len(steps), 4) if steps else None,
+                "images_per_s": round(len(steps) * self.cfg.batch_size / sum(steps), 2) if steps else None,
+            },
+        }
+
+
+def _group_value(optimizer: torch.optim.Optimizer, part: str, key: str) -> float | None:
+    """`key` of the first (regularized) group of `part`, None when the model has no such group."""
+    for group in optimizer.param_groups:
+        if group["part"] == part:
+            return group[key]
+    return None
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)

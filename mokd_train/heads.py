@@ -1,0 +1,126 @@
+"""Projection heads of a MOKD network: the DINO MLP-Head and the Transformer T-Head.
+
+Parameter names follow the official MOKD layout (`mlp.0`, `last_layer.weight_g`, `pos_embed`,
+`patch_embed`, `blocks.N`, `norm`), so exporting a checkpoint to the official format is a prefix mapping.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import Block
+from torch import nn
+
+INIT_STD = 0.02
+
+
+def _init_linear(module: nn.Module) -> None:
+    """DINO/ViT initialisation: truncated normal weights, zero biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=INIT_STD)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class WeightNormLinear(nn.Module):
+    """Bias-free Linear whose weight rows are `g * v / ||v||`.
+
+    Our own module (not `torch.nn.utils.weight_norm`) so the parameters are plainly named
+    `weight_g` (out×1) and `weight_v` (out×in), exactly as in official checkpoints.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1))
+        nn.init.trunc_normal_(self.weight_v, std=INIT_STD)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class MLPHead(nn.Module):
+    """DINO head: 3-layer MLP, L2-normalised bottleneck, weight-normalised projection to K logits.
+
+    `norm_last_layer` freezes `weight_g` at 1 (the official code does so for CNN students only).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 norm_last_layer: bool = True) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, bottleneck_dim),
+        )
+        self.mlp.apply(_init_linear)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+        self.last_layer.weight_g.requires_grad_(not norm_last_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+class THead(nn.Module):
+    """MOKD's Transformer head over a backbone's local features (CNN feature map or ViT patch grid).
+
+    Input is always a B×C×h×w map. A CNN map goes through a 1×1 conv (`patch_embed`); ViT tokens
+    through `input_proj` only when their width differs from the head's (not in the official layout).
+    The learnable position embedding (no CLS slot) is bicubically resampled to any other grid, e.g. the
+    smaller grid of local crops, with timm's `resample_abs_pos_embed` (antialias off as in the official
+    code, which however interpolates by a scale factor rather than to a size, so values differ slightly
+    from the official ones; identical at the native grid). An optional query token is prepended without
+    position embedding and dropped after the final norm: that is the cross-attention feature search.
+    """
+
+    def __init__(self, in_dim: int, dim: int, out_dim: int, grid: int, *, conv_input: bool,
+                 depth: int = 3, num_heads: int = 6) -> None:
+        super().__init__()
+        self.grid = grid
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, dim))
+        nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
+        self.patch_embed = nn.Conv2d(in_dim, dim, kernel_size=1) if conv_input else None
+        self.input_proj = nn.Linear(in_dim, dim) if not conv_input and in_dim != dim else None
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.blocks = nn.ModuleList(
+            Block(dim, num_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth))
+        self.norm = norm_layer(dim)
+        self.apply(_init_linear)
+        self.last_layer = WeightNormLinear(dim, out_dim)
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Map ViT features (…×C) to the head's width; identity when widths already match."""
+        return tokens if self.input_proj is None else self.input_proj(tokens)
+
+    def tokens(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(tokens with position embedding B×N×D, mean of the projected tokens B×D)`.
+
+        The mean (taken before the position embedding) is the CNN's search query `x_pool`.
+        """
+        height, width = feature_map.shape[-2:]
+        if self.patch_embed is not None:
+            feature_map = self.patch_embed(feature_map)
+        projected = self.project(feature_map.flatten(2).transpose(1, 2))
+        pos_embed = resample_abs_pos_embed(self.pos_embed, new_size=[height, width], old_size=[self.grid, self.grid],
+                                           num_prefix_tokens=0, interpolation="bicubic", antialias=False)
+        return projected + pos_embed, projected.mean(dim=1)
+
+    def encode(self, tokens: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B×K) from prepared tokens; `query` (B×D) joins the attention but not the pooling."""
+        x = tokens if query is None else torch.cat([query.unsqueeze(1), tokens], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        if query is not None:
+            x = x[:, 1:]
+        return self.last_layer(x.mean(dim=1))
+
+    def forward(self, feature_map: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encode(self.tokens(feature_map)[0], query)

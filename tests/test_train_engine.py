@@ -1,0 +1,311 @@
+"""The training engine: config precedence, checkpoints, exact resumption, fallbacks, independence, export.
+
+Runs use the `tiny` preset shrunk further (16 px globals, 8 px locals, 40 `shapes` images, K = 128) and,
+where the ViT's size does not matter, timm's 6-block 64-d `test_vit`, so each run takes seconds on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mokd_eval.checkpoints import load_backbones
+from mokd_eval.errors import MokdError
+from mokd_eval.registry import build_backbone
+from mokd_train import checkpointing, losses
+from mokd_train.config import PRESETS, TrainConfig, arch_specs, resolve_config
+from mokd_train.engine import pair_config, train
+from mokd_train.pair import MokdPair
+
+STEPS_PER_EPOCH = 5  # shapes:50 has 40 train images; batch 8
+
+
+def small_config(output_dir: Path, **overrides) -> TrainConfig:
+    settings = dict(output_dir=str(output_dir), data="shapes:50", arch2="test_vit", img_size=16, local_size=8,
+                    n_local=2, batch_size=8, epochs=2, warmup_epochs=1, out_dim=128, mlp_hidden_dim=64,
+                    mlp_bottleneck_dim=32, num_workers=0, log_every=1, save_every=1,
+                    warmup_teacher_temp_epochs=1, cnn_self_warmup_teacher_temp_epochs=2)
+    settings.update(overrides)
+    return resolve_config("tiny", None, settings)
+
+
+def step_records(output_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
+    for record in records:
+        record.pop("images_per_s", None)
+    return [record for record in records if record["kind"] == "step"]
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_training_state(first: dict, second: dict) -> None:
+    for network in checkpointing.NETWORKS:
+        assert first[network].keys() == second[network].keys()
+        for key in first[network]:
+            assert torch.equal(first[network][key], second[network][key]), f"{network}.{key}"
+    for name, center in first["centers"].items():
+        assert torch.equal(center, second["centers"][name]), name
+    for optimizer in ("optimizer1", "optimizer2"):
+        for index, state in first[optimizer]["state"].items():
+            for name, value in state.items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(second[optimizer]["state"][index][name]))
+    assert torch.equal(first["rng"]["torch"], second["rng"]["torch"])
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """7 uninterrupted steps, across the epoch boundary at step 5."""
+    output = tmp_path_factory.mktemp("reference")
+    train(small_config(output, max_steps=7))
+    return output
+
+
+# --- configuration ----------------------------------------------------------------------------------
+
+
+def test_config_precedence_is_defaults_preset_yaml_flags(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("batch-size: 32\nepochs: 3\nweight_decay_cnn: 2.0e-4\nlosses: [sm, cm]\n")
+    config = resolve_config("tiny", yaml_file, {"epochs": 5, "output_dir": str(tmp_path), "seed": None})
+    assert config.epochs == 5                      # flag beats YAML
+    assert config.batch_size == 32                 # YAML beats preset (64)
+    assert config.weight_decay_cnn == 2e-4         # YAML beats default
+    assert config.losses == ("sm", "cm")
+    assert config.img_size == PRESETS["tiny"]["img_size"] == 32   # preset beats default (224)
+    assert config.momentum_teacher == 0.996        # untouched default
+    assert config.seed == 0                        # None means "not given"
+    assert config.preset == "tiny"
+    from_yaml_preset = tmp_path / "preset.yaml"
+    from_yaml_preset.write_text("preset: r50-r18\n")
+    assert resolve_config(None, from_yaml_preset, {"output_dir": "x"}).arch2 == "r18"
+
+
+def test_default_lambdas_favour_the_larger_backbone(tmp_path):
+    def lambdas(preset, **flags):
+        config = resolve_config(preset, None, {"output_dir": str(tmp_path), **flags})
+        return config.lambda1, config.lambda2
+
+    assert lambdas("r50-vit_s") == (1.0, 0.1)      # R50 (23.5M) > ViT-S (21.7M): the README's choice
+    assert lambdas("r50-vit_b") == (0.1, 1.0)
+    assert lambdas("vit_s-vit_t") == (1.0, 0.1)
+    assert lambdas("r18-r18") == (1.0, 1.0)
+    assert lambdas("vit_s-vit_s") == (1.0, 1.0)
+    assert lambdas("r50-vit_s", lambda2=0.5) == (1.0, 0.5)
+    tiny = resolve_config("tiny", None, {"output_dir": str(tmp_path)})
+    counts = [sum(p.numel() for p in build_backbone(spec).parameters()) for spec in arch_specs(tiny)]
+    assert counts[0] < counts[1] and (tiny.lambda1, tiny.lambda2) == (0.1, 1.0)
+
+
+def test_bad_settings_are_one_line_errors_naming_key_and_file(tmp_path):
+    yaml_file = tmp_path / "bad.yaml"
+    yaml_file.write_text("epochs: 3\nbatchsize: 32\n")
+    with pytest.raises(MokdError, match=r"bad.yaml.*'batchsize'.*batch_size"):
+        resolve_config("tiny", yaml_file, {"output_dir": "x"})
+    yaml_file.write_text("batch_size: many\n")
+    with pytest.raises(MokdError, match=r"bad.yaml.*'batch_size' must be an integer"):
+        resolve_config("tiny", yaml_file, {"output_dir": "x"})
+    with pytest.raises(MokdError, match="unknown preset 'r50-vit_x'"):
+        resolve_config("r50-vit_x", None, {"output_dir": "x"})
+    with pytest.raises(MokdError, match="'losses'"):
+        resolve_config("tiny", None, {"output_dir": "x", "losses": "sm,xx"})
+    with pytest.raises(MokdError, match="multiple of .*patch size 4"):
+        resolve_config("tiny", None, {"output_dir": "x", "local_size": 10})
+    with pytest.raises(MokdError, match="'global_scale'") as caught:
+        resolve_config("tiny", None, {"output_dir": "x", "global_scale": "0.5,0.2"})
+    assert "\n" not in str(caught.value)
+
+
+# --- a run and its files ----------------------------------------------------------------------------
+
+
+def test_short_run_writes_checkpoint_config_and_log(tmp_path):
+    """The real tiny archs (r_tiny + 12-block vit_t), shrunk to 16 px: 2 steps."""
+    config = small_config(tmp_path, arch2="vit_t", max_steps=2)
+    summary = train(config)
+    assert summary["global_step"] == 2 and summary["epochs_done"] == 0
+    checkpoint = load(tmp_path / "checkpoint.pth")  # weights_only
+    assert checkpoint["mokd_format"] == 1 and checkpoint["mode"] == "mokd"
+    assert (checkpoint["epoch"], checkpoint["step_in_epoch"], checkpoint["global_step"]) == (0, 2, 2)
+    assert checkpoint["archs"]["2"]["name"] == "vit_t" and checkpoint["archs"]["2"]["patch_size"] == 4
+    assert not any(key.startswith("module.") for key in checkpoint["student1"])
+    assert set(checkpoint["centers"]) == {"sm1", "st1", "cm1", "sm2", "st2", "cm2"}
+    evaluated = load_backbones(tmp_path / "checkpoint.pth")  # the evaluator reads the native layout strictly
+    assert [(backbone.key, backbone.spec.name) for backbone in evaluated] == [("teacher1", "r_tiny"), ("teacher2", "vit_t")]
+    assert json.loads((tmp_path / "config.json").read_text()) == json.loads(json.dumps(config.to_dict()))
+    records = step_records(tmp_path)
+    assert [record["step"] for record in records] == [1, 2]
+    # Warm-up is linspace(0, peak, warmup iterations): step k has lr peak * (k - 1) / (W - 1).
+    peak_cnn = config.lr_cnn * config.batch_size / 256
+    peak_vit = config.lr_vit * config.batch_size / 256
+    warmup = config.warmup_epochs * STEPS_PER_EPOCH
+    assert records[0]["lr"]["1"] == 0.0
+    assert records[1]["lr"]["1"] == pytest.approx(peak_cnn / (warmup - 1))
+    assert records[1]["lr"]["2"] == pytest.approx(peak_vit / (warmup - 1))
+    assert records[1]["lr"]["1_thead"] == pytest.approx(peak_vit / (warmup - 1))  # CNN T-Head: ViT schedule
+    # ViT weight decay: cosine from 0.04 to 0.4 over all 10 iterations, no warm-up.
+    start, end, iterations = config.weight_decay_vit, config.weight_decay_end_vit, config.epochs * STEPS_PER_EPOCH
+    vit_decay = end + 0.5 * (start - end) * (1 + math.cos(math.pi / iterations))
+    assert records[1]["weight_decay"] == {"1": config.weight_decay_cnn, "2": pytest.approx(vit_decay)}
+    assert all(torch.isfinite(torch.tensor(list(r["losses"].values()))).all() for r in records)
+    total = records[1]["losses"]
+    assert total["loss1"] == pytest.approx(total["sm1"] + total["st1"] + config.lambda1 * (total["cm1"] + total["ct1"]),
+                                           rel=1e-5)
+
+
+def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path, reference_run):
+    config = small_config(tmp_path, max_steps=3)
+    assert train(config)["global_step"] == 3
+    # The second half also loads with 2 worker processes: per-sample seeding makes that irrelevant.
+    summary = train(small_config(tmp_path, max_steps=7, num_workers=2))
+    assert summary["resumed_from"].endswith("checkpoint.pth") and summary["global_step"] == 7
+    assert step_records(tmp_path) == step_records(reference_run)
+    assert_same_training_state(load(tmp_path / "checkpoint.pth"), load(reference_run / "checkpoint.pth"))
+    # Epoch 1 ended at step 5: a numbered copy (save_every 1), identical in both runs.
+    assert_same_training_state(load(tmp_path / "checkpoint_0001.pth"), load(reference_run / "checkpoint_0001.pth"))
+
+
+def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, reference_run):
+    train(small_config(tmp_path, max_steps=3, checkpoint_every_steps=1))
+    latest = tmp_path / "checkpoint.pth"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    summary = train(small_config(tmp_path, max_steps=4, checkpoint_every_steps=1))
+    assert summary["resumed_from"].endswith("checkpoint_prev.pth")
+    assert (tmp_path / "checkpoint_unreadable.pth").stat().st_size < latest.stat().st_size
+    assert load(tmp_path / "checkpoint_prev.pth")["global_step"] == 3  # the rotation kept good files only
+    # checkpoint_prev.pth held step 2: steps 3 and 4 were redone, exactly as in the reference run.
+    assert step_records(tmp_path) == step_records(reference_run)[:4]
+
+
+def test_resume_picks_the_most_advanced_readable_checkpoint(tmp_path):
+    def fake(name: str, step: int) -> None:
+        torch.save({"mokd_format": 1, "global_step": step}, tmp_path / name)
+
+    fake("checkpoint.pth", 30)
+    fake("checkpoint_prev.pth", 25)
+    fake("checkpoint_0001.pth", 10)
+    fake("checkpoint_0002.pth", 20)
+    messages = []
+    assert checkpointing.find_resume_state(tmp_path, messages.append)[0]["global_step"] == 30
+    (tmp_path / "checkpoint.pth").write_bytes(b"PK\x03\x04 truncated")
+    state, path = checkpointing.find_resume_state(tmp_path, messages.append)
+    assert (state["global_step"], path.name) == (25, "checkpoint_prev.pth")
+    assert "checkpoint.pth cannot be read" in messages[-1]
+    (tmp_path / "checkpoint_prev.pth").unlink()
+    assert checkpointing.find_resume_state(tmp_path, messages.append)[1].name == "checkpoint_0002.pth"
+    for path in tmp_path.glob("checkpoint_*.pth"):
+        path.write_bytes(b"")
+    with pytest.raises(MokdError, match="no readable checkpoint"):
+        checkpointing.find_resume_state(tmp_path, messages.append)
+
+
+def test_resume_refuses_other_archs_or_mode(tmp_path, reference_run):
+    with pytest.raises(MokdError, match="holds a mokd run of r_tiny \\+ test_vit.*independent"):
+        train(small_config(reference_run, mode="independent", max_steps=8))
+    with pytest.raises(MokdError, match="holds a mokd run of r_tiny \\+ test_vit.*vit_t"):
+        train(small_config(reference_run, arch2="vit_t", max_steps=8))
+
+
+# --- independence -----------------------------------------------------------------------------------
+
+
+def test_independent_mode_shares_nothing_between_the_models(tmp_path):
+    """Model 1 (r_tiny, no randomness in its forward) trained next to two different partners ends
+    bit-identical in independent mode; the MOKD control shows the comparison can see a partner.
+    The T-Head width is fixed because by default it follows the partner ViT's width."""
+    runs = {}
+    for mode in ("independent", "mokd"):
+        for partner in ("test_vit", "vit_t"):
+            output = tmp_path / f"{mode}-{partner}"
+            train(small_config(output, mode=mode, arch2=partner, max_steps=2, losses="sm,cm", thead_dim=64))
+            runs[mode, partner] = load(output / "checkpoint.pth")
+    alone_a, alone_b = runs["independent", "test_vit"], runs["independent", "vit_t"]
+    for network in ("student1", "teacher1"):
+        for key, tensor in alone_a[network].items():
+            assert torch.equal(tensor, alone_b[network][key]), f"{network}.{key}"
+    assert torch.equal(alone_a["centers"]["sm1"], alone_b["centers"]["sm1"])
+    assert not torch.equal(alone_a["centers"]["sm2"][:, :5], alone_b["centers"]["sm2"][:, :5])
+    together_a, together_b = runs["mokd", "test_vit"], runs["mokd", "vit_t"]
+    assert not torch.equal(together_a["student1"]["backbone.conv1.weight"],
+                           together_b["student1"]["backbone.conv1.weight"])
+
+
+# --- official export and --init-from ----------------------------------------------------------------
+
+
+def test_export_official_layout_and_init_from_reproduce_every_tensor(tmp_path):
+    config = small_config(tmp_path / "run", arch1="r18", arch2="vit_t", patch_size=16, img_size=64, local_size=32,
+                          batch_size=16, epochs=1, warmup_epochs=0, export_official=True, losses="sm,st,cm,ct")
+    train(config)
+    official_dir = tmp_path / "run" / "official"
+    assert sorted(path.name for path in official_dir.iterdir()) == [
+        "mokd_resnet18.vit_tiny_pretrain_mokd_0000.pth", "mokd_resnet18.vit_tiny_pretrain_mokd_temp.pth"]
+    exported = load(official_dir / "mokd_resnet18.vit_tiny_pretrain_mokd_temp.pth")
+    native = load(tmp_path / "run" / "checkpoint.pth")
+    assert (exported["arch_cnn"], exported["arch_vit"], exported["epoch"]) == ("resnet18", "vit_tiny", 1)
+    for key, native_key in (("student_cnn", "student1"), ("teacher_cnn", "teacher1"), ("student_vit", "student2")):
+        assert exported[key].keys() == {f"module.{name}" for name in native[native_key]}
+    assert exported["teacher_vit"].keys() == native["teacher2"].keys()
+    assert "transhead.patch_embed.weight" in native["teacher1"]       # the CNN's 1x1 projection
+    assert "transhead.patch_embed.weight" not in native["teacher2"]
+    loss_keys = {f"loss_{family}{kind}_fn" for family in ("cnn", "vit") for kind in ("", "_thead", "_ct")}
+    assert loss_keys <= exported.keys()
+    assert torch.equal(exported["loss_vit_ct_fn"]["center"], native["centers"]["cm2"])
+    assert torch.equal(exported["loss_cnn_thead_fn"]["center"], native["centers"]["st1"])
+
+    loaded = load_backbones(official_dir / "mokd_resnet18.vit_tiny_pretrain_mokd_temp.pth")
+    assert [backbone.key for backbone in loaded] == ["teacher_cnn", "teacher_vit"]
+    for backbone, network in zip(loaded, ("teacher1", "teacher2")):
+        expected = {key.removeprefix("backbone."): value for key, value in native[network].items()
+                    if key.startswith("backbone.")}
+        for key, value in backbone.module.state_dict().items():
+            assert torch.equal(value, expected[key])
+
+    for source in (official_dir / "mokd_resnet18.vit_tiny_pretrain_mokd_temp.pth", tmp_path / "run" / "checkpoint.pth"):
+        torch.manual_seed(123)
+        pair = MokdPair(*arch_specs(config), pair_config(config))
+        messages = []
+        checkpointing.initialise_from(source, pair, messages.append)
+        assert messages[0].startswith(f"loaded {len(native['student1'])} tensors into student1 (r18)")
+        modules = (pair.students[0], pair.teachers[0], pair.students[1], pair.teachers[1])
+        for module, network in zip(modules, checkpointing.NETWORKS):
+            state = module.state_dict()
+            assert state.keys() == native[network].keys()
+            assert all(torch.equal(state[key], native[network][key]) for key in state)
+        assert all(torch.equal(pair.centers_state_dict()[name], c) for name, c in native["centers"].items())
+
+
+def test_export_and_init_from_refuse_what_the_layout_cannot_hold(tmp_path, reference_run):
+    with pytest.raises(MokdError, match="CNN-ViT pair"):
+        checkpointing.official_stem(arch_specs(small_config(tmp_path, arch2="r_tiny")))
+    with pytest.raises(MokdError, match="r_tiny .*no official MOKD architecture name"):
+        checkpointing.official_stem(arch_specs(small_config(tmp_path)))
+    config = small_config(tmp_path, arch2="vit_t")
+    pair = MokdPair(*arch_specs(config), pair_config(config))
+    with pytest.raises(MokdError, match=r"student1 does not match.*wrong shape"):
+        checkpointing.initialise_from(reference_run / "checkpoint.pth", pair, print)
+
+
+# --- divergence ---------------------------------------------------------------------------------------
+
+
+def test_non_finite_loss_stops_naming_the_term_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    real_search_loss = losses.search_loss
+    calls = []
+
+    def search_loss_failing_in_step_2(*args, **kwargs):
+        calls.append(1)
+        value = real_search_loss(*args, **kwargs)
+        return value * float("nan") if len(calls) == 3 else value  # ct1 of step 2
+
+    monkeypatch.setattr(losses, "search_loss", search_loss_failing_in_step_2)
+    with pytest.raises(MokdError, match=r"loss term ct1 became non-finite at step 2 \(epoch 1\).*untouched"):
+        train(small_config(tmp_path, max_steps=4, checkpoint_every_steps=1))
+    assert load(tmp_path / "checkpoint.pth")["global_step"] == 1
+    assert not (tmp_path / "checkpoint_prev.pth").exists()
+    assert [record["step"] for record in step_records(tmp_path)] == [1]
