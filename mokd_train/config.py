@@ -277,6 +277,10 @@ def validate(config: TrainConfig) -> None:
         if not 0.0 < low <= high <= 1.0:
             raise MokdError(f"setting {key!r} must be (low, high) with 0 < low <= high <= 1, got {(low, high)}")
     for spec in arch_specs(config):
+        stride = 8 if spec.stem == "cifar" else 32
+        if not spec.is_vit and config.img_size < stride:
+            raise MokdError(f"setting 'img_size' ({config.img_size}) is below {spec.name}'s output stride {stride}: "
+                            f"its T-Head would get no feature map; use img_size >= {stride}")
         if spec.is_vit:
             for key in ("img_size", "local_size"):
                 if getattr(config, key) % spec.patch_size:

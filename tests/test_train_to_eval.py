@@ -1,0 +1,42 @@
+"""A checkpoint written by `mokd-train` (native and `--export-official`) evaluates in `mokd-eval knn`."""
+
+import json
+
+from click.testing import CliRunner
+
+from cli import mokd_eval, mokd_train
+
+TRAIN_ARGS = ["--preset", "tiny", "--arch1", "r18", "--arch2", "vit_t", "--data", "shapes:50", "--img-size", "32",
+              "--local-size", "16", "--n-local", "2", "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0",
+              "--out-dim", "64", "--mlp-hidden-dim", "32", "--mlp-bottleneck-dim", "16", "--num-workers", "0",
+              "--max-steps", "2", "--export-official"]
+
+
+def test_native_and_official_checkpoints_evaluate_both_models_identically(tmp_path):
+    runner = CliRunner()
+    trained = runner.invoke(mokd_train, [*TRAIN_ARGS, "--output-dir", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output
+    official = next((tmp_path / "run" / "official").glob("*_temp.pth"))
+    payloads = {}
+    for name, path in (("native", tmp_path / "run" / "checkpoint.pth"), ("official", official)):
+        out = tmp_path / f"{name}.json"
+        result = runner.invoke(mokd_eval, ["knn", str(path), "--data", "shapes:50", 
+                                           "--k", "5,10", "--no-cache", "--num-workers", "0", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        payloads[name] = json.loads(out.read_text())
+    native, exported = payloads["native"]["results"], payloads["official"]["results"]
+    assert [entry["key"] for entry in native] == ["teacher1", "teacher2"]
+    assert [entry["key"] for entry in exported] == ["teacher_cnn", "teacher_vit"]
+    assert [entry["arch"] for entry in native] == ["r18", "vit_t"]
+    for ours, theirs in zip(native, exported):
+        assert ours["metrics"] == theirs["metrics"]  # same teacher weights, two layouts
+
+
+def test_training_user_errors_are_one_line(tmp_path):
+    result = CliRunner().invoke(mokd_train, ["--preset", "nope", "--output-dir", str(tmp_path)])
+    assert result.exit_code == 2 and result.output.startswith("error: unknown preset 'nope'")
+    result = CliRunner().invoke(mokd_train, ["--preset", "tiny", "--losses", "sm,xx", "--output-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "losses" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(mokd_train, ["--preset", "tiny", "--arch1", "r18", "--img-size", "16",
+                                             "--output-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "output stride 32" in result.output
