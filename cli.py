@@ -116,15 +116,25 @@ def mokd_eval(debug: bool) -> None:
 @click.option("--fp16-bank", is_flag=True, help="Store the train bank in fp16 (halves memory; last digits may move).")
 def knn(checkpoint: Path, ks: str, temperature: float, fp16_bank: bool, **kwargs: Any) -> None:
     """Weighted k-NN classification (DINO protocol): top-1/top-5 for every k, best k starred."""
+    from mokd_eval.distributed import setup, teardown
     from mokd_eval.knn_eval import knn_table, run_knn
 
-    payload = run_knn(checkpoint, data=kwargs["data"], ks=_parse_ks(ks), temperature=temperature,
-                      features=_feature_settings(kwargs), model=kwargs["model"], key=kwargs["key"],
-                      trust=kwargs["trust"], image_size=kwargs["image_size"],
-                      skip_bad_images=kwargs["skip_bad_images"], fp16_bank=fp16_bank, seed=kwargs["seed"],
-                      echo=click.echo)
-    click.echo(knn_table(payload))
-    _write(payload, kwargs["out"], "knn", checkpoint.stem)
+    context = setup(kwargs["device"])  # under torchrun, extraction is sharded over the ranks
+    try:
+        payload = run_knn(checkpoint, data=kwargs["data"], ks=_parse_ks(ks), temperature=temperature,
+                          features=_feature_settings(kwargs), model=kwargs["model"], key=kwargs["key"],
+                          trust=kwargs["trust"], image_size=kwargs["image_size"],
+                          skip_bad_images=kwargs["skip_bad_images"], fp16_bank=fp16_bank, seed=kwargs["seed"],
+                          echo=click.echo if context.is_main else _silent)
+        if context.is_main:
+            click.echo(knn_table(payload))
+            _write(payload, kwargs["out"], "knn", checkpoint.stem)
+    finally:
+        teardown(context)
+
+
+def _silent(message: str) -> None:
+    """Non-zero ranks print nothing."""
 
 
 def _parse_ks(text: str) -> tuple[int, ...]:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from mokd_eval import atomic
+from mokd_eval.distributed import choose_device
 from mokd_eval.errors import MokdError
 from mokd_eval.registry import ArchSpec
 
@@ -113,19 +114,11 @@ def _collate(batch: list[tuple[int, Any]]) -> tuple[torch.Tensor, torch.Tensor, 
     return indices, images, labels, skipped
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MokdError(f"--device {device} requested but CUDA is not available on this machine: use --device cpu")
-    return torch.device(device)
-
-
 def extract_features(backbone: nn.Module, spec: ArchSpec, dataset: Dataset, kind: FeatureKind = FeatureKind(), *,
                      batch_size: int = 256, num_workers: int | None = None, device: str = "auto",
                      desc: str = "features") -> FeatureSet:
     """Run the frozen backbone over `dataset` and return features and labels in dataset order."""
-    torch_device = resolve_device(device)
+    torch_device = choose_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     shard = Subset(_Indexed(dataset), range(rank, len(dataset), world)) if distributed else _Indexed(dataset)

@@ -1,17 +1,14 @@
-"""One code path for a single process and for `torchrun` DDP.
+"""Training's side of one code path for a single process and for `torchrun` DDP.
 
-A run without a launcher is simply world size 1: the same sampler, the same loop, no process group.
-Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment) the process group is created here
-(nccl on CUDA, gloo on CPU), CNN batch norms are synchronised across ranks, students are wrapped in
-DDP, and every rank reads its interleaved share of the same seeded permutation, so a 2-process run
-sees exactly the global batches of a 1-process run.
+A run without a launcher is simply world size 1: the same sampler, the same loop, no process group
+(placement itself lives in `mokd_eval.distributed`). Under torchrun CNN batch norms are synchronised
+across ranks, students are wrapped in DDP, and every rank reads its interleaved share of the same seeded
+permutation, so a 2-process run sees exactly the global batches of a 1-process run.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -21,66 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from mokd_eval.errors import MokdError
-
-
-@dataclass(frozen=True)
-class DistContext:
-    """Where this process sits: rank, world size and its device."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    owns_process_group: bool  # True when `setup` created the group, so `teardown` destroys it
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-    def sum(self, values: torch.Tensor) -> torch.Tensor:
-        """Element-wise sum over ranks (a copy; the input is untouched)."""
-        total = values.detach().clone().to(self.device)
-        if self.distributed:
-            dist.all_reduce(total)
-        return total.cpu()
-
-
-def choose_device(preference: str, local_rank: int = 0) -> torch.device:
-    """"auto" is CUDA when available; asking for CUDA on a machine without it is a user error."""
-    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise MokdError("--device cuda was requested but no CUDA device is available: use --device cpu or auto")
-    return torch.device("cuda", local_rank)
-
-
-def setup(device_preference: str) -> DistContext:
-    """Join the process group torchrun describes in the environment, or run as a single process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1 and not (dist.is_available() and dist.is_initialized()):
-        return DistContext(0, 1, 0, choose_device(device_preference), owns_process_group=False)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = choose_device(device_preference, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, owns_process_group=owns)
-
-
-def teardown(context: DistContext) -> None:
-    if context.owns_process_group and dist.is_initialized():
-        dist.destroy_process_group()
+from mokd_eval.distributed import DistContext
 
 
 class AllReduceBatchNorm2d(nn.BatchNorm2d):

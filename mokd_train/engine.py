@@ -29,11 +29,13 @@ from tqdm import tqdm
 from mokd_eval.atomic import write_json, write_text
 from mokd_eval.data import DataSpec, open_dataset, parse_data_spec
 from mokd_eval.errors import MokdError
-from mokd_train import checkpointing, distributed
+from mokd_eval import distributed
+from mokd_train import checkpointing
 from mokd_train.augment import MultiCropAugmentation, MultiCropConfig
 from mokd_train.checkpointing import Progress
 from mokd_train.config import TrainConfig, arch_specs, describe, resolved_lambdas, validate
-from mokd_train.distributed import DistContext, EpochShardSampler
+from mokd_eval.distributed import DistContext
+from mokd_train.distributed import EpochShardSampler, ddp_wrapper, synchronise_batchnorm
 from mokd_train.losses import NonFiniteLossError
 from mokd_train.pair import MokdPair, PairConfig
 from mokd_train.schedules import cosine_schedule
@@ -232,9 +234,9 @@ class Trainer:
         self.pair.to(self.device)
         if context.distributed:
             for index in (0, 1):
-                distributed.synchronise_batchnorm(self.pair.students[index], context)
-                distributed.synchronise_batchnorm(self.pair.teachers[index], context)
-            self.pair.wrap_students(distributed.ddp_wrapper(context, self.pair.has_unused_parameters))
+                synchronise_batchnorm(self.pair.students[index], context)
+                synchronise_batchnorm(self.pair.teachers[index], context)
+            self.pair.wrap_students(ddp_wrapper(context, self.pair.has_unused_parameters))
         self.optimizers = [build_optimizer(self.pair, index) for index in (0, 1)]
         use_scaler = self.dtype == torch.float16
         self.scalers = [torch.amp.GradScaler("cuda") if use_scaler else None for _ in (0, 1)]
