@@ -162,9 +162,11 @@ def _load_trusted(path: Path) -> tuple[Any, dict[str, Any]]:
         raise _unreadable(path, error) from None
 
 
-def _load_object(path: Path, trust: bool) -> tuple[Any, dict[str, Any]]:
-    """Unpickle tensors and containers only. Returns the object and what the file itself says:
-    `origin` and, for safetensors, its metadata."""
+def load_object(path: str | os.PathLike, *, trust: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Unpickle tensors and containers only (the one place files are opened). Returns the object and what
+    the file itself says: `origin` and, for safetensors, its metadata."""
+    path = Path(path)
+    _check_is_file(path)
     if _is_safetensors(path):
         return _load_safetensors(path)
     try:
@@ -413,8 +415,7 @@ def _make_entry(path: Path, key: str, tensors: Any, stored: ArchSpec | None) -> 
 def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> CheckpointFile:
     """Read a checkpoint of any supported format and describe every network in it."""
     path = Path(path)
-    _check_is_file(path)
-    obj, file_meta = _load_object(path, trust)
+    obj, file_meta = load_object(path, trust=trust)
     layout, top = _recognise(obj, path, file_meta)
     entries = {key: _make_entry(path, key, tensors, layout.stored_specs.get(key))
                for key, tensors in layout.models.items()}

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from mokd_eval.atomic import save_torch
+from mokd_eval.checkpoints import load_object
 from mokd_eval.errors import MokdError
 from mokd_eval.registry import ALIASES, TIMM_NAMES, ArchSpec
 from mokd_train.pair import MokdPair
@@ -318,13 +319,7 @@ def _load_network_strictly(module: nn.Module, state: dict[str, torch.Tensor], na
 
 def initialise_from(path: Path, pair: MokdPair, log: Log) -> None:
     """Start all four networks and the centers from a checkpoint (strict; optimizers and epoch are not restored)."""
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise MokdError(f"--init-from {path}: file does not exist") from None
-    except Exception as error:  # damaged or foreign file
-        raise MokdError(f"--init-from {path}: cannot be read with torch.load(weights_only=True) "
-                        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+    raw, _ = load_object(path)
     networks, centers = _networks_and_centers(raw, path, pair.specs)
     modules = {"student1": pair.students[0], "teacher1": pair.teachers[0],
                "student2": pair.students[1], "teacher2": pair.teachers[1]}
