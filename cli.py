@@ -180,7 +180,7 @@ def _inspection_text(report: dict[str, Any]) -> str:
 
 @mokd_eval.command()
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("demo-output"), show_default=True)
-@click.option("--epochs", type=int, default=None, help="Training epochs per mode (default: the tiny preset's).")
+@click.option("--epochs", type=int, default=None, help="Training epochs per mode (default 4).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 def demo(output_dir: Path, epochs: int | None, seed: int, device: str) -> None:
