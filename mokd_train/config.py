@@ -26,6 +26,8 @@ MODES = ("mokd", "independent")
 LOSS_TERMS = ("sm", "st", "cm", "ct")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
+AUGMENTATION_PROBABILITIES = ("flip_p", "jitter_p", "grayscale_p", "global1_blur_p", "global2_blur_p",
+                              "local_blur_p", "solarize_p")
 # Paper §4.5: the larger model learns fully from its partner, the smaller one only a little.
 LAMBDA_LARGER, LAMBDA_SMALLER = 1.0, 0.1
 
@@ -62,6 +64,14 @@ class TrainConfig:
     local_size: int = 96
     global_scale: tuple[float, float] = (0.25, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.25)
+    # augmentation probabilities; None = the recipe's value (DINO's, or the 32 px variant's for small data)
+    flip_p: float | None = None
+    jitter_p: float | None = None
+    grayscale_p: float | None = None
+    global1_blur_p: float | None = None
+    global2_blur_p: float | None = None
+    local_blur_p: float | None = None
+    solarize_p: float | None = None  # second global crop only
     # optimisation: base learning rates are per 256 images and scaled by batch_size / 256
     lr_cnn: float = 0.1
     min_lr_cnn: float = 0.0048
@@ -265,6 +275,10 @@ def validate(config: TrainConfig) -> None:
     for key in non_negative:
         if getattr(config, key) < 0:
             raise MokdError(f"setting {key!r} must be >= 0, got {getattr(config, key)}")
+    for key in AUGMENTATION_PROBABILITIES:
+        value = getattr(config, key)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise MokdError(f"setting {key!r} is a probability and must be in [0, 1], got {value}")
     for key in ("lambda1", "lambda2", "thead_dim", "thead_heads", "patch_size"):
         if getattr(config, key) is not None and getattr(config, key) < 0:
             raise MokdError(f"setting {key!r} must be >= 0, got {getattr(config, key)}")

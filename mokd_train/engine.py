@@ -33,7 +33,8 @@ from mokd_eval import distributed
 from mokd_train import checkpointing
 from mokd_train.augment import MultiCropAugmentation, MultiCropConfig
 from mokd_train.checkpointing import Progress
-from mokd_train.config import TrainConfig, arch_specs, describe, resolved_lambdas, validate
+from mokd_train.config import (AUGMENTATION_PROBABILITIES, TrainConfig, arch_specs, describe, resolved_lambdas,
+                               validate)
 from mokd_eval.distributed import DistContext
 from mokd_train.distributed import EpochShardSampler, ddp_wrapper, synchronise_batchnorm
 from mokd_train.losses import NonFiniteLossError
@@ -86,8 +87,9 @@ class SeededCrops(Dataset):
 def multicrop_config(cfg: TrainConfig, data_spec: DataSpec) -> MultiCropConfig:
     """The configured crop sizes and scales on the recipe that suits the data (32 px sets: weaker blur)."""
     recipe = MultiCropConfig.small if data_spec.native_size is not None else MultiCropConfig
+    probabilities = {key: getattr(cfg, key) for key in AUGMENTATION_PROBABILITIES if getattr(cfg, key) is not None}
     return recipe(global_size=cfg.img_size, local_size=cfg.local_size, n_local=cfg.n_local,
-                  global_scale=cfg.global_scale, local_scale=cfg.local_scale)
+                  global_scale=cfg.global_scale, local_scale=cfg.local_scale, **probabilities)
 
 
 # --- model and optimisation -----------------------------------------------------------------------

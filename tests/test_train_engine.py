@@ -309,3 +309,15 @@ def test_non_finite_loss_stops_naming_the_term_and_keeps_the_last_checkpoint(tmp
     assert load(tmp_path / "checkpoint.pth")["global_step"] == 1
     assert not (tmp_path / "checkpoint_prev.pth").exists()
     assert [record["step"] for record in step_records(tmp_path)] == [1]
+
+
+def test_augmentation_probabilities_reach_the_multicrop_recipe(tmp_path):
+    from mokd_eval.data import parse_data_spec
+    from mokd_train.engine import multicrop_config
+
+    config = small_config(tmp_path, solarize_p=0.0, local_blur_p=0.3)
+    crops = multicrop_config(config, parse_data_spec("shapes:50"))
+    assert (crops.solarize_p, crops.local_blur_p) == (0.0, 0.3)
+    assert crops.flip_p == 0.5 and crops.global_size == 16  # unset probabilities keep the recipe's value
+    with pytest.raises(MokdError, match="'solarize_p' is a probability"):
+        small_config(tmp_path, solarize_p=1.5)
