@@ -208,7 +208,7 @@ def _training_setting_options(function: Callable) -> Callable:
     import dataclasses
     import typing
 
-    from mokd_train.config import TrainConfig
+    from mokd_train.config import FIELD_HELP, TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     for field in reversed(dataclasses.fields(TrainConfig)):
@@ -217,7 +217,8 @@ def _training_setting_options(function: Callable) -> Callable:
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
         base = next((arg for arg in typing.get_args(kind) if arg is not type(None)), kind)
-        help_text = f"(default {field.default!r})" if field.default is not dataclasses.MISSING else ""
+        default = f"(default {field.default!r})" if field.default is not dataclasses.MISSING else ""
+        help_text = f"{FIELD_HELP[field.name]} {default}" if field.name in FIELD_HELP else default
         if base is bool:
             option = click.option(f"{flag}/--no-{flag[2:]}", field.name, default=None, help=help_text)
         elif base in (int, float, str):

@@ -106,6 +106,40 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# One-line help for the command-line flags (every TrainConfig field is a flag; these say what it means).
+FIELD_HELP: dict[str, str] = {
+    "mode": "mokd (self + cross distillation) or independent (each model alone with DINO's loss)",
+    "arch1": "model 1 backbone: r18 r34 r50 r101 vit_t vit_s vit_b r_tiny or a timm name",
+    "arch2": "model 2 backbone (same choices as --arch1)",
+    "img_size": "global crop size = the backbones' image size",
+    "patch_size": "ViT patch size override (ViT members only)",
+    "stem": "ResNet stem override: imagenet or cifar (ResNet members only)",
+    "data": "dataset spec: imagefolder:PATH, cifar10:PATH, cifar100:PATH, digits, shapes[:N]",
+    "output_dir": "where checkpoints, config.json and log.jsonl go (required)",
+    "epochs": "training epochs",
+    "batch_size": "global batch size across all processes",
+    "seed": "seed of model init, data order and augmentation",
+    "losses": "enabled terms of sm,st,cm,ct (paper Table 7 ablation)",
+    "lambda1": "weight of model 1's cross terms (default: 1 for the larger model, 0.1 for the smaller)",
+    "lambda2": "weight of model 2's cross terms",
+    "out_dim": "K, output dimension of both heads",
+    "n_local": "number of local crops",
+    "local_size": "local crop size",
+    "global_scale": "RandomResizedCrop scale range of the global crops, e.g. 0.25,1.0",
+    "local_scale": "RandomResizedCrop scale range of the local crops, e.g. 0.05,0.25",
+    "paper_temperature": "warm the teacher temperature over 30 epochs for every term (paper) instead of 50 for CNN "
+                         "self terms (official code)",
+    "device": "auto, cpu or cuda",
+    "amp": "auto (bf16 on CUDA, none on CPU), none, bf16 or fp16",
+    "init_from": "start all four networks and the centers from an official MOKD or mokd checkpoint",
+    "resume": "resume automatically from <output-dir>/checkpoint.pth",
+    "save_every": "keep a numbered checkpoint copy every N epochs",
+    "checkpoint_every_steps": "also checkpoint every N steps inside an epoch (0: epoch ends only)",
+    "max_steps": "stop after N optimisation steps in total (0: no limit)",
+    "export_official": "also write the official MOKD checkpoint layout under <output-dir>/official/ (CNN-ViT pairs)",
+}
+
+
 IMAGENET_RECIPE: dict[str, Any] = {
     "img_size": 224, "local_size": 96, "n_local": 8, "batch_size": 256, "epochs": 100, "out_dim": 65536,
     "global_scale": (0.25, 1.0), "local_scale": (0.05, 0.25),

@@ -40,3 +40,15 @@ def test_training_user_errors_are_one_line(tmp_path):
     result = CliRunner().invoke(mokd_train, ["--preset", "tiny", "--arch1", "r18", "--img-size", "16",
                                              "--output-dir", str(tmp_path)])
     assert result.exit_code == 2 and "output stride 32" in result.output
+
+
+def test_every_training_setting_is_a_documented_flag():
+    import dataclasses
+
+    from mokd_train.config import FIELD_HELP, TrainConfig
+
+    help_text = CliRunner().invoke(mokd_train, ["--help"]).output
+    for field in dataclasses.fields(TrainConfig):
+        if field.name != "preset":
+            assert "--" + field.name.replace("_", "-") in help_text
+    assert set(FIELD_HELP) <= {field.name for field in dataclasses.fields(TrainConfig)}
