@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision import transforms as T
 from torchvision.datasets.folder import find_classes
@@ -110,7 +110,7 @@ class LabelledDataset(Dataset):
 
     `num_classes` comes from the dataset definition (train classes), never from the labels that
     happen to be present in this split. With `skip_bad_images`, an unreadable file yields None
-    instead of raising; `collate_skip_none` drops those and counts them.
+    instead of raising; the feature extractor drops those and counts them.
     """
 
     def __init__(
@@ -209,19 +209,6 @@ def eval_transform(spec: DataSpec, image_size: int | None = None) -> tuple[Calla
         text = f"Resize({image_size}x{image_size}, bicubic)"
     transform = T.Compose([*steps, T.ToTensor(), normalize])
     return transform, f"{text} > ToTensor > {norm_text}"
-
-
-def collate_skip_none(batch: list) -> tuple[Any, torch.Tensor, int]:
-    """Collate a batch after dropping the None items of unreadable images: `(images, labels, n_skipped)`.
-
-    Images and labels of the kept items stay aligned; a batch with nothing left gives empty tensors.
-    """
-    kept = [item for item in batch if item is not None]
-    n_skipped = len(batch) - len(kept)
-    if not kept:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), n_skipped
-    images, labels = default_collate(kept)
-    return images, labels, n_skipped
 
 
 # --- image folders ---------------------------------------------------------------------------

@@ -12,20 +12,20 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.datasets import load_digits
-from torch.utils.data import DataLoader
 
 from mokd_eval import data
 from mokd_eval.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DataSpec,
-    collate_skip_none,
     eval_transform,
     generate_shapes,
     open_dataset,
     parse_data_spec,
 )
 from mokd_eval.errors import MokdError
+from mokd_eval.features import extract_features
+from mokd_eval.registry import resolve_arch
 
 # sha256 of generate_shapes(100) bytes; changes only if the drawing code or numpy's PCG64 stream does
 # (then bump data.GENERATOR_VERSION and update this value).
@@ -248,17 +248,20 @@ def test_corrupt_image_raises_or_is_skipped(tiny_folder: Path) -> None:
     transform = eval_transform(spec, image_size=16)[0]
     lenient = open_dataset(spec, "train", transform, skip_bad_images=True)
     assert lenient[4] is None
-    loader = DataLoader(lenient, batch_size=len(lenient), collate_fn=collate_skip_none)
-    images, labels, n_skipped = next(iter(loader))
-    assert n_skipped == 1 and images.shape == (6, 3, 16, 16)
-    assert labels.tolist() == [0, 0, 0, 1, 1, 2]
+    channel_means = ChannelMeans()
+    result = extract_features(channel_means, resolve_arch("r_tiny"), lenient, batch_size=len(lenient),
+                              num_workers=0)
+    assert result.skipped == 1 and result.features.shape == (6, 3)
+    assert result.labels.tolist() == [0, 0, 0, 1, 1, 2]
     # labels stay aligned with the kept images: each image's dominant channel is its class colour
-    assert images.mean(dim=(2, 3)).argmax(dim=1).tolist() == [0, 0, 0, 1, 1, 2]
+    assert result.features.argmax(axis=1).tolist() == [0, 0, 0, 1, 1, 2]
 
 
-def test_collate_skip_none_all_skipped() -> None:
-    images, labels, n_skipped = collate_skip_none([None, None])
-    assert n_skipped == 2 and images.numel() == 0 and labels.dtype == torch.long and labels.numel() == 0
+class ChannelMeans(torch.nn.Module):
+    """A stand-in backbone whose feature is each image's mean colour."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.mean(dim=(2, 3))
 
 
 # --- CIFAR ---------------------------------------------------------------------------------------
