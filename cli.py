@@ -216,7 +216,9 @@ def _training_setting_options(function: Callable) -> Callable:
             continue
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
-        base = next((arg for arg in typing.get_args(kind) if arg is not type(None)), kind)
+        if typing.get_origin(kind) is not tuple:  # Optional[X] -> X; a tuple stays a tuple
+            kind = next((arg for arg in typing.get_args(kind) if arg is not type(None)), kind)
+        base = kind
         default = f"(default {field.default!r})" if field.default is not dataclasses.MISSING else ""
         help_text = f"{FIELD_HELP[field.name]} {default}" if field.name in FIELD_HELP else default
         if base is bool:

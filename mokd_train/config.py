@@ -55,6 +55,7 @@ class TrainConfig:
     out_dim: int = 65536
     mlp_hidden_dim: int = 2048
     mlp_bottleneck_dim: int = 256
+    mlp_bn: bool = False  # BatchNorm in the MLP-Head's hidden layers (DINO's use_bn; off in the paper recipe)
     thead_dim: int | None = None
     thead_heads: int | None = None
     thead_depth: int = 3
@@ -72,7 +73,7 @@ class TrainConfig:
     global2_blur_p: float | None = None
     local_blur_p: float | None = None
     solarize_p: float | None = None  # second global crop only
-    # optimisation: base learning rates are per 256 images and scaled by batch_size / 256
+    # optimisation: learning rates (peaks and floors) are per 256 images and scaled by batch_size / 256
     lr_cnn: float = 0.1
     min_lr_cnn: float = 0.0048
     weight_decay_cnn: float = 1e-4
@@ -387,8 +388,9 @@ def describe(config: TrainConfig) -> str:
         lines.append(f"  losses: {', '.join(config.losses)}; lambda1 = {lambda1:g}, lambda2 = {lambda2:g}")
     else:
         lines.append("  losses: sm only for each model (DINO); nothing crosses between the models")
-    lines.append(f"  peak lr: cnn {config.lr_cnn * scale:g}, vit {config.lr_vit * scale:g} "
-                 f"(base x batch {config.batch_size} / 256)")
+    lines.append(f"  lr: cnn {config.lr_cnn * scale:g} -> {config.min_lr_cnn * scale:g}, "
+                 f"vit {config.lr_vit * scale:g} -> {config.min_lr_vit * scale:g} "
+                 f"(peak -> floor, base x batch {config.batch_size} / 256)")
     lines.append("  settings:")
     lines.extend(f"    {key} = {value!r}" for key, value in config.to_dict().items())
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """Training's side of one code path for a single process and for `torchrun` DDP.
 
 A run without a launcher is simply world size 1: the same sampler, the same loop, no process group
-(placement itself lives in `mokd_eval.distributed`). Under torchrun CNN batch norms are synchronised
+(placement itself lives in `mokd_eval.distributed`). Under torchrun batch norms are synchronised
 across ranks, students are wrapped in DDP, and every rank reads its interleaved share of the same seeded
 permutation, so a 2-process run sees exactly the global batches of a 1-process run.
 """
@@ -21,23 +21,25 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 from mokd_eval.distributed import DistContext
 
 
-class AllReduceBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics span all ranks, for gloo/CPU runs.
+class _AllReduceBatchNorm:
+    """Batch norm whose training statistics span all ranks, for gloo/CPU runs.
 
     torch's SyncBatchNorm refuses CPU tensors; this does the same with two differentiable
     all-reduces (sum, then centred sum of squares), so gradients flow back through the shared
     statistics exactly as in SyncBatchNorm and a 2-rank run normalises like one process with the
-    whole batch. Same parameters and buffers as BatchNorm2d, so state dicts are unchanged.
+    whole batch. Same parameters and buffers as the plain layer, so state dicts are unchanged.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
+        dims = [0, *range(2, x.dim())]  # every dimension but the channels
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
         count = torch.tensor(float(x.numel() // x.shape[1]))
         dist.all_reduce(count)
-        mean = _differentiable_sum(x.sum(dim=(0, 2, 3))) / count
-        centred = x - mean[None, :, None, None]
-        var = _differentiable_sum(centred.square().sum(dim=(0, 2, 3))) / count
+        mean = _differentiable_sum(x.sum(dim=dims)) / count
+        centred = x - mean.view(shape)
+        var = _differentiable_sum(centred.square().sum(dim=dims)) / count
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -46,8 +48,16 @@ class AllReduceBatchNorm2d(nn.BatchNorm2d):
                 self.running_var.lerp_(var.detach() * count / (count - 1), factor)
         scale = torch.rsqrt(var + self.eps)
         if self.affine:
-            return centred * (scale * self.weight)[None, :, None, None] + self.bias[None, :, None, None]
-        return centred * scale[None, :, None, None]
+            return centred * (scale * self.weight).view(shape) + self.bias.view(shape)
+        return centred * scale.view(shape)
+
+
+class AllReduceBatchNorm2d(_AllReduceBatchNorm, nn.BatchNorm2d):
+    """A CNN's BatchNorm2d with cross-rank statistics (see `_AllReduceBatchNorm`)."""
+
+
+class AllReduceBatchNorm1d(_AllReduceBatchNorm, nn.BatchNorm1d):
+    """An MLP-Head's BatchNorm1d (`mlp_bn`) with cross-rank statistics (see `_AllReduceBatchNorm`)."""
 
 
 def _differentiable_sum(values: torch.Tensor) -> torch.Tensor:
@@ -56,10 +66,10 @@ def _differentiable_sum(values: torch.Tensor) -> torch.Tensor:
 
 
 def synchronise_batchnorm(module: nn.Module, context: DistContext) -> None:
-    """In place: make every BatchNorm2d of `module` use cross-rank statistics (no-op for one process).
+    """In place: make every BatchNorm of `module` use cross-rank statistics (no-op for one process).
 
     On CUDA the layers are swapped for torch's SyncBatchNorm (sharing the same parameters); on CPU
-    their class becomes AllReduceBatchNorm2d, which adds behaviour but no state.
+    their class becomes AllReduceBatchNorm2d/1d, which adds behaviour but no state.
     """
     if not context.distributed:
         return
@@ -69,9 +79,10 @@ def synchronise_batchnorm(module: nn.Module, context: DistContext) -> None:
             if converted is not child:
                 setattr(module, name, converted)
         return
+    replacements = {nn.BatchNorm2d: AllReduceBatchNorm2d, nn.BatchNorm1d: AllReduceBatchNorm1d}
     for layer in module.modules():
-        if type(layer) is nn.BatchNorm2d:
-            layer.__class__ = AllReduceBatchNorm2d
+        if type(layer) in replacements:
+            layer.__class__ = replacements[type(layer)]
 
 
 def ddp_wrapper(context: DistContext, find_unused_parameters: bool) -> Callable[[nn.Module], nn.Module]:

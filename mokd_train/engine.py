@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import time
 from contextlib import nullcontext
@@ -38,6 +39,7 @@ from mokd_train.config import (AUGMENTATION_PROBABILITIES, TrainConfig, arch_spe
 from mokd_eval.distributed import DistContext
 from mokd_train.distributed import EpochShardSampler, ddp_wrapper, synchronise_batchnorm
 from mokd_train.losses import NonFiniteLossError
+from mokd_train.monitor import MONITORED, diagnose
 from mokd_train.pair import MokdPair, PairConfig
 from mokd_train.schedules import cosine_schedule
 
@@ -99,6 +101,7 @@ def pair_config(cfg: TrainConfig) -> PairConfig:
     lambda1, lambda2 = resolved_lambdas(cfg)
     return PairConfig(
         out_dim=cfg.out_dim, mlp_hidden_dim=cfg.mlp_hidden_dim, mlp_bottleneck_dim=cfg.mlp_bottleneck_dim,
+        mlp_bn=cfg.mlp_bn,
         thead_depth=cfg.thead_depth, thead_dim=cfg.thead_dim, thead_heads=cfg.thead_heads, mode=cfg.mode,
         losses=cfg.losses, lambda1=lambda1, lambda2=lambda2, n_local=cfg.n_local,
         warmup_teacher_temp=cfg.warmup_teacher_temp, teacher_temp=cfg.teacher_temp,
@@ -126,13 +129,16 @@ class Schedules:
 
 
 def build_schedules(cfg: TrainConfig, steps_per_epoch: int) -> Schedules:
-    """Official schedules: peak lr scaled by batch/256 with linear warm-up then cosine to a fixed floor;
-    ViT weight decay cosine 0.04 -> 0.4, CNN constant; EMA momentum cosine to 1."""
+    """Official schedules: lr with linear warm-up then cosine to its floor; ViT weight decay cosine 0.04 -> 0.4,
+    CNN constant; EMA momentum cosine to 1.
+
+    Peak and floor are both per 256 images and scaled by batch/256 (the official code scales only the peak,
+    so a small batch got a cosine rising to a floor above its peak; identical at batch 256)."""
     scale = cfg.batch_size / LR_REFERENCE_BATCH
     epochs, warmup = cfg.epochs, cfg.warmup_epochs
     return Schedules(
-        lr={"resnet": cosine_schedule(cfg.lr_cnn * scale, cfg.min_lr_cnn, epochs, steps_per_epoch, warmup),
-            "vit": cosine_schedule(cfg.lr_vit * scale, cfg.min_lr_vit, epochs, steps_per_epoch, warmup)},
+        lr={"resnet": cosine_schedule(cfg.lr_cnn * scale, cfg.min_lr_cnn * scale, epochs, steps_per_epoch, warmup),
+            "vit": cosine_schedule(cfg.lr_vit * scale, cfg.min_lr_vit * scale, epochs, steps_per_epoch, warmup)},
         weight_decay={"resnet": np.full(epochs * steps_per_epoch, cfg.weight_decay_cnn),
                       "vit": cosine_schedule(cfg.weight_decay_vit, cfg.weight_decay_end_vit, epochs, steps_per_epoch)},
         momentum=cosine_schedule(cfg.momentum_teacher, 1.0, epochs, steps_per_epoch),
@@ -251,6 +257,7 @@ class Trainer:
             if context.is_main:
                 checkpointing.set_aside_unreadable_latest(self.output_dir, path, self.log)
         self.last_stats: dict[str, float] = {}
+        self.last_monitor: dict[str, float] = {}
         self.checkpoint_path: Path | None = None
         self.step_seconds: list[float] = []
 
@@ -312,6 +319,7 @@ class Trainer:
         bar = tqdm(total=self.steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not self.context.is_main, dynamic_ncols=True, leave=False)
         sums: dict[str, float] = {}
+        monitor_sums: dict[str, float] = {}
         steps_here = 0
         epoch_start = tick = time.perf_counter()
         for crops in loader:
@@ -325,11 +333,13 @@ class Trainer:
             steps_here += 1
             for name, value in stats.items():
                 sums[name] = sums.get(name, 0.0) + value
+            for name, value in self.last_monitor.items():
+                monitor_sums[name] = monitor_sums.get(name, 0.0) + value
             self._report_step(bar, stats, images_per_s)
             if progress.step_in_epoch == self.steps_per_epoch:
                 progress.epoch += 1
                 progress.step_in_epoch = 0
-                self._report_epoch(sums, steps_here, time.perf_counter() - epoch_start)
+                self._report_epoch(sums, monitor_sums, steps_here, time.perf_counter() - epoch_start)
                 self._save(numbered=progress.epoch % cfg.save_every == 0 or progress.epoch == cfg.epochs)
             elif self._done() or self._periodic_save_due():
                 self._save(numbered=False)
@@ -383,11 +393,14 @@ class Trainer:
             else:
                 optimizer.step()
         pair.update_teachers(float(self.schedules.momentum[iteration]))
-        if self.context.distributed:
-            names = list(stats)
-            means = self.context.sum(torch.tensor([stats[name] for name in names], dtype=torch.float64))
-            stats = dict(zip(names, (means / self.context.world_size).tolist()))
+        monitor = pair.monitor
+        if self.context.distributed:  # one all-reduce for the losses and the monitor
+            names, monitored = list(stats), list(monitor)
+            values = [stats[name] for name in names] + [monitor[name] for name in monitored]
+            means = (self.context.sum(torch.tensor(values, dtype=torch.float64)) / self.context.world_size).tolist()
+            stats, monitor = dict(zip(names, means)), dict(zip(monitored, means[len(names):]))
         self.last_stats = stats
+        self.last_monitor = monitor
         return stats
 
     def _report_step(self, bar: tqdm, stats: dict[str, float], images_per_s: float) -> None:
@@ -416,14 +429,29 @@ class Trainer:
             "images_per_s": round(images_per_s, 2),
         })
 
-    def _report_epoch(self, sums: dict[str, float], steps: int, seconds: float) -> None:
+    def _report_epoch(self, sums: dict[str, float], monitor_sums: dict[str, float], steps: int,
+                      seconds: float) -> None:
+        """Epoch means of the losses and of the collapse monitor, with a warning for a collapsing model."""
         if not self.context.is_main:
             return
         means = {name: value / steps for name, value in sums.items()}
+        monitor = {name: value / steps for name, value in monitor_sums.items()}
         summary = ", ".join(f"{name} {value:.4f}" for name, value in means.items())
         self.log(f"epoch {self.progress.epoch}/{self.cfg.epochs} done in {seconds:.1f} s: {summary}")
+        warnings = []
+        for index in (1, 2):
+            own = {name: monitor[f"{name}{index}"] for name in MONITORED if f"{name}{index}" in monitor}
+            if own:
+                self.log(f"  collapse monitor, model {index} ({self.specs[index - 1].name}): "
+                         f"teacher entropy {own['teacher_entropy']:.3f} of ln K {math.log(self.cfg.out_dim):.3f}, "
+                         f"KL(teacher || student) {own['kl']:.3f}, student pairwise cosine "
+                         f"{own.get('student_cos', float('nan')):.3f}")
+                warnings += diagnose(own, f"model {index} ({self.specs[index - 1].name})", self.cfg.out_dim)
+        for warning in warnings:
+            self.log(f"warning: {warning}")
         self.journal.write({"kind": "epoch", "step": self.progress.global_step, "epoch": self.progress.epoch,
-                            "steps": steps, "mean_losses": means, "seconds": round(seconds, 3),
+                            "steps": steps, "mean_losses": means, "monitor": monitor, "warnings": warnings,
+                            "seconds": round(seconds, 3),
                             "images_per_s": round(steps * self.cfg.batch_size / seconds, 2)})
 
     def _save(self, *, numbered: bool) -> None:

@@ -50,16 +50,20 @@ class MLPHead(nn.Module):
     """DINO head: 3-layer MLP, L2-normalised bottleneck, weight-normalised projection to K logits.
 
     `norm_last_layer` freezes `weight_g` at 1 (the official code does so for CNN students only).
+    `use_bn` adds BatchNorm after both hidden layers (DINO's `use_bn` option, off in the official MOKD
+    recipe): it standardises the hidden features over the batch, so a backbone whose features barely differ
+    between images at initialisation still gives the teacher diverse targets (what a short run needs).
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 norm_last_layer: bool = True) -> None:
+                 norm_last_layer: bool = True, use_bn: bool = False) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.GELU(),
-            nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
-            nn.Linear(hidden_dim, bottleneck_dim),
-        )
+
+        def hidden(width_in: int) -> list[nn.Module]:
+            norm = [nn.BatchNorm1d(hidden_dim)] if use_bn else []
+            return [nn.Linear(width_in, hidden_dim), *norm, nn.GELU()]
+
+        self.mlp = nn.Sequential(*hidden(in_dim), *hidden(hidden_dim), nn.Linear(hidden_dim, bottleneck_dim))
         self.mlp.apply(_init_linear)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
         self.last_layer.weight_g.requires_grad_(not norm_last_layer)

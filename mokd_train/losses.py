@@ -101,6 +101,7 @@ class ModelStep:
     student_thead_global: torch.Tensor | None = None  # T-Head, the 2 global crops
     student_thead_local: torch.Tensor | None = None   # T-Head, the local crops
     student_query: torch.Tensor | None = None         # detached search queries of the local crops (L·B×D)
+    student_features: torch.Tensor | None = None      # detached backbone features of the 2 global crops (monitor)
     teacher_mlp: torch.Tensor | None = None           # teacher MLP-Head, the 2 global crops
     teacher_thead: torch.Tensor | None = None         # teacher T-Head, the 2 global crops
     teacher_search: torch.Tensor | None = None        # teacher T-Head searched with the PEER's queries (L·B×K)

@@ -37,6 +37,7 @@ from mokd_train.losses import (
     batch_center,
     distillation_loss,
 )
+from mokd_train.monitor import mean_pairwise_cosine, target_entropy
 from mokd_train.schedules import teacher_temperature_schedule
 
 MODES = ("mokd", "independent")
@@ -57,6 +58,7 @@ class PairConfig:
     out_dim: int = 65536
     mlp_hidden_dim: int = 2048
     mlp_bottleneck_dim: int = 256
+    mlp_bn: bool = False
     thead_depth: int = 3
     thead_dim: int | None = None
     thead_heads: int | None = None
@@ -136,13 +138,15 @@ class Network(nn.Module):
         """The student outputs named in `outputs` (a subset of STUDENT_OUTPUTS), all crops in one call.
 
         "mlp": MLP-Head logits of globals then locals; "thead_global"/"thead_local": T-Head logits
-        without query; "query": detached search queries of the local crops.
+        without query; "query": detached search queries of the local crops. "features" (the detached
+        global-crop backbone features, for the collapse monitor) comes whenever the globals were run.
         """
         result: dict[str, torch.Tensor] = {}
         pooled = []
         if outputs & {"mlp", "thead_global"}:
             global_pooled, global_map = self.features(global_crops)
             pooled.append(global_pooled)
+            result["features"] = global_pooled.detach()
             if "thead_global" in outputs:
                 result["thead_global"] = self.transhead(global_map)
         if local_crops is not None and outputs & {"mlp", "thead_local", "query"}:
@@ -164,7 +168,7 @@ def build_network(spec: ArchSpec, cfg: PairConfig, thead_dim: int, thead_heads: 
                   drop_path_rate: float) -> Network:
     """A randomly initialised network; the MLP-Head's weight_g is frozen for CNNs (official choice)."""
     head = MLPHead(spec.feature_dim, cfg.out_dim, cfg.mlp_hidden_dim, cfg.mlp_bottleneck_dim,
-                   norm_last_layer=not spec.is_vit)
+                   norm_last_layer=not spec.is_vit, use_bn=cfg.mlp_bn)
     transhead = THead(spec.feature_dim, thead_dim, cfg.out_dim, thead_grid(spec), conv_input=not spec.is_vit,
                       depth=cfg.thead_depth, num_heads=thead_heads)
     return Network(spec, build_backbone(spec, drop_path_rate=drop_path_rate), head, transhead)
@@ -206,6 +210,7 @@ class MokdPair(nn.Module):
         cnn_self = shared if cfg.cnn_self_warmup_epochs is None else teacher_temperature_schedule(
             cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.cnn_self_warmup_epochs, cfg.epochs)
         self._cross_temps = shared
+        self.monitor: dict[str, float] = {}  # collapse-monitor values of the last step (sm terms only)
         self._self_temps = tuple(shared if spec.is_vit else cnn_self for spec in self.specs)
 
     @property
@@ -253,6 +258,7 @@ class MokdPair(nn.Module):
             self._teacher_step(i, global_crops, steps[i], peer_query=steps[1 - i].student_query)
 
         terms: dict[str, torch.Tensor] = {}
+        monitor: dict[str, float] = {}
         batch_centers: dict[str, torch.Tensor] = {}
         totals = []
         for i in (0, 1):
@@ -263,6 +269,8 @@ class MokdPair(nn.Module):
                 own, peer, self.enabled & set(self.cross.terms),
                 {term: self.centers[term + suffix] for term in self.cross.centered_terms},
                 cross_temp, self.cfg.student_temp)
+            if "sm" in self_losses:
+                monitor.update(self._monitor(own, suffix, self_temp, self_losses["sm"]))
             totals.append(sum(self_losses.values()) + self.lambdas[i] * sum(cross_losses.values()))
             terms.update({name + suffix: loss for name, loss in {**self_losses, **cross_losses}.items()})
             batch_centers.update({name + suffix: c for name, c in {**self_centers, **cross_centers}.items()})
@@ -273,8 +281,17 @@ class MokdPair(nn.Module):
             if not math.isfinite(value):
                 raise NonFiniteLossError(name)
         self.centers.update(batch_centers)
+        self.monitor = monitor
         stats = dict(zip(names + ["loss1", "loss2"], values))
         return totals[0], totals[1], stats
+
+    def _monitor(self, step: ModelStep, suffix: str, teacher_temp: float, sm: torch.Tensor) -> dict[str, float]:
+        """Collapse-monitor values of one model's sm term (see `mokd_train.monitor`), before the center update."""
+        entropy = target_entropy(step.teacher_mlp, self.centers["sm" + suffix], teacher_temp)
+        values = {"teacher_entropy": entropy, "kl": float(sm.detach()) - entropy}
+        if step.student_features is not None:
+            values["student_cos"] = mean_pairwise_cosine(step.student_features[: step.student_features.shape[0] // 2])
+        return {name + suffix: value for name, value in values.items()}
 
     def _student_step(self, index: int, global_crops: torch.Tensor, local_crops: torch.Tensor | None) -> ModelStep:
         outputs = self._student_forwards[index](global_crops, local_crops, outputs=self._student_outputs)
