@@ -180,16 +180,18 @@ def _inspection_text(report: dict[str, Any]) -> str:
 
 @mokd_eval.command()
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("demo-output"), show_default=True)
-@click.option("--epochs", type=int, default=None, help="Training epochs per mode (default 4).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=int, default=None, help="Training epochs per mode (default: the tiny preset's).")
+@click.option("--seed", type=int, default=0, show_default=True, help="First seed.")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Number of seeds (seed, seed+1, ...); several print mean +/- std.")
 @click.option("--device", default="auto", show_default=True)
-def demo(output_dir: Path, epochs: int | None, seed: int, device: str) -> None:
-    """Train the tiny pair on digits (independent and MOKD), k-NN all four models, print Table 1 in miniature."""
+def demo(output_dir: Path, epochs: int | None, seed: int, seeds: int, device: str) -> None:
+    """Train the tiny pair on digits (independent, MOKD), k-NN them and their random init: Table 1 in miniature."""
     from mokd_eval.demo import run_demo
     from mokd_eval.knn import DEFAULT_KS, DEFAULT_TEMPERATURE
 
-    run_demo(output_dir, epochs=epochs, seed=seed, device=device, ks=DEFAULT_KS, temperature=DEFAULT_TEMPERATURE,
-             echo=click.echo)
+    run_demo(output_dir, epochs=epochs, seed=seed, seeds=seeds, device=device, ks=DEFAULT_KS,
+             temperature=DEFAULT_TEMPERATURE, echo=click.echo)
 
 
 class GuardedCommand(click.Command):

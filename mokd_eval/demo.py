@@ -1,9 +1,10 @@
 """`mokd-eval demo` (what `make demo` runs): the paper's Table 1 in miniature, on CPU, in minutes.
 
-Trains the `tiny` pair (r_tiny + ViT-tiny with 4-px patches) on scikit-learn's digits twice, with the same seed
-and data stream: `independent` (each model alone with DINO's loss) and `mokd` (self + cross distillation).
-Then k-NN-evaluates all four models and prints Independent vs MOKD for Net1/Net2, next to a raw-pixel
-k-NN for scale. Numbers are what they are: a few CPU epochs on 1,437 images are not ImageNet.
+For each seed: the `tiny` pair (r_tiny + ViT-tiny with 4-px patches) at random initialisation, trained on
+scikit-learn's digits with `independent` (each model alone with DINO's loss) and with `mokd` (self + cross
+distillation), same seed and data stream. All models are k-NN-evaluated; the table prints random init,
+Independent, MOKD and MOKD - Independent per net (mean +/- std over seeds when there are several), next to a
+raw-pixel k-NN for scale. Numbers are what they are: a few CPU epochs on 1,437 images are not ImageNet.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from mokd_eval.errors import MokdError
 from mokd_eval.features import FeatureCache
 from mokd_eval.knn import knn_classify
 from mokd_eval.knn_eval import run_knn
@@ -21,11 +23,12 @@ from mokd_eval.pipeline import EvalData, FeatureOptions, open_eval_data
 from mokd_eval.results import StageTimer, build_results, format_table, write_results
 
 MODES = ("independent", "mokd")
+RANDOM_INIT = "random_init"
 DEMO_DATA = "digits"
 # digits are 8x8 scans, so 16 px globals (8 px locals) lose nothing and cost a quarter of 32 px:
 # that is what fits both trainings and the evaluation in ten minutes on 2 CPU cores.
 DEMO_IMAGE_SIZE = 16
-DEMO_SETTINGS = {"img_size": DEMO_IMAGE_SIZE, "local_size": DEMO_IMAGE_SIZE // 2, "epochs": 4}
+DEMO_SETTINGS = {"img_size": DEMO_IMAGE_SIZE, "local_size": DEMO_IMAGE_SIZE // 2}
 
 
 def raw_pixel_knn(data: EvalData, ks: tuple[int, ...], temperature: float) -> dict[str, Any]:
@@ -44,41 +47,46 @@ def raw_pixel_knn(data: EvalData, ks: tuple[int, ...], temperature: float) -> di
 
 
 def run_demo(output_dir: Path, *, epochs: int | None, seed: int, device: str, ks: tuple[int, ...],
-             temperature: float, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train both modes, evaluate the four models, and return the summary payload."""
+             temperature: float, seeds: int = 1, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """For each seed: random init, both trainings, k-NN of every model; returns the summary payload."""
     from mokd_train.config import resolve_config
-    from mokd_train.engine import train
+    from mokd_train.engine import save_initial_checkpoint, train
 
+    if seeds < 1:
+        raise MokdError(f"--seeds must be at least 1, got {seeds}")
     timer = StageTimer()
-    runs: dict[str, dict[str, Any]] = {}
-    for mode in MODES:
-        settings = {**DEMO_SETTINGS, "mode": mode, "seed": seed, "device": device, "data": DEMO_DATA,
-                    "output_dir": str(output_dir / mode)}
-        if epochs is not None:
-            settings["epochs"] = epochs
-        config = resolve_config("tiny", None, settings)
-        echo(f"\n== training: {mode} ==")
-        with timer.stage(f"train_{mode}"):
-            summary = train(config)
-        echo(f"\n== k-NN: {mode} ==")
-        with timer.stage(f"knn_{mode}"):
-            payload = run_knn(summary["checkpoint"], data=DEMO_DATA, ks=ks, temperature=temperature, seed=seed,
-                              image_size=DEMO_IMAGE_SIZE,
-                              features=FeatureOptions(cache=FeatureCache(None), num_workers=0, device=device),
-                              echo=echo)
-        write_results(output_dir / mode / "knn.json", payload)
-        runs[mode] = {"config": config.to_dict(), "checkpoint": str(summary["checkpoint"]), "knn": payload}
+    features = FeatureOptions(cache=FeatureCache(None), num_workers=0, device=device)
+    runs: dict[int, dict[str, dict[str, Any]]] = {}
+    for run_seed in range(seed, seed + seeds):
+        seed_dir = output_dir if seeds == 1 else output_dir / f"seed{run_seed}"
+        runs[run_seed] = {}
+        for mode in (RANDOM_INIT, *MODES):
+            settings = {**DEMO_SETTINGS, "mode": "independent" if mode == RANDOM_INIT else mode, "seed": run_seed,
+                        "device": device, "data": DEMO_DATA, "output_dir": str(seed_dir / mode)}
+            if epochs is not None:
+                settings["epochs"] = epochs
+            config = resolve_config("tiny", None, settings)
+            echo(f"\n== seed {run_seed}: {mode.replace('_', ' ')} ==")
+            with timer.stage(f"train_{mode}"):
+                checkpoint = (save_initial_checkpoint(config) if mode == RANDOM_INIT else train(config)["checkpoint"])
+            with timer.stage(f"knn_{mode}"):
+                payload = run_knn(checkpoint, data=DEMO_DATA, ks=ks, temperature=temperature, seed=run_seed,
+                                  image_size=DEMO_IMAGE_SIZE, features=features, echo=echo)
+            write_results(seed_dir / mode / "knn.json", payload)
+            runs[run_seed][mode] = {"config": config.to_dict(), "checkpoint": str(checkpoint), "knn": payload}
 
     with timer.stage("raw_pixels"):
         baseline = raw_pixel_knn(open_eval_data(DEMO_DATA, image_size=DEMO_IMAGE_SIZE), ks, temperature)
     table = comparison_table(runs, baseline)
     echo("\n" + table)
-    results = [{**entry, "mode": mode} for mode, run in runs.items() for entry in run["knn"]["results"]]
-    payload = build_results(command="demo", protocol=runs["mokd"]["knn"]["protocol"],
-                            dataset=runs["mokd"]["knn"]["dataset"], results=results, timings=timer.as_dict(),
-                            seed=seed, config={"output_dir": str(output_dir), "epochs": epochs,
-                                               "raw_pixel_knn": baseline,
-                                               "train_configs": {mode: run["config"] for mode, run in runs.items()}})
+    results = [{**entry, "mode": mode, "seed": run_seed} for run_seed, by_mode in runs.items()
+               for mode, run in by_mode.items() for entry in run["knn"]["results"]]
+    first = runs[seed]["mokd"]["knn"]
+    payload = build_results(command="demo", protocol=first["protocol"], dataset=first["dataset"], results=results,
+                            timings=timer.as_dict(), seed=seed,
+                            config={"output_dir": str(output_dir), "epochs": epochs, "seeds": list(runs),
+                                    "raw_pixel_knn": baseline, "best_k_top1": best_top1(runs),
+                                    "train_configs": {mode: run["config"] for mode, run in runs[seed].items()}})
     path = write_results(output_dir / "summary.json", payload)
     echo(f"results: {path}")
     return payload
@@ -88,11 +96,34 @@ def _best(entry: dict[str, Any]) -> float:
     return entry["metrics"]["knn"][str(entry["best_k"])]["top1"]
 
 
-def comparison_table(runs: dict[str, dict[str, Any]], baseline: dict[str, Any]) -> str:
-    """Table 1 of the paper in miniature: best-k top-1 per model, Independent vs MOKD."""
+def best_top1(runs: dict[int, dict[str, dict[str, Any]]]) -> dict[str, dict[str, list[float]]]:
+    """Best-k top-1 per net and mode, one value per seed: {"Net1 (r_tiny)": {"mokd": [...], ...}}."""
+    table: dict[str, dict[str, list[float]]] = {}
+    for by_mode in runs.values():
+        for mode, run in by_mode.items():
+            for index, entry in enumerate(run["knn"]["results"]):
+                net = f"Net{index + 1} ({entry['arch']})"
+                table.setdefault(net, {}).setdefault(mode, []).append(_best(entry))
+    return table
+
+
+def _mean_std(values: list[float]) -> str | float:
+    """A single value as is; several as `mean +/- std` (sample std, ddof 1)."""
+    if len(values) == 1:
+        return values[0]
+    return f"{np.mean(values):.2f} +/- {np.std(values, ddof=1):.2f}"
+
+
+def comparison_table(runs: dict[int, dict[str, dict[str, Any]]], baseline: dict[str, Any]) -> str:
+    """Table 1 of the paper in miniature: best-k top-1 per net at random init, Independent and MOKD, and the
+    deltas MOKD - Independent and trained - random init (per seed, then mean +/- std)."""
     rows = []
-    for index, (plain, mokd) in enumerate(zip(runs["independent"]["knn"]["results"], runs["mokd"]["knn"]["results"])):
-        rows.append([f"Net{index + 1} ({plain['arch']})", _best(plain), _best(mokd), _best(mokd) - _best(plain)])
-    rows.append(["raw pixels (reference)", baseline["metrics"][str(baseline["best_k"])]["top1"], "", ""])
-    return format_table(["Backbone", "Independent", "MOKD", "delta"], rows,
-                        title=f"k-NN top-1 (%) on {DEMO_DATA} val, best k (paper Table 1 style)")
+    for net, by_mode in best_top1(runs).items():
+        init, plain, mokd = (np.array(by_mode[mode]) for mode in (RANDOM_INIT, *MODES))
+        rows.append([net, _mean_std(list(init)), _mean_std(list(plain)), _mean_std(list(mokd)),
+                     _mean_std(list(mokd - plain)), _mean_std(list(plain - init)), _mean_std(list(mokd - init))])
+    rows.append(["raw pixels (reference)", baseline["metrics"][str(baseline["best_k"])]["top1"], "", "", "", "", ""])
+    seeds = f", mean +/- std over {len(runs)} seeds" if len(runs) > 1 else ""
+    return format_table(["Backbone", "random init", "Independent", "MOKD", "MOKD - Ind.", "Ind. - init",
+                         "MOKD - init"], rows,
+                        title=f"k-NN top-1 (%) on {DEMO_DATA} val, best k (paper Table 1 style{seeds})")

@@ -94,7 +94,7 @@ class TrainConfig:
     # runtime
     device: str = "auto"
     amp: str = "auto"  # auto = bf16 on CUDA, none on CPU
-    num_workers: int = 4
+    num_workers: int | None = None  # None = sized to the machine (mokd_train.resources)
     init_from: str | None = None
     resume: bool = True
     save_every: int = 10
@@ -131,6 +131,9 @@ FIELD_HELP: dict[str, str] = {
     "paper_temperature": "warm the teacher temperature over 30 epochs for every term (paper) instead of 50 for CNN "
                          "self terms (official code)",
     "device": "auto, cpu or cuda",
+    "num_workers": "DataLoader workers per process (default: sized to the machine's cores; torch threads take "
+                   "the rest unless OMP_NUM_THREADS is set)",
+    "mlp_bn": "BatchNorm in the MLP-Head's hidden layers (DINO's use_bn; the tiny recipe's guard against collapse)",
     "amp": "auto (bf16 on CUDA, none on CPU), none, bf16 or fp16",
     "init_from": "start all four networks and the centers from an official MOKD or mokd checkpoint",
     "resume": "resume automatically from <output-dir>/checkpoint.pth",
@@ -162,7 +165,7 @@ TINY_PRESET: dict[str, Any] = {
     "out_dim": 1024, "mlp_hidden_dim": 256, "mlp_bottleneck_dim": 64,
     "data": "digits", "epochs": 3, "batch_size": 32, "warmup_epochs": 1,
     "warmup_teacher_temp_epochs": 2, "cnn_self_warmup_teacher_temp_epochs": 3,
-    "save_every": 1, "num_workers": 2, "log_every": 5,
+    "save_every": 1, "log_every": 5,
 }
 PRESETS: dict[str, dict[str, Any]] = {
     **{name: {**IMAGENET_RECIPE, "arch1": a1, "arch2": a2} for name, (a1, a2) in PAPER_PAIRS.items()},
@@ -300,7 +303,7 @@ def validate(config: TrainConfig) -> None:
         raise MokdError("the cross search term 'ct' needs local crops: set n_local >= 1 or drop 'ct' from losses")
     positive = ("img_size", "epochs", "batch_size", "out_dim", "mlp_hidden_dim", "mlp_bottleneck_dim",
                 "thead_depth", "local_size", "save_every", "log_every")
-    non_negative = ("n_local", "warmup_epochs", "clip_grad", "freeze_last_layer", "num_workers",
+    non_negative = ("n_local", "warmup_epochs", "clip_grad", "freeze_last_layer",
                     "checkpoint_every_steps", "max_steps", "drop_path", "warmup_teacher_temp_epochs",
                     "cnn_self_warmup_teacher_temp_epochs", "lr_cnn", "lr_vit", "min_lr_cnn", "min_lr_vit",
                     "weight_decay_cnn", "weight_decay_vit", "weight_decay_end_vit")
@@ -314,7 +317,7 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, key)
         if value is not None and not 0.0 <= value <= 1.0:
             raise MokdError(f"setting {key!r} is a probability and must be in [0, 1], got {value}")
-    for key in ("lambda1", "lambda2", "thead_dim", "thead_heads", "patch_size"):
+    for key in ("lambda1", "lambda2", "thead_dim", "thead_heads", "patch_size", "num_workers"):
         if getattr(config, key) is not None and getattr(config, key) < 0:
             raise MokdError(f"setting {key!r} must be >= 0, got {getattr(config, key)}")
     if config.warmup_epochs > config.epochs:

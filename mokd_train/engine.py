@@ -41,6 +41,7 @@ from mokd_train.distributed import EpochShardSampler, ddp_wrapper, synchronise_b
 from mokd_train.losses import NonFiniteLossError
 from mokd_train.monitor import MONITORED, diagnose
 from mokd_train.pair import MokdPair, PairConfig
+from mokd_train.resources import apply_resources
 from mokd_train.schedules import cosine_schedule
 
 SGD_MOMENTUM = 0.9
@@ -55,6 +56,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     context = distributed.setup(cfg.device)
     try:
         return Trainer(cfg, context).run()
+    finally:
+        distributed.teardown(context)
+
+
+def save_initial_checkpoint(cfg: TrainConfig) -> Path:
+    """Write the networks exactly as `train(cfg)` would start them (same seed, no step taken) to
+    <output_dir>/checkpoint.pth: the random-initialisation reference a trained run is compared with."""
+    cfg = dataclasses.replace(cfg, resume=False, export_official=False)
+    validate(cfg)
+    context = distributed.setup(cfg.device)
+    try:
+        trainer = Trainer(cfg, context)
+        if context.is_main:
+            trainer.output_dir.mkdir(parents=True, exist_ok=True)
+        trainer._save(numbered=False)
+        return trainer.checkpoint_path
     finally:
         distributed.teardown(context)
 
@@ -219,6 +236,7 @@ class Trainer:
             raise MokdError(f"batch size {cfg.batch_size} is global and must divide evenly over "
                             f"{context.world_size} processes: choose a multiple of {context.world_size}")
         self.rank_batch = cfg.batch_size // context.world_size
+        self.resources = apply_resources(self.device.type, cfg.num_workers)
         self.specs = arch_specs(cfg)
         _seed_everything(cfg.seed)
 
@@ -284,7 +302,7 @@ class Trainer:
         sampler = EpochShardSampler(self.crops, self.context, self.cfg.seed, epoch, skip=skip_batches * self.rank_batch)
         # An explicit generator keeps the DataLoader from drawing its base seed from the global RNG,
         # which would shift drop-path masks between an interrupted run and an uninterrupted one.
-        return DataLoader(self.crops, batch_size=self.rank_batch, sampler=sampler, num_workers=self.cfg.num_workers,
+        return DataLoader(self.crops, batch_size=self.rank_batch, sampler=sampler, num_workers=self.resources.workers,
                           pin_memory=self.device.type == "cuda", drop_last=True, generator=torch.Generator())
 
     def _done(self) -> bool:
@@ -300,6 +318,8 @@ class Trainer:
             self.log(describe(cfg))
             self.log(f"  runtime: {self.context.world_size} process(es) on {self.device}, autocast "
                      f"{self.dtype or 'off'}, {self.rank_batch} images per process and step, "
+                     f"{self.resources.workers} loader worker(s) + {self.resources.threads} torch thread(s) per "
+                     f"process, "
                      f"{self.steps_per_epoch} steps per epoch")
             write_json(self.output_dir / CONFIG_NAME, cfg.to_dict())
             resumed_step = self.progress.global_step if self.resumed_from is not None else None
