@@ -19,6 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mokd_eval.errors import MokdError
+from mokd_eval.posembed import OfficialResizeViT
 
 RESNET_LAYERS = {
     10: ((1, 1, 1, 1), False),
@@ -160,9 +161,12 @@ def _spec_from_timm_name(name: str) -> ArchSpec:
 
 
 def build_backbone(spec: ArchSpec, *, drop_path_rate: float = 0.0) -> nn.Module:
-    """A randomly initialised timm backbone for `spec`, with no classifier."""
+    """A randomly initialised timm backbone for `spec`, with no classifier.
+
+    A ViT accepts any input size that is a multiple of its patch: its position embedding keeps the grid of
+    `spec.img_size` and is resized per forward exactly as the official DINO/MOKD code does (mokd_eval.posembed)."""
     if spec.is_vit:
-        return VisionTransformer(
+        return OfficialResizeViT(
             img_size=spec.img_size, patch_size=spec.patch_size, embed_dim=spec.embed_dim,
             depth=spec.depth, num_heads=spec.num_heads, mlp_ratio=4.0, qkv_bias=True,
             num_classes=0, global_pool="token", dynamic_img_size=True, drop_path_rate=drop_path_rate,

@@ -11,6 +11,7 @@ to `checkpoint_prev.pth`, so a checkpoint damaged on disk still leaves an older 
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from torch import nn
 from mokd_eval.atomic import save_torch
 from mokd_eval.checkpoints import load_object
 from mokd_eval.errors import MokdError
+from mokd_eval.posembed import resize_with_prefix
 from mokd_eval.registry import ALIASES, TIMM_NAMES, ArchSpec
 from mokd_train.pair import MokdPair
 
@@ -302,6 +304,31 @@ def _networks_and_centers(raw: Any, path: Path,
     return networks, centers
 
 
+# Position embeddings that may hold another square grid than the configured crop size gives, and how many
+# leading entries are not grid cells (the ViT's class token).
+POSITION_EMBEDDINGS = {"backbone.pos_embed": 1, "transhead.pos_embed": 0}
+
+
+def _fit_position_grids(module: nn.Module, state: dict[str, torch.Tensor], name: str, log: Log) -> dict:
+    """Resize position embeddings stored for another grid (the official code keeps a ViT's 14x14 grid whatever
+    the crop size) to the configured grid, with the official resize rule; everything else is left to the
+    strict check."""
+    expected = module.state_dict()
+    fitted = dict(state)
+    for key, prefix in POSITION_EMBEDDINGS.items():
+        if key not in state or key not in expected or state[key].shape == expected[key].shape:
+            continue
+        stored, wanted = state[key], expected[key]
+        old_side, new_side = (math.isqrt(t.shape[1] - prefix) for t in (stored, wanted))
+        if (stored.ndim != 3 or stored.shape[2] != wanted.shape[2] or old_side ** 2 != stored.shape[1] - prefix
+                or new_side ** 2 != wanted.shape[1] - prefix):
+            continue
+        fitted[key] = resize_with_prefix(stored.float(), prefix, new_side, new_side).to(stored.dtype)
+        log(f"{name}.{key}: resized the stored {old_side}x{old_side} grid to the configured {new_side}x{new_side} "
+            f"(official bicubic rule)")
+    return fitted
+
+
 def _load_network_strictly(module: nn.Module, state: dict[str, torch.Tensor], name: str, path: Path) -> int:
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -324,7 +351,8 @@ def initialise_from(path: Path, pair: MokdPair, log: Log) -> None:
     modules = {"student1": pair.students[0], "teacher1": pair.teachers[0],
                "student2": pair.students[1], "teacher2": pair.teachers[1]}
     for name in NETWORKS:
-        count = _load_network_strictly(modules[name], networks[name], name, path)
+        state = _fit_position_grids(modules[name], networks[name], name, log)
+        count = _load_network_strictly(modules[name], state, name, path)
         log(f"loaded {count} tensors into {name} ({pair.specs[int(name[-1]) - 1].name}) from {path}")
     pair.load_centers_state_dict(centers)
     log(f"loaded {len(centers)} centers from {path}")

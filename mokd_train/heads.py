@@ -10,9 +10,10 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
+
+from mokd_eval.posembed import resize_grid_embedding
 
 INIT_STD = 0.02
 
@@ -77,10 +78,9 @@ class THead(nn.Module):
 
     Input is always a B×C×h×w map. A CNN map goes through a 1×1 conv (`patch_embed`); ViT tokens
     through `input_proj` only when their width differs from the head's (not in the official layout).
-    The learnable position embedding (no CLS slot) is bicubically resampled to any other grid, e.g. the
-    smaller grid of local crops, with timm's `resample_abs_pos_embed` (antialias off as in the official
-    code, which however interpolates by a scale factor rather than to a size, so values differ slightly
-    from the official ones; identical at the native grid). An optional query token is prepended without
+    The learnable position embedding (no CLS slot) is resized to any other grid, e.g. the smaller grid of
+    local crops, exactly as the official code does (bicubic by scale factor with the +0.1 offset,
+    `mokd_eval.posembed`). An optional query token is prepended without
     position embedding and dropped after the final norm: that is the cross-attention feature search.
     """
 
@@ -112,8 +112,7 @@ class THead(nn.Module):
         if self.patch_embed is not None:
             feature_map = self.patch_embed(feature_map)
         projected = self.project(feature_map.flatten(2).transpose(1, 2))
-        pos_embed = resample_abs_pos_embed(self.pos_embed, new_size=[height, width], old_size=[self.grid, self.grid],
-                                           num_prefix_tokens=0, interpolation="bicubic", antialias=False)
+        pos_embed = resize_grid_embedding(self.pos_embed, height, width)
         return projected + pos_embed, projected.mean(dim=1)
 
     def encode(self, tokens: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:

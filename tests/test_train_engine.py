@@ -321,3 +321,40 @@ def test_augmentation_probabilities_reach_the_multicrop_recipe(tmp_path):
     assert crops.flip_p == 0.5 and crops.global_size == 16  # unset probabilities keep the recipe's value
     with pytest.raises(MokdError, match="'solarize_p' is a probability"):
         small_config(tmp_path, solarize_p=1.5)
+
+
+def test_init_from_an_official_checkpoint_with_a_224px_grid_at_another_crop_size(tmp_path):
+    """The official code keeps the ViT (and T-Head) grids of 224 px whatever the crop size: such a file is
+    accepted at 64 px, its position embeddings resized by the official rule, every other tensor as stored."""
+    from mokd_eval.posembed import resize_with_prefix
+
+    settings = dict(arch1="r18", arch2="vit_t", patch_size=16, out_dim=32, mlp_hidden_dim=16,
+                    mlp_bottleneck_dim=8)
+    stored_config = small_config(tmp_path / "a", img_size=224, local_size=96, **settings)
+    torch.manual_seed(0)
+    stored = MokdPair(*arch_specs(stored_config), pair_config(stored_config))
+    native = {"epoch": 0, "centers": stored.centers_state_dict(), "optimizer1": {}, "optimizer2": {},
+              "scaler1": None, "scaler2": None}
+    for index in (0, 1):
+        native[f"student{index + 1}"] = stored.students[index].state_dict()
+        native[f"teacher{index + 1}"] = stored.teachers[index].state_dict()
+    path = tmp_path / "official.pth"
+    torch.save(checkpointing.official_state(native, stored.specs), path)
+
+    config = small_config(tmp_path / "b", img_size=64, local_size=32, **settings)
+    pair = MokdPair(*arch_specs(config), pair_config(config))
+    messages = []
+    checkpointing.initialise_from(path, pair, messages.append)
+    assert "student2.backbone.pos_embed: resized the stored 14x14 grid to the configured 4x4" in "\n".join(messages)
+    resized = {"backbone.pos_embed": 1, "transhead.pos_embed": 0}
+    for network, module in zip(checkpointing.NETWORKS, (pair.students[0], pair.teachers[0], pair.students[1],
+                                                        pair.teachers[1])):
+        source = native[network]
+        for key, value in module.state_dict().items():
+            if key in resized:
+                side = math.isqrt(value.shape[1] - resized[key])
+                expected = resize_with_prefix(source[key], resized[key], side, side)
+                assert source[key].shape != value.shape  # 14x14 / 7x7 grids stored, 4x4 / 2x2 configured
+            else:
+                expected = source[key]
+            assert torch.equal(value, expected), f"{network}.{key}"
