@@ -118,10 +118,25 @@ class THead(nn.Module):
     def encode(self, tokens: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B×K) from prepared tokens; `query` (B×D) joins the attention but not the pooling."""
         x = tokens if query is None else torch.cat([query.unsqueeze(1), tokens], dim=1)
+        return self._blocks_and_pool(x, query is not None)
+
+    def search(self, tokens: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """`encode` of each image's tokens (B×N×D) with each of its L queries (L·B×D, view-major): L·B×K.
+
+        Equal to `encode(tokens.repeat(L, 1, 1), queries)`, but the tokens are broadcast into the one
+        query-token concatenation instead of being materialised L times first.
+        """
+        batch, count, dim = tokens.shape
+        n_queries = queries.shape[0] // batch
+        x = torch.cat([queries.view(n_queries, batch, 1, dim), tokens.unsqueeze(0).expand(n_queries, -1, -1, -1)],
+                      dim=2)
+        return self._blocks_and_pool(x.view(n_queries * batch, count + 1, dim), True)
+
+    def _blocks_and_pool(self, x: torch.Tensor, has_query: bool) -> torch.Tensor:
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
-        if query is not None:
+        if has_query:
             x = x[:, 1:]
         return self.last_layer(x.mean(dim=1))
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -34,12 +34,20 @@ class NonFiniteLossError(MokdError):
         self.term = term
 
 
+def log_softmax(student_logits: torch.Tensor, student_temp: float) -> torch.Tensor:
+    """log_softmax(s / τs) over K in float32: the student side of every DINO-style term."""
+    return F.log_softmax(student_logits.float() / student_temp, dim=-1)
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, center: torch.Tensor,
-                      teacher_temp: float, student_temp: float) -> torch.Tensor:
+                      teacher_temp: float, student_temp: float, *,
+                      student_log_probs: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of H(teacher view i, student view v) over all pairs with v != i.
 
     `teacher_logits` holds the 2 global views (2B×K), `student_logits` all V views (V·B×K), the globals
     first. H(t, s) = -Σ softmax((t - c)/τt) · log_softmax(s/τs), averaged over the batch.
+    `student_log_probs`, when given, is `log_softmax(student_logits, student_temp)` computed once by the
+    caller and shared between terms on the same student output (sm and cm).
     """
     batch = teacher_logits.shape[0] // N_GLOBAL
     if teacher_logits.shape[0] != N_GLOBAL * batch or student_logits.shape[0] % batch:
@@ -47,7 +55,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                          f"and {student_logits.shape[0]}")
     n_views = student_logits.shape[0] // batch
     targets = F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1).detach()
-    log_probs = F.log_softmax(student_logits.float() / student_temp, dim=-1)
+    log_probs = student_log_probs if student_log_probs is not None else log_softmax(student_logits, student_temp)
     pair_losses = -torch.einsum("tbk,vbk->tv", targets.view(N_GLOBAL, batch, -1),
                                 log_probs.view(n_views, batch, -1)) / batch
     different_views = ~torch.eye(N_GLOBAL, n_views, dtype=torch.bool, device=pair_losses.device)
@@ -105,6 +113,13 @@ class ModelStep:
     teacher_mlp: torch.Tensor | None = None           # teacher MLP-Head, the 2 global crops
     teacher_thead: torch.Tensor | None = None         # teacher T-Head, the 2 global crops
     teacher_search: torch.Tensor | None = None        # teacher T-Head searched with the PEER's queries (L·B×K)
+    _mlp_log_probs: dict[float, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def mlp_log_probs(self, student_temp: float) -> torch.Tensor:
+        """log_softmax of `student_mlp` at τs, computed once per step and shared by sm and cm."""
+        if student_temp not in self._mlp_log_probs:
+            self._mlp_log_probs[student_temp] = log_softmax(self.student_mlp, student_temp)
+        return self._mlp_log_probs[student_temp]
 
 
 class CrossObjective(ABC):
@@ -148,7 +163,8 @@ class MokdCrossObjective(CrossObjective):
         batch_centers: dict[str, torch.Tensor] = {}
         if "cm" in enabled:
             losses["cm"] = distillation_loss(own.student_mlp, peer.teacher_mlp, centers["cm"],
-                                             teacher_temp, student_temp)
+                                             teacher_temp, student_temp,
+                                             student_log_probs=own.mlp_log_probs(student_temp))
             batch_centers["cm"] = batch_center(peer.teacher_mlp)
         if "ct" in enabled:
             losses["ct"] = search_loss(own.student_thead_local, peer.teacher_search, teacher_temp, student_temp)

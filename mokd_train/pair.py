@@ -311,14 +311,15 @@ class MokdPair(nn.Module):
                 step.teacher_thead = teacher.transhead.encode(tokens)
             if "teacher_search" in self._needed:
                 first_crop = tokens[: tokens.shape[0] // 2]
-                step.teacher_search = teacher.transhead.encode(first_crop.repeat(self.cfg.n_local, 1, 1), peer_query)
+                step.teacher_search = teacher.transhead.search(first_crop, peer_query)
 
     def _self_terms(self, step: ModelStep, suffix: str,
                     teacher_temp: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         losses, batch_centers = {}, {}
         if "sm" in self.enabled:
             losses["sm"] = distillation_loss(step.student_mlp, step.teacher_mlp, self.centers["sm" + suffix],
-                                             teacher_temp, self.cfg.student_temp)
+                                             teacher_temp, self.cfg.student_temp,
+                                             student_log_probs=step.mlp_log_probs(self.cfg.student_temp))
             batch_centers["sm"] = batch_center(step.teacher_mlp)
         if "st" in self.enabled:
             student = torch.cat([t for t in (step.student_thead_global, step.student_thead_local) if t is not None])

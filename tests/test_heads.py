@@ -75,7 +75,7 @@ def test_vit_thead_projects_only_when_widths_differ():
     assert torch.allclose(tokens, expected, atol=1e-6)
 
 
-def test_thead_tokens_resample_pos_embed_bicubically_for_smaller_grids():
+def test_thead_tokens_resize_pos_embed_officially_for_smaller_grids():
     torch.manual_seed(0)
     head = THead(in_dim=5, dim=6, out_dim=7, grid=4, conv_input=True, depth=1, num_heads=2)
     conv_w, conv_b = head.patch_embed.weight[:, :, 0, 0], head.patch_embed.bias
@@ -84,7 +84,8 @@ def test_thead_tokens_resample_pos_embed_bicubically_for_smaller_grids():
         projected = torch.einsum("dc,bchw->bdhw", conv_w, feature_map) + conv_b[:, None, None]
         projected = projected.flatten(2).transpose(1, 2)
         grid_pos = head.pos_embed.reshape(1, 4, 4, 6).permute(0, 3, 1, 2)
-        pos = F.interpolate(grid_pos, size=(side, side), mode="bicubic", align_corners=False)
+        pos = grid_pos if side == 4 else F.interpolate(grid_pos, scale_factor=((side + 0.1) / 4, (side + 0.1) / 4),
+                                                       mode="bicubic", align_corners=False)  # official rule
         pos = pos.permute(0, 2, 3, 1).reshape(1, side * side, 6)
         tokens, x_pool = head.tokens(feature_map)
         assert torch.allclose(tokens, projected + pos, atol=1e-5)
@@ -106,3 +107,12 @@ def test_thead_query_joins_attention_but_not_pooling():
         without_query = block(without_query)
     assert torch.allclose(head.encode(tokens), head.last_layer(head.norm(without_query).mean(dim=1)), atol=1e-6)
     assert not torch.allclose(head.encode(tokens, query), head.encode(tokens), atol=1e-4)
+
+
+def test_thead_search_broadcast_equals_encoding_repeated_tokens():
+    torch.manual_seed(0)
+    head = THead(in_dim=5, dim=6, out_dim=7, grid=3, conv_input=True, depth=2, num_heads=2)
+    tokens, _ = head.tokens(torch.randn(4, 5, 3, 3))
+    queries = torch.randn(3 * 4, 6)  # 3 local crops of 4 images, view-major
+    expected = head.encode(tokens.repeat(3, 1, 1), queries)
+    torch.testing.assert_close(head.search(tokens, queries), expected, rtol=0, atol=0)
