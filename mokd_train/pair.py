@@ -17,11 +17,11 @@ no_grad, and its T-Head tokens of global crop 1 (index 0) are reused for the sea
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from timm.layers import DropPath
 from torch import nn
 
@@ -183,6 +183,20 @@ def frozen_copy_without_drop_path(student: Network) -> Network:
     return teacher.requires_grad_(False)
 
 
+def non_finite_everywhere(values: torch.Tensor) -> int | None:
+    """Index of the first non-finite value on any process (the same answer on every rank), else None.
+
+    Under DDP the flags are all-reduced before anyone raises: a rank that stopped alone would leave the
+    others waiting in the next collective; with the shared flag every rank stops in the same step with
+    the same message.
+    """
+    flags = (~torch.isfinite(values)).to(torch.float32)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flags)
+    failed = torch.nonzero(flags).flatten().tolist()
+    return failed[0] if failed else None
+
+
 class MokdPair(nn.Module):
     """Two students, their EMA teachers, the centers, and the per-step loss computation."""
 
@@ -276,10 +290,11 @@ class MokdPair(nn.Module):
             batch_centers.update({name + suffix: c for name, c in {**self_centers, **cross_centers}.items()})
 
         names = [name for term in self.cfg.enabled_terms for name in (term + "1", term + "2")]
-        values = torch.stack([terms[name].detach() for name in names] + [t.detach() for t in totals]).tolist()
-        for name, value in zip(names, values):
-            if not math.isfinite(value):
-                raise NonFiniteLossError(name)
+        stacked = torch.stack([terms[name].detach() for name in names] + [t.detach() for t in totals])
+        failed = non_finite_everywhere(stacked[: len(names)])
+        if failed is not None:
+            raise NonFiniteLossError(names[failed])
+        values = stacked.tolist()
         self.centers.update(batch_centers)
         self.monitor = monitor
         stats = dict(zip(names + ["loss1", "loss2"], values))

@@ -8,6 +8,7 @@ masks are drawn per rank and could not match a single process's draws.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -18,7 +19,8 @@ import torch
 import torch.multiprocessing as mp
 
 from mokd_train.config import TrainConfig, resolve_config
-from mokd_train.distributed import AllReduceBatchNorm2d
+from mokd_eval.errors import MokdError
+from mokd_train.distributed import AllReduceBatchNorm1d, AllReduceBatchNorm2d
 from mokd_train.engine import train
 
 WORLD_SIZE = 2
@@ -89,28 +91,65 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 def _batchnorm_rank(rank: int, port: int, inputs: torch.Tensor, results: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
-    layer = torch.nn.BatchNorm2d(3)
-    layer.__class__ = AllReduceBatchNorm2d
+    layer = torch.nn.BatchNorm2d(3) if inputs.dim() == 4 else torch.nn.BatchNorm1d(3)
+    layer.__class__ = AllReduceBatchNorm2d if inputs.dim() == 4 else AllReduceBatchNorm1d
     half = inputs.chunk(WORLD_SIZE)[rank].clone().requires_grad_(True)
     output = layer(half)
-    (output * torch.arange(1.0, 4.0)[None, :, None, None]).square().sum().backward()
+    (output * _channel_weights(inputs)).square().sum().backward()
     results[rank] = (output.detach(), half.grad, layer.weight.grad, layer.running_var.clone())
     torch.distributed.destroy_process_group()
 
 
+def _channel_weights(inputs: torch.Tensor) -> torch.Tensor:
+    return torch.arange(1.0, 4.0).view(1, 3, *[1] * (inputs.dim() - 2))
+
+
 @pytest.mark.slow
-def test_all_reduce_batchnorm_matches_batchnorm_on_the_whole_batch():
-    """Outputs, input gradients, summed weight gradients and running variance equal plain BatchNorm2d's."""
+@pytest.mark.parametrize("shape", [(6, 3, 4, 4), (6, 3)], ids=["2d-cnn", "1d-mlp-head"])
+def test_all_reduce_batchnorm_matches_batchnorm_on_the_whole_batch(shape):
+    """Outputs, input gradients, summed weight gradients and running variance equal plain BatchNorm's."""
     torch.manual_seed(0)
-    inputs = torch.randn(6, 3, 4, 4) * 3 + 1
+    inputs = torch.randn(*shape) * 3 + 1
     results = mp.Manager().dict()
     mp.spawn(_batchnorm_rank, args=(free_port(), inputs, results), nprocs=WORLD_SIZE, join=True)
 
-    reference = torch.nn.BatchNorm2d(3)
+    reference = torch.nn.BatchNorm2d(3) if len(shape) == 4 else torch.nn.BatchNorm1d(3)
     whole = inputs.clone().requires_grad_(True)
     output = reference(whole)
-    (output * torch.arange(1.0, 4.0)[None, :, None, None]).square().sum().backward()
+    (output * _channel_weights(inputs)).square().sum().backward()
     torch.testing.assert_close(torch.cat([results[r][0] for r in range(WORLD_SIZE)]), output.detach())
     torch.testing.assert_close(torch.cat([results[r][1] for r in range(WORLD_SIZE)]), whole.grad)
     torch.testing.assert_close(results[0][2] + results[1][2], reference.weight.grad)
     torch.testing.assert_close(results[0][3], reference.running_var)
+
+
+def _diverging_rank(rank: int, port: int, config: TrainConfig, messages: dict) -> None:
+    """Rank 1 alone gets a NaN search loss in step 2; both ranks must stop there with one message."""
+    from mokd_train import losses
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    if rank == 1:
+        real, calls = losses.search_loss, []
+
+        def nan_in_step_2(*args, **kwargs):
+            calls.append(1)
+            value = real(*args, **kwargs)
+            return value * float("nan") if len(calls) > 2 else value  # two ct terms per step
+
+        losses.search_loss = nan_in_step_2
+    try:
+        train(config)
+        messages[rank] = "finished"
+    except MokdError as error:
+        messages[rank] = str(error)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_on_one_rank_stops_every_rank_in_the_same_step(tmp_path):
+    messages = mp.Manager().dict()
+    config = dataclasses.replace(ddp_config(tmp_path), max_steps=4)
+    mp.spawn(_diverging_rank, args=(free_port(), config, messages), nprocs=WORLD_SIZE, join=True)
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("loss term ct1 became non-finite at step 2 (epoch 1)")
