@@ -358,3 +358,32 @@ def test_init_from_an_official_checkpoint_with_a_224px_grid_at_another_crop_size
             else:
                 expected = source[key]
             assert torch.equal(value, expected), f"{network}.{key}"
+
+
+def test_lr_floors_are_scaled_by_batch_like_the_peaks(tmp_path):
+    from mokd_train.engine import build_schedules
+
+    config = small_config(tmp_path, batch_size=32, epochs=2, warmup_epochs=1, lr_cnn=0.1, min_lr_cnn=0.0048,
+                          lr_vit=3e-4, min_lr_vit=1e-5)
+    schedules = build_schedules(config, steps_per_epoch=10)
+    scale = 32 / 256
+    assert schedules.lr["resnet"].max() == pytest.approx(0.1 * scale)
+    assert schedules.lr["resnet"][-1] == pytest.approx(0.0048 * scale + 0.5 * (0.1 - 0.0048) * scale
+                                                        * (1 + math.cos(math.pi * 9 / 10)))
+    assert schedules.lr["vit"][10] == pytest.approx(3e-4 * scale)  # first step after warm-up
+    assert schedules.lr["vit"].min() >= 0.0 and schedules.lr["vit"][10:].min() >= 1e-5 * scale
+
+
+def test_tuple_settings_parse_on_the_command_line(tmp_path, monkeypatch):
+    import cli
+    from click.testing import CliRunner
+
+    captured = {}
+    monkeypatch.setattr("mokd_train.engine.train", lambda config: captured.setdefault("config", config) and {
+        "rank": 0, "checkpoint": None})
+    result = CliRunner().invoke(cli.mokd_train, ["--preset", "tiny", "--output-dir", str(tmp_path),
+                                                 "--global-scale", "0.4,1.0", "--local-scale", "0.05,0.4",
+                                                 "--losses", "sm,cm"])
+    assert result.exit_code == 0, result.output
+    config = captured["config"]
+    assert config.global_scale == (0.4, 1.0) and config.local_scale == (0.05, 0.4) and config.losses == ("sm", "cm")
