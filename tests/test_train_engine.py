@@ -78,7 +78,7 @@ def test_config_precedence_is_defaults_preset_yaml_flags(tmp_path):
     assert config.weight_decay_cnn == 2e-4         # YAML beats default
     assert config.losses == ("sm", "cm")
     assert config.img_size == PRESETS["tiny"]["img_size"] == 32   # preset beats default (224)
-    assert config.momentum_teacher == 0.996        # untouched default
+    assert config.clip_grad == 3.0                 # untouched default
     assert config.seed == 0                        # None means "not given"
     assert config.preset == "tiny"
     from_yaml_preset = tmp_path / "preset.yaml"
@@ -315,10 +315,10 @@ def test_augmentation_probabilities_reach_the_multicrop_recipe(tmp_path):
     from mokd_eval.data import parse_data_spec
     from mokd_train.engine import multicrop_config
 
-    config = small_config(tmp_path, solarize_p=0.0, local_blur_p=0.3)
+    config = small_config(tmp_path, solarize_p=0.3, local_blur_p=0.3)
     crops = multicrop_config(config, parse_data_spec("shapes:50"))
-    assert (crops.solarize_p, crops.local_blur_p) == (0.0, 0.3)
-    assert crops.flip_p == 0.5 and crops.global_size == 16  # unset probabilities keep the recipe's value
+    assert (crops.solarize_p, crops.local_blur_p, crops.flip_p) == (0.3, 0.3, 0.0)  # flip: the tiny preset's 0
+    assert crops.jitter_p == 0.8 and crops.global_size == 16  # unset probabilities keep the recipe's value
     with pytest.raises(MokdError, match="'solarize_p' is a probability"):
         small_config(tmp_path, solarize_p=1.5)
 
