@@ -299,7 +299,7 @@ def validate(config: TrainConfig) -> None:
         raise MokdError("the cross search term 'ct' needs local crops: set n_local >= 1 or drop 'ct' from losses")
     positive = ("img_size", "epochs", "batch_size", "out_dim", "mlp_hidden_dim", "mlp_bottleneck_dim",
                 "thead_depth", "local_size", "save_every", "log_every")
-    non_negative = ("n_local", "warmup_epochs", "clip_grad", "freeze_last_layer", "num_workers",
+    non_negative = ("n_local", "warmup_epochs", "clip_grad", "freeze_last_layer",
                     "checkpoint_every_steps", "max_steps", "drop_path", "warmup_teacher_temp_epochs",
                     "cnn_self_warmup_teacher_temp_epochs", "lr_cnn", "lr_vit", "min_lr_cnn", "min_lr_vit",
                     "weight_decay_cnn", "weight_decay_vit", "weight_decay_end_vit")
