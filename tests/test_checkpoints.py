@@ -7,6 +7,9 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
+import sys
+import types
 import warnings
 
 import pytest
@@ -303,6 +306,34 @@ def test_pickled_code_needs_trust(tmp_path, checkpoint_factory, tiny_cnn_spec, p
         (loaded,) = load_backbones(path, trust=True)
     assert "WARNING: unpickled with --trust-checkpoint" in loaded.report
     assert_same_backbone(loaded, source, 32)
+
+
+def test_a_code_executing_global_is_named_not_called_corrupt(tmp_path, checkpoint_factory, tiny_cnn_spec):
+    path = tmp_path / "hostile.pth"
+    torch.save({"state_dict": checkpoint_factory.backbone(tiny_cnn_spec).state_dict(), "run": os.system}, path)
+    with pytest.raises(MokdError) as caught:
+        load_backbones(path)
+    message = str(caught.value)
+    assert f"global {os.system.__module__}.system" in message and "--trust-checkpoint" in message
+    assert "corrupted" not in message
+
+
+def test_a_file_that_cannot_load_even_with_trust_says_why(tmp_path, checkpoint_factory, tiny_cnn_spec, monkeypatch):
+    module = types.ModuleType("vanished_training_code")
+
+    class Config:
+        pass
+
+    Config.__module__, Config.__qualname__ = module.__name__, "Config"
+    module.Config = Config
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    path = tmp_path / "foreign.pth"
+    torch.save({"state_dict": checkpoint_factory.backbone(tiny_cnn_spec).state_dict(), "config": Config()}, path)
+    monkeypatch.delitem(sys.modules, module.__name__)
+    with pytest.warns(UserWarning), pytest.raises(MokdError, match=r"cannot be unpickled even with "
+                                                                   r"--trust-checkpoint: it refers to "
+                                                                   r"vanished_training_code.Config.*No module named"):
+        load_backbones(path, trust=True)
 
 
 def test_trust_is_unused_for_files_that_do_not_need_it(tmp_path, checkpoint_factory, tiny_cnn_spec):
