@@ -21,10 +21,10 @@ import yaml
 from mokd_eval.data import parse_data_spec
 from mokd_eval.errors import MokdError
 from mokd_eval.registry import ArchSpec, build_backbone, resolve_arch
+from mokd_eval.validation import check_device, check_image_size, check_num_workers, check_output_dir
 
 MODES = ("mokd", "independent")
 LOSS_TERMS = ("sm", "st", "cm", "ct")
-DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 AUGMENTATION_PROBABILITIES = ("flip_p", "jitter_p", "grayscale_p", "global1_blur_p", "global2_blur_p",
                               "local_blur_p", "solarize_p")
@@ -296,7 +296,7 @@ def _coerce_item(key: str, item: Any, kind: type, bad) -> Any:
 
 def validate(config: TrainConfig) -> None:
     """Reject values that cannot train, naming the setting; also resolves both architectures."""
-    choices = {"mode": MODES, "device": DEVICES, "amp": AMP_MODES}
+    choices = {"mode": MODES, "amp": AMP_MODES}
     for key, allowed in choices.items():
         if getattr(config, key) not in allowed:
             raise MokdError(f"setting {key!r} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
@@ -324,7 +324,7 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, key)
         if value is not None and not 0.0 <= value <= 1.0:
             raise MokdError(f"setting {key!r} is a probability and must be in [0, 1], got {value}")
-    for key in ("lambda1", "lambda2", "thead_dim", "thead_heads", "patch_size", "num_workers"):
+    for key in ("lambda1", "lambda2", "thead_dim", "thead_heads", "patch_size"):
         if getattr(config, key) is not None and getattr(config, key) < 0:
             raise MokdError(f"setting {key!r} must be >= 0, got {getattr(config, key)}")
     if config.warmup_epochs > config.epochs:
@@ -335,16 +335,13 @@ def validate(config: TrainConfig) -> None:
         low, high = getattr(config, key)
         if not 0.0 < low <= high <= 1.0:
             raise MokdError(f"setting {key!r} must be (low, high) with 0 < low <= high <= 1, got {(low, high)}")
+    check_output_dir(Path(config.output_dir), option="--output-dir")
+    check_num_workers(config.num_workers, option="setting 'num_workers'")
+    check_device(config.device, option="setting 'device'")
     for spec in arch_specs(config):
-        stride = 8 if spec.stem == "cifar" else 32
-        if not spec.is_vit and config.img_size < stride:
-            raise MokdError(f"setting 'img_size' ({config.img_size}) is below {spec.name}'s output stride {stride}: "
-                            f"its T-Head would get no feature map; use img_size >= {stride}")
+        check_image_size(config.img_size, spec, option="setting 'img_size'")
         if spec.is_vit:
-            for key in ("img_size", "local_size"):
-                if getattr(config, key) % spec.patch_size:
-                    raise MokdError(f"setting {key!r} ({getattr(config, key)}) must be a multiple of "
-                                    f"{spec.name}'s patch size {spec.patch_size}")
+            check_image_size(config.local_size, spec, option="setting 'local_size'")
 
 
 def arch_specs(config: TrainConfig) -> tuple[ArchSpec, ArchSpec]:
