@@ -5,6 +5,9 @@ Measured on a busy 2-core machine: the old default of two workers plus torch's o
 - CPU training: the main process computes, so it gets the threads; loading runs in-process on up to 4 cores
   and gets one worker per further 4 cores (at most 4);
 - CUDA training: the GPU computes, so loading gets the cores (one is kept for the main process; at most 8).
+On a CPU run, torch's threads are further capped by the cores other processes leave free (the 1-minute load
+average at start): measured on the shared 2-core machine at load ~11, two threads took ~40 s per `tiny` demo step,
+one thread ~4.5 s (OpenMP threads that wait for each other on busy cores).
 An explicit `num_workers` wins; an explicit OMP_NUM_THREADS leaves torch's thread count alone.
 """
 
@@ -31,21 +34,28 @@ def available_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def size_resources(cores: int, processes_on_node: int, device_type: str, num_workers: int | None) -> Resources:
-    """Workers and threads for one of `processes_on_node` processes sharing `cores` (the rule above)."""
-    share = max(1, cores // max(1, processes_on_node))
+def size_resources(cores: int, processes_on_node: int, device_type: str, num_workers: int | None,
+                   busy_cores: float = 0.0) -> Resources:
+    """Workers and threads for one of `processes_on_node` processes sharing `cores` of which `busy_cores` are
+    already used by others (the rule above)."""
+    processes = max(1, processes_on_node)
+    share = max(1, cores // processes)
     if num_workers is None:
         if device_type == "cuda":
             num_workers = min(MAX_CUDA_WORKERS, share - 1)
         else:
             num_workers = 0 if share <= 4 else min(MAX_CPU_WORKERS, share // 4)
-    return Resources(workers=num_workers, threads=max(1, share - num_workers))
+    threads = max(1, share - num_workers)
+    if device_type != "cuda":
+        threads = max(1, min(threads, round((cores - busy_cores) / processes)))
+    return Resources(workers=num_workers, threads=threads)
 
 
 def apply_resources(device_type: str, num_workers: int | None) -> Resources:
     """Size this process (see module docstring) and set torch's intra-op threads unless OMP_NUM_THREADS is set."""
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    resources = size_resources(available_cores(), processes, device_type, num_workers)
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    resources = size_resources(available_cores(), processes, device_type, num_workers, busy_cores=busy)
     if "OMP_NUM_THREADS" in os.environ:
         return Resources(workers=resources.workers, threads=torch.get_num_threads())
     torch.set_num_threads(resources.threads)

@@ -17,3 +17,11 @@ def test_size_resources(cores, processes, device, workers, expected):
     sized = size_resources(cores, processes, device, workers)
     assert (sized.workers, sized.threads) == expected
     assert sized.workers + sized.threads <= max(cores // processes, 1) + (workers or 0)
+
+
+def test_busy_cores_cap_the_threads_on_cpu():
+    assert size_resources(2, 1, "cpu", None, busy_cores=0.3).threads == 2  # background noise: both cores
+    assert size_resources(2, 1, "cpu", None, busy_cores=0.8).threads == 1  # about one core free
+    assert size_resources(2, 1, "cpu", None, busy_cores=11.0).threads == 1  # the shared machine at load 11
+    assert size_resources(16, 1, "cpu", None, busy_cores=4.0) == size_resources(16, 1, "cpu", None)  # 12 free
+    assert size_resources(32, 4, "cuda", None, busy_cores=30.0).threads == 1
