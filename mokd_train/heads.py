@@ -61,8 +61,10 @@ class MLPHead(nn.Module):
         super().__init__()
 
         def hidden(width_in: int) -> list[nn.Module]:
+            # A bias before BatchNorm is cancelled by its mean subtraction: left out, it cannot drift on the
+            # rounding noise of its (analytically zero) gradient, which AdamW would scale up to full steps.
             norm = [nn.BatchNorm1d(hidden_dim)] if use_bn else []
-            return [nn.Linear(width_in, hidden_dim), *norm, nn.GELU()]
+            return [nn.Linear(width_in, hidden_dim, bias=not use_bn), *norm, nn.GELU()]
 
         self.mlp = nn.Sequential(*hidden(in_dim), *hidden(hidden_dim), nn.Linear(hidden_dim, bottleneck_dim))
         self.mlp.apply(_init_linear)

@@ -116,3 +116,20 @@ def test_thead_search_broadcast_equals_encoding_repeated_tokens():
     queries = torch.randn(3 * 4, 6)  # 3 local crops of 4 images, view-major
     expected = head.encode(tokens.repeat(3, 1, 1), queries)
     torch.testing.assert_close(head.search(tokens, queries), expected, rtol=0, atol=0)
+
+
+def test_mlp_head_with_batchnorm_standardises_hidden_features_over_the_batch():
+    torch.manual_seed(0)
+    head = MLPHead(5, 7, hidden_dim=6, bottleneck_dim=4, use_bn=True).train()
+    assert [type(layer).__name__ for layer in head.mlp] == ["Linear", "BatchNorm1d", "GELU", "Linear",
+                                                            "BatchNorm1d", "GELU", "Linear"]
+    assert head.mlp[0].bias is None and head.mlp[3].bias is None  # cancelled by the BN anyway
+    x = torch.randn(9, 5) * 4 + 2
+
+    def standardise(h):
+        return (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + 1e-5)
+
+    h = F.gelu(standardise(x @ head.mlp[0].weight.T))
+    h = F.gelu(standardise(h @ head.mlp[3].weight.T))
+    z = F.normalize(head.mlp[6](h), dim=-1)
+    torch.testing.assert_close(head(x), z @ head.last_layer.weight.T, rtol=1e-5, atol=1e-5)
