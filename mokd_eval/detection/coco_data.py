@@ -67,7 +67,8 @@ class CocoData:
                 "fingerprint": {"train": self.train.fingerprint, "val": self.val.fingerprint}}
 
 
-def _index(dataset: dict[str, Any]) -> COCO:
+def index_coco(dataset: dict[str, Any]) -> COCO:
+    """A pycocotools index of an in-memory COCO dict, without its progress prints."""
     coco = COCO()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
@@ -96,7 +97,7 @@ def _shapes(raw: str, arg: str | None) -> CocoData:
     for split, n in (("train", count), ("val", shapes_coco.num_val_images(count))):
         dataset, pixels = shapes_coco.generate_shapes_coco(n, size, split=split)
         fingerprint = _hash(f"{text} v{shapes_coco.SHAPES_COCO_VERSION} {split}")
-        splits.append(CocoSplit(_index(dataset), lambda image_id, p=pixels: p[image_id - 1], fingerprint))
+        splits.append(CocoSplit(index_coco(dataset), lambda image_id, p=pixels: p[image_id - 1], fingerprint))
     return CocoData(text, splits[0], splits[1], native_size=size)
 
 
@@ -125,7 +126,7 @@ def _folder_split(root: Path, split: str) -> CocoSplit:
     if not images.is_dir():
         raise MokdError(f"COCO data: image folder {images} does not exist; {layout}")
     dataset = _read_json(annotations)
-    coco = _index(dataset)
+    coco = index_coco(dataset)
 
     def read(image_id: int) -> np.ndarray:
         path = images / coco.imgs[image_id]["file_name"]

@@ -69,13 +69,14 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return image + stripes
 
 
-def _image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def _image(rng: np.random.Generator, size: int, categories: tuple[dict[str, Any], ...],
+           max_objects: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Pixels and the (segmentation, category id, rasterised mask) of every object in one image."""
     image = _background(rng, size)
     occupied = np.zeros((size, size), dtype=bool)
     objects = []
-    for _ in range(int(rng.integers(1, MAX_OBJECTS + 1))):
-        category = CATEGORIES[int(rng.integers(0, len(CATEGORIES)))]
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        category = categories[int(rng.integers(0, len(categories)))]
         for _ in range(_PLACEMENT_TRIES):
             polygon = _polygon(rng, category["name"], size)
             rle = mask_utils.merge(mask_utils.frPyObjects([polygon], size, size))
@@ -93,16 +94,20 @@ def _image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[dict[s
 
 
 def generate_shapes_coco(num_images: int, image_size: int = DEFAULT_IMAGE_SIZE, *, split: str = "train",
-                         seed: int = SHAPES_COCO_SEED) -> tuple[dict[str, Any], list[np.ndarray]]:
+                         seed: int = SHAPES_COCO_SEED, num_categories: int = len(CATEGORIES),
+                         max_objects: int = MAX_OBJECTS) -> tuple[dict[str, Any], list[np.ndarray]]:
     """A COCO instances dict and the matching list of H x W x 3 uint8 images (index i = image id i + 1).
 
-    The split enters the seed, so train and val never share an image.
+    The split enters the seed, so train and val never share an image. Fewer categories or objects per
+    image give an easier set (the training test uses one).
     """
-    rng = np.random.default_rng([seed, 0 if split == "train" else 1, num_images, image_size])
+    categories = CATEGORIES[:num_categories]
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1, num_images, image_size, num_categories,
+                                 max_objects])
     images, annotations, pixels = [], [], []
     for index in range(num_images):
         image_id = index + 1
-        array, objects = _image(rng, image_size)
+        array, objects = _image(rng, image_size, categories, max_objects)
         pixels.append(array)
         images.append({"id": image_id, "file_name": f"{image_id:06d}.png", "height": image_size,
                        "width": image_size})
@@ -112,7 +117,7 @@ def generate_shapes_coco(num_images: int, image_size: int = DEFAULT_IMAGE_SIZE, 
                                 "segmentation": obj["segmentation"], "area": float(mask_utils.area(obj["rle"])),
                                 "bbox": [x, y, w, h], "iscrowd": 0})
     info = {"description": f"mokd shapes-coco v{SHAPES_COCO_VERSION}", "seed": seed, "split": split}
-    dataset = {"info": info, "images": images, "annotations": annotations, "categories": [dict(c) for c in CATEGORIES]}
+    dataset = {"info": info, "images": images, "annotations": annotations, "categories": [dict(c) for c in categories]}
     return dataset, pixels
 
 
