@@ -137,7 +137,7 @@ def build_config(*, depth: int, num_classes: int, res5_head: str, norm: str, wor
     cfg.SOLVER.WEIGHT_DECAY = solver.weight_decay
     cfg.SOLVER.WEIGHT_DECAY_NORM = 0.0
     cfg.SOLVER.MAX_ITER = solver.iters
-    cfg.SOLVER.STEPS = tuple(solver.steps)
+    cfg.SOLVER.STEPS = tuple(step for step in solver.steps if step < solver.iters)  # fvcore rejects the rest
     cfg.SOLVER.WARMUP_ITERS = solver.warmup_iters
     cfg.SOLVER.WARMUP_FACTOR = 0.001
     cfg.SOLVER.CHECKPOINT_PERIOD = solver.checkpoint_period
@@ -187,7 +187,8 @@ def _load_report(model: torch.nn.Module, exported: dict[str, Any]) -> dict[str, 
 
     trunk = sum(equal(f"backbone.{n}", n) for n in trunk_names)
     res5 = sum(equal(f"roi_heads.{n}", n) for n in res5_names)
-    res5_model = [n for n in state if n.startswith("roi_heads.res5.") and not n.endswith("num_batches_tracked")]
+    res5_model = [n for n in state if n.startswith("roi_heads.res5.") and not n.startswith("roi_heads.res5.norm.")
+                  and not n.endswith("num_batches_tracked")]  # the extra norm is new by design
     return {"trunk_loaded": trunk, "trunk_total": len(trunk_names), "res5_loaded": res5,
             "res5_total": len(res5_model), "res5_in_checkpoint": len(res5_names)}
 
@@ -250,7 +251,8 @@ def run_detectron2(candidate: Any, data: CocoData, settings: Any, context: Any, 
                  f"{report['res5_loaded']}/{report['res5_total']}")
         start = time.perf_counter()
         with timer.stage("train"):
-            results = trainer.train()
+            trainer.train()  # ends with EvalHook's evaluation on the test set
+        results = getattr(trainer, "_last_eval_results", None)
         training.update(weights=str(out_dir / "model_final.pth"),
                         iters_per_second=round(solver.iters / (time.perf_counter() - start), 4))
     metrics = {}
