@@ -217,7 +217,8 @@ def _pair(text: str | None, option: str) -> tuple[int, int] | None:
 @click.option("--schedule", type=click.Choice(["1x", "2x"]), default="2x", show_default=True,
               help="90k / 180k iterations at 16 images (MoCo's COCO transfer uses 2x).")
 @click.option("--iters", type=int, default=None, help="Train N iterations instead (steps stay at 2/3 and 8/9).")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Images per iteration (all ranks).")
+@click.option("--batch-size", type=int, default=None, help="Images per iteration, all ranks (default 16; "
+                                                          "shapes-coco 4).")
 @click.option("--lr", type=float, default=0.02, show_default=True, help="Learning rate per 16 images (scaled linearly).")
 @click.option("--warmup-iters", type=int, default=None, help="Linear warm-up (default 1000, at most iters/10).")
 @click.option("--train-sizes", default=None, help="Train short side LOW,HIGH, uniform (default 600,800; "
@@ -225,10 +226,11 @@ def _pair(text: str | None, option: str) -> tuple[int, int] | None:
 @click.option("--test-size", type=int, default=None, help="Test short side (default 800; shapes-coco: its size).")
 @click.option("--max-size", type=int, default=1333, show_default=True)
 @click.option("--rois-per-image", type=int, default=None, help="RoIs sampled per training image (default 512; "
-                                                                "shapes-coco 64).")
+                                                                "shapes-coco 32).")
 @click.option("--test-proposals", type=int, default=None, help="RPN proposals kept per test image (default 1000; "
-                                                               "shapes-coco 100).")
-@click.option("--precise-bn-iters", type=int, default=200, show_default=True, help="0 disables precise BN.")
+                                                               "shapes-coco 50).")
+@click.option("--precise-bn-iters", type=int, default=None, help="Precise-BN batches before evaluation (default 200, "
+                                                                 "at most iters/10; 0 disables).")
 @click.option("--checkpoint-period", type=int, default=5000, show_default=True)
 @click.option("--output-dir", type=click.Path(path_type=Path), default=None,
               help="Detector checkpoints (default results/coco/<checkpoint name>/<key>).")
@@ -250,7 +252,7 @@ def coco(checkpoint: Path | None, schedule: str, iters: int | None, warmup_iters
     from mokd_eval.distributed import setup, teardown
 
     total = schedule_iters(schedule, iters)
-    if kwargs["batch_size"] < 1:
+    if kwargs["batch_size"] is not None and kwargs["batch_size"] < 1:
         raise MokdError("--batch-size must be at least 1")
     settings = CocoSettings(iters=total, warmup_iters=warmup_iters if warmup_iters is not None else default_warmup(total),
                             train_sizes=_pair(train_sizes, "--train-sizes"), **kwargs)

@@ -31,9 +31,12 @@ SCRATCH = "scratch"
 COCO_TRAIN_SIZES = (600, 800)
 COCO_TEST_SIZE = 800
 MAX_SIZE = 1333
-# shapes-coco has at most 3 objects per small image: fewer RoIs keep a CPU run to minutes.
-SHAPES_ROIS_PER_IMAGE = 64
-SHAPES_TEST_PROPOSALS = 100
+# shapes-coco has at most 3 objects per small image: fewer images, RoIs and proposals keep a CPU run to minutes.
+SHAPES_BATCH = 4
+SHAPES_ROIS_PER_IMAGE = 32
+SHAPES_TEST_PROPOSALS = 50
+COCO_BATCH = 16
+PRECISE_BN_ITERS = 200
 
 
 def detectron2_available() -> bool:
@@ -61,7 +64,7 @@ class CocoSettings:
     res5_head: str = "native"
     norm: str = "syncbn"
     iters: int = 90_000
-    batch_size: int = 16
+    batch_size: int | None = None  # None: 16 (COCO), 4 (shapes-coco)
     lr: float = 0.02
     warmup_iters: int = 1000
     train_sizes: tuple[int, int] | None = None  # None: COCO's (600, 800), shapes-coco's native size
@@ -69,7 +72,7 @@ class CocoSettings:
     max_size: int = MAX_SIZE
     rois_per_image: int | None = None  # None: 512 (detectron2); shapes-coco 64
     test_proposals: int | None = None  # None: 1000 (detectron2); shapes-coco 100
-    precise_bn_iters: int = 200
+    precise_bn_iters: int | None = None  # None: 200, at most a tenth of the training iterations
     checkpoint_period: int = 5000
     output_dir: Path | None = None
     resume: bool = False
@@ -127,6 +130,18 @@ def select_backbones(checkpoint: Path | None, settings: CocoSettings, echo: Call
     return candidates
 
 
+def resolve_defaults(data: CocoData, settings: CocoSettings) -> CocoSettings:
+    """Fill the settings left to the data: detectron2's values on COCO, lighter ones on shapes-coco."""
+    shapes = data.native_size is not None
+    return dataclasses.replace(
+        settings,
+        batch_size=settings.batch_size or (SHAPES_BATCH if shapes else COCO_BATCH),
+        rois_per_image=settings.rois_per_image or (SHAPES_ROIS_PER_IMAGE if shapes else None),
+        test_proposals=settings.test_proposals or (SHAPES_TEST_PROPOSALS if shapes else None),
+        precise_bn_iters=(settings.precise_bn_iters if settings.precise_bn_iters is not None
+                          else min(PRECISE_BN_ITERS, max(1, settings.iters // 10))))
+
+
 def detector_config(data: CocoData, settings: CocoSettings) -> DetectorConfig:
     """detectron2's values; input sizes default to COCO's, or to the native size of shapes-coco."""
     native = data.native_size
@@ -136,8 +151,8 @@ def detector_config(data: CocoData, settings: CocoSettings) -> DetectorConfig:
         raise MokdError(f"--train-sizes {train_sizes[0]},{train_sizes[1]} / --test-size {test_size}: sizes must be "
                         "at least 32 and given as LOW,HIGH")
     defaults = DetectorConfig(num_classes=len(data.category_ids))
-    rois = settings.rois_per_image or (SHAPES_ROIS_PER_IMAGE if native else defaults.rois_per_image)
-    proposals = settings.test_proposals or (SHAPES_TEST_PROPOSALS if native else defaults.rpn_post_nms_topk[1])
+    rois = settings.rois_per_image or defaults.rois_per_image
+    proposals = settings.test_proposals or defaults.rpn_post_nms_topk[1]
     return dataclasses.replace(defaults, res5_head=settings.res5_head, norm=settings.norm,
                                train_sizes=tuple(train_sizes), test_size=test_size, max_size=settings.max_size,
                                rois_per_image=rois,
@@ -220,6 +235,7 @@ def run_coco(checkpoint: Path | None, settings: CocoSettings, context: DistConte
         echo(f"data: {data.text} ({len(data.train.coco.getImgIds())} train / {len(data.val.coco.getImgIds())} val "
              f"images, {len(data.category_ids)} categories)")
         candidates = select_backbones(checkpoint, settings, echo)
+        settings = resolve_defaults(data, settings)
     results = []
     for candidate in candidates:
         if engine == "detectron2":

@@ -24,7 +24,7 @@ from mokd_eval import atomic
 
 SHAPES_COCO_VERSION = 1
 SHAPES_COCO_SEED = 20230602
-DEFAULT_IMAGES = 200
+DEFAULT_IMAGES = 100
 DEFAULT_IMAGE_SIZE = 128
 MIN_IMAGE_SIZE = 32
 VAL_DIVISOR = 4  # shapes-coco:N has N train images and N // 4 (at least 2) val images
