@@ -261,8 +261,12 @@ class LoadReport:
     res5_total: int
     res5_skipped: list[str] = field(default_factory=list)  # present in the checkpoint, wrong shape
     res5_random: list[str] = field(default_factory=list)  # no tensor of that name in the checkpoint
+    scratch: bool = False  # no checkpoint: every tensor is randomly initialised on purpose
 
     def describe(self) -> str:
+        if self.scratch:
+            return (f"random initialisation ('scratch'): trunk {self.trunk_total} and res5 {self.res5_total} "
+                    "tensors, none from a checkpoint")
         text = (f"trunk {self.trunk_loaded}/{self.trunk_total} tensors loaded "
                 f"({self.trunk_total - self.trunk_loaded} missing); res5 {self.res5_loaded}/{self.res5_total}")
         if self.res5_skipped:
@@ -341,5 +345,6 @@ def build_detector(resnet: nn.Module, config: DetectorConfig,
         for part in FROZEN_AT_2:
             for parameter in getattr(trunk, part).parameters():
                 parameter.requires_grad_(False)
-    report = LoadReport(trunk_loaded, trunk_total, res5_loaded, res5_total, skipped, absent if source else [])
+    report = LoadReport(trunk_loaded, trunk_total, res5_loaded, res5_total, skipped, absent if source else [],
+                        scratch=not source)
     return C4MaskRCNN(trunk, res5, channels, config), report
