@@ -8,8 +8,8 @@ import torch
 from mokd_eval.detection.coco_data import CocoSplit, DetectionDataset, index_coco
 from mokd_eval.detection.model import DetectorConfig, build_detector
 from mokd_eval.detection.shapes_coco import generate_shapes_coco
-from mokd_eval.detection.train import PermutationStream, Solver, default_warmup, evaluate_detector, precise_bn, \
-    schedule_iters, train_detector
+from mokd_eval.detection.train import Solver, default_warmup, evaluate_detector, precise_bn, schedule_iters, \
+    train_detector
 from mokd_eval.distributed import setup
 from mokd_eval.errors import MokdError
 from mokd_eval.registry import ALIASES, build_backbone
@@ -29,12 +29,6 @@ def test_solver_matches_detectron2_schedule():
     assert default_warmup(180_000) == 1000 and default_warmup(50) == 5
     with pytest.raises(MokdError, match="--iters must be at least 1"):
         schedule_iters("2x", 0)
-
-
-def test_training_order_is_a_stream_of_seeded_permutations():
-    stream = list(PermutationStream(5, 12, seed=3))
-    assert len(stream) == 12 and sorted(stream[:5]) == sorted(stream[5:10]) == list(range(5))
-    assert stream == list(PermutationStream(5, 12, seed=3)) and stream != list(PermutationStream(5, 12, seed=4))
 
 
 def _easy_split(name: str, count: int) -> CocoSplit:

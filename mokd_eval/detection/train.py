@@ -12,11 +12,11 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
 from mokd_eval import atomic
@@ -104,26 +104,9 @@ def default_workers() -> int:
     return min(4, max(0, (os.cpu_count() or 1) // 2 - 1))
 
 
-class PermutationStream(Sampler[int]):
-    """`samples` indices from successive seeded permutations of the dataset, like detectron2's TrainingSampler."""
-
-    def __init__(self, size: int, samples: int, seed: int) -> None:
-        self.size, self.samples, self.seed = size, samples, seed
-
-    def __len__(self) -> int:
-        return self.samples
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed)
-        produced = 0
-        while produced < self.samples:
-            for index in torch.randperm(self.size, generator=generator)[:self.samples - produced].tolist():
-                yield index
-            produced = min(self.samples, produced + self.size)
-
-
 def _loader(dataset: Dataset, batch_size: int, samples: int, seed: int, workers: int) -> DataLoader:
-    sampler = PermutationStream(len(dataset), samples, seed)
+    generator = torch.Generator().manual_seed(seed)
+    sampler = RandomSampler(dataset, replacement=True, num_samples=samples, generator=generator)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
                       drop_last=True, persistent_workers=False)
 
