@@ -149,7 +149,7 @@ def open_coco(data: str) -> CocoData:
     root = Path(os.path.expanduser(raw)).resolve()
     if not root.is_dir():
         raise MokdError(f"--data {raw!r}: no such directory; give a COCO root (annotations/, train2017/, val2017/) "
-                        f"or {SHAPES_KIND}[:N]")
+                        f"or {SHAPES_KIND}[:N[:SIZE]]")
     train, val = _folder_split(root, "train"), _folder_split(root, "val")
     if sorted(train.coco.getCatIds()) != sorted(val.coco.getCatIds()):
         raise MokdError(f"COCO data {root}: train and val annotations have different categories")
