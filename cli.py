@@ -192,6 +192,143 @@ def demo(output_dir: Path, epochs: int | None, seed: int, device: str) -> None:
              echo=click.echo)
 
 
+# --- analyses (paper section 4.6) -------------------------------------------------------------------------------
+
+
+def _image_options(function: Callable) -> Callable:
+    """Data and run options of the analyses that look at images directly (no feature cache involved)."""
+    options = [
+        click.option("--data", default=None, help="Dataset: imagefolder:PATH, cifar10:PATH, cifar100:PATH, digits, "
+                                                  "shapes[:N]. Default: $MOKD_DATA, else digits."),
+        click.option("--image-size", type=int, default=None, help="Input resolution (default: the protocol's)."),
+        click.option("--batch-size", type=int, default=16, show_default=True),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--skip-bad-images", is_flag=True, help="Skip unreadable images instead of failing."),
+        click.option("--out", type=click.Path(path_type=Path), default=None,
+                     help="Results JSON (default: results/<command>/<name>.json); figures are written next to it."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the image draw (and random init)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _out_path(out: Path | None, command: str, name: str) -> Path:
+    """The results JSON path, its directory created and proven writable before any work starts."""
+    from mokd_eval.results import default_out_path
+
+    path = out or default_out_path(command, name)
+    if path.exists() and path.is_dir():
+        raise MokdError(f"--out {path} is a directory; give a file name such as {path / (name + '.json')}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise MokdError(f"cannot create the output directory {path.parent} ({error.strerror}); choose another --out")
+    if not os.access(path.parent, os.W_OK):
+        raise MokdError(f"the output directory {path.parent} is not writable; choose another --out")
+    return path
+
+
+def _figure_stem(path: Path) -> Path:
+    return path.with_suffix("")
+
+
+@mokd_eval.command()
+@_checkpoint_argument
+@click.argument("checkpoint_b", required=False, type=click.Path(path_type=Path))
+@_model_options
+@_feature_options
+@click.option("--control", type=click.Path(path_type=Path), default=None,
+              help="An independently trained model of similar accuracy that replaces model A (Table 9 control).")
+@click.option("--key-b", default=None, help="Model of CHECKPOINT_B (default: its first default model).")
+@click.option("--key-control", default=None, help="Model of the --control checkpoint (default: its first).")
+@click.option("--k", "k", type=int, default=20, show_default=True, help="Neighbours of the k-NN prediction.")
+@click.option("--temperature", type=float, default=0.07, show_default=True)
+def consistency(checkpoint: Path, checkpoint_b: Path | None, control: Path | None, key_b: str | None,
+                key_control: str | None, k: int, temperature: float, **kwargs: Any) -> None:
+    """Prediction consistency of two models (Table 9): agreement, right/wrong split, kappa, per class."""
+    from analysis.consistency import consistency_table, run_consistency
+
+    if k < 1:
+        raise MokdError(f"--k must be at least 1, got {k}")
+    out = _out_path(kwargs["out"], "consistency", checkpoint.stem + (f"_vs_{checkpoint_b.stem}" if checkpoint_b else ""))
+    payload = run_consistency(checkpoint, checkpoint_b, control=control, data=kwargs["data"],
+                              features=_feature_settings(kwargs), keys=(kwargs["key"], key_b, key_control),
+                              model=kwargs["model"], trust=kwargs["trust"], image_size=kwargs["image_size"],
+                              skip_bad_images=kwargs["skip_bad_images"], k=k, temperature=temperature,
+                              seed=kwargs["seed"], echo=click.echo)
+    click.echo(consistency_table(payload))
+    _write(payload, out, "consistency", checkpoint.stem)
+
+
+@mokd_eval.command()
+@_checkpoint_argument
+@click.argument("more", nargs=-1, type=click.Path(path_type=Path))
+@_model_options
+@_feature_options
+@click.option("--classes", type=int, default=10, show_default=True, help="How many classes to draw (seeded).")
+@click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
+def tsne(checkpoint: Path, more: tuple[Path, ...], classes: int, split: str, **kwargs: Any) -> None:
+    """t-SNE of the features of one or more models (Fig. 4/S1): colour = class, marker = model."""
+    from analysis.tsne import run_tsne, tsne_table
+
+    checkpoints = [checkpoint, *more]
+    out = _out_path(kwargs["out"], "tsne", "_vs_".join(path.stem for path in checkpoints))
+    payload = run_tsne(checkpoints, data=kwargs["data"], features=_feature_settings(kwargs), classes=classes,
+                       split=split, model=kwargs["model"], key=kwargs["key"], trust=kwargs["trust"],
+                       image_size=kwargs["image_size"], skip_bad_images=kwargs["skip_bad_images"],
+                       seed=kwargs["seed"], out_stem=_figure_stem(out), echo=click.echo)
+    click.echo(tsne_table(payload))
+    _write(payload, out, "tsne", checkpoint.stem)
+
+
+@mokd_eval.command()
+@click.argument("checkpoints", nargs=-1, type=click.Path(path_type=Path))
+@_model_options
+@_image_options
+@click.option("--images", type=int, default=64, show_default=True, help="Validation images averaged over.")
+@click.option("--per-block", is_flag=True, help="ResNets: one value per residual block instead of per stage.")
+@click.option("--renormalize", is_flag=True, help="ViTs: rescale the patch part of each attention row to sum 1.")
+@click.option("--random-init", "random_control", is_flag=True,
+              help="Add the randomly initialised architecture of each model as a control curve.")
+def mad(checkpoints: tuple[Path, ...], images: int, per_block: bool, renormalize: bool, random_control: bool,
+        **kwargs: Any) -> None:
+    """Mean attention distance per layer and head (Fig. 5/S2); no checkpoint = the random-init --model."""
+    from analysis.mad_eval import mad_table, run_mad
+
+    if kwargs["batch_size"] < 1:
+        raise MokdError("--batch-size must be at least 1")
+    name = "_vs_".join(path.stem for path in checkpoints) or f"random_{kwargs['model']}"
+    out = _out_path(kwargs["out"], "mad", name)
+    payload = run_mad(list(checkpoints), data=kwargs["data"], model=kwargs["model"], key=kwargs["key"],
+                      trust=kwargs["trust"], image_size=kwargs["image_size"], images=images,
+                      batch_size=kwargs["batch_size"], device=kwargs["device"], per_block=per_block,
+                      renormalize=renormalize, random_control=random_control,
+                      skip_bad_images=kwargs["skip_bad_images"], seed=kwargs["seed"], out_stem=_figure_stem(out),
+                      echo=click.echo)
+    click.echo(mad_table(payload))
+    _write(payload, out, "mad", name)
+
+
+@mokd_eval.command()
+@_checkpoint_argument
+@_model_options
+@_image_options
+@click.option("--layer", type=int, default=-1, show_default=True, help="ViT layer, 1-based (-1 = last).")
+@click.option("--images", type=int, default=4, show_default=True, help="Validation images shown (grid rows).")
+def attention(checkpoint: Path, layer: int, images: int, **kwargs: Any) -> None:
+    """Class-token attention maps of any ViT layer, per head, over sample images (a grid figure)."""
+    from analysis.attention_maps import attention_table, run_attention
+
+    out = _out_path(kwargs["out"], "attention", checkpoint.stem)
+    payload = run_attention(checkpoint, layer=layer, data=kwargs["data"], model=kwargs["model"], key=kwargs["key"],
+                            trust=kwargs["trust"], image_size=kwargs["image_size"], images=images,
+                            skip_bad_images=kwargs["skip_bad_images"], seed=kwargs["seed"],
+                            out_stem=_figure_stem(out), echo=click.echo)
+    click.echo(attention_table(payload))
+    _write(payload, out, "attention", checkpoint.stem)
+
+
 class GuardedCommand(click.Command):
     """A single click command reporting `MokdError` like `GuardedGroup` does."""
 

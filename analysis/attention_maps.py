@@ -20,6 +20,8 @@ from mokd_eval.errors import MokdError
 from mokd_eval.pipeline import load_models, model_record, open_eval_data
 from mokd_eval.results import StageTimer, build_results, format_table
 
+TITLE_SPACE = 0.45  # inches above the grid for the figure title and the head titles
+
 
 def resolve_layer(layer: int, depth: int) -> int:
     """1-based layer (as in the paper's plots) or negative from the end (-1 = last) to a 0-based index."""
@@ -51,7 +53,8 @@ def plot_maps(images: torch.Tensor, maps: np.ndarray, title: str, stem: Path) ->
     mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(IMAGENET_STD)[:, None, None]
     with style.paper_style():
-        fig, axes = style.figure(style.TEXT_WIDTH, cell * n_images + 0.3, ncols=cols, nrows=n_images)
+        height = cell * n_images + TITLE_SPACE
+        fig, axes = style.figure(style.TEXT_WIDTH, height, ncols=cols, nrows=n_images)
         extent = (0, images.shape[-1], images.shape[-2], 0)
         for row in range(n_images):
             picture = (images[row].cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
@@ -63,9 +66,9 @@ def plot_maps(images: torch.Tensor, maps: np.ndarray, title: str, stem: Path) ->
             for ax in axes[row]:
                 ax.set_axis_off()
         axes[0, 0].set_title("image")
-        fig.suptitle(title)
-        fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.3 / (cell * n_images + 0.3),
-                            wspace=0.04, hspace=0.04)
+        fig.suptitle(title, y=1 - 0.06 / height, va="top")
+        fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - TITLE_SPACE / height, wspace=0.04,
+                            hspace=0.04)
         return style.save(fig, stem)
 
 

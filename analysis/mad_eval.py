@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -49,9 +50,9 @@ def sample_images(dataset, count: int, seed: int) -> tuple[torch.Tensor, list[in
     return torch.stack(images), indices
 
 
-def random_init(model: str, image_size: int, seed: int) -> Measured:
-    """The randomly initialised `model` (seeded), the control curve of the plot."""
-    spec = resolve_arch(model, img_size=image_size)
+def random_init(spec: ArchSpec, image_size: int, seed: int) -> Measured:
+    """The randomly initialised architecture (seeded), the control curve of the plot."""
+    spec = dataclasses.replace(spec, img_size=image_size)
     torch.manual_seed(seed)
     return Measured(RANDOM_INIT + f" ({spec.name})", spec, build_backbone(spec).eval(),
                     {"key": RANDOM_INIT, "arch": spec.name, "arch_spec": spec.to_dict(), "checkpoint": None})
@@ -129,10 +130,10 @@ def run_mad(checkpoints: Sequence[Path], *, data: str | None, model: str | None 
         if not checkpoints:
             if model is None:
                 raise MokdError("give a checkpoint, or --model for the random-init control (e.g. --model vit_s)")
-            measured.append(random_init(model, size, seed))
+            measured.append(random_init(resolve_arch(model), size, seed))
         elif random_control:
-            for name in dict.fromkeys(entry.spec.name for entry in measured):
-                measured.append(random_init(model or name, size, seed))
+            specs = {entry.spec.name: entry.spec for entry in measured}
+            measured.extend(random_init(spec, size, seed) for spec in specs.values())
     echo(f"data: {eval_data.spec.text}, {len(indices)} val images at {size}px ({eval_data.transform})")
     torch_device = choose_device(device, 0)
     results, curves = [], []

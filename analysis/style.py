@@ -36,10 +36,12 @@ RC = {
 
 
 def palette(n: int) -> list[str]:
-    """`n` colours from the colour-blind-safe palette, extended by seaborn's when more are needed."""
+    """`n` distinct colours: Okabe-Ito up to 8, seaborn's colour-blind palette up to 10, then evenly spaced hues."""
     if n <= len(PALETTE):
         return list(PALETTE[:n])
-    return list(PALETTE) + sns.color_palette("colorblind", n - len(PALETTE)).as_hex()
+    if n <= 10:
+        return sns.color_palette("colorblind", n).as_hex()
+    return sns.color_palette("husl", n).as_hex()
 
 
 @contextmanager

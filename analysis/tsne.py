@@ -80,7 +80,7 @@ def plot_tsne(embeddings: np.ndarray, labels: np.ndarray, classes: Sequence[int]
     from analysis import style
 
     with style.paper_style():
-        fig, axes = style.figure(style.COLUMN_WIDTH, 3.0)
+        fig, axes = style.figure(style.COLUMN_WIDTH, 2.6)
         ax = axes[0, 0]
         colours = style.palette(len(classes))
         for m, name in enumerate(model_names):
@@ -90,14 +90,19 @@ def plot_tsne(embeddings: np.ndarray, labels: np.ndarray, classes: Sequence[int]
                            marker=style.MARKERS[m % len(style.MARKERS)], alpha=0.7, linewidths=0)
         ax.set_xticks([])
         ax.set_yticks([])
-        handles = [ax.scatter([], [], c="k", marker=style.MARKERS[m % len(style.MARKERS)], s=12, label=name)
-                   for m, name in enumerate(model_names)]
-        handles += [ax.scatter([], [], c=colour, marker="o", s=12, label=class_names[c])
-                    for colour, c in zip(colours, classes)]
-        ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, handletextpad=0.2)
-        note = "models aligned to the first by Procrustes on class centroids" if len(model_names) > 1 else ""
-        ax.set_title(f"t-SNE, {len(classes)} classes" + (f"\n{note}" if note else ""))
-        fig.subplots_adjust(left=0.03, right=0.62, bottom=0.03, top=0.86)
+        ax.set_title(f"t-SNE of {len(classes)} classes")
+        model_handles = [ax.scatter([], [], c="k", marker=style.MARKERS[m % len(style.MARKERS)], s=10, label=name)
+                         for m, name in enumerate(model_names)]
+        class_handles = [ax.scatter([], [], c=colour, marker="o", s=10, label=class_names[c])
+                         for colour, c in zip(colours, classes)]
+        models_legend = ax.legend(handles=model_handles, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                                  frameon=False, handletextpad=0.1, fontsize=5.5, title="model", title_fontsize=6)
+        ax.add_artist(models_legend)
+        ax.legend(handles=class_handles, loc="lower left", bbox_to_anchor=(1.02, 0.0), frameon=False,
+                  handletextpad=0.1, ncol=2, columnspacing=0.6, fontsize=5.5, title="class", title_fontsize=6)
+        if len(model_names) > 1:
+            fig.text(0.02, 0.02, "models aligned to the first by Procrustes on class centroids", fontsize=5.5)
+        fig.subplots_adjust(left=0.02, right=0.56, bottom=0.09, top=0.91)
         return style.save(fig, stem)
 
 
