@@ -329,6 +329,47 @@ def attention(checkpoint: Path, layer: int, images: int, **kwargs: Any) -> None:
     _write(payload, out, "attention", checkpoint.stem)
 
 
+@mokd_eval.command()
+@click.argument("results_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=Path("report"), show_default=True,
+              help="Where report.md, tables/*.{md,tex,csv} and report.json go.")
+def report(results_dir: Path, out_dir: Path) -> None:
+    """Gather every results JSON under RESULTS_DIR into the paper's tables (Markdown, LaTeX, CSV) and figures."""
+    from analysis.report import report_summary, run_report
+
+    out = _out_path(out_dir / "report.json", "report", "report")
+    payload = run_report(results_dir, out_dir, echo=click.echo)
+    click.echo(report_summary(payload))
+    _write(payload, out, "report", "report")
+
+
+@mokd_eval.command()
+@_checkpoint_argument
+@_model_options
+@_feature_options
+@click.option("--out-dir", type=click.Path(path_type=Path), default=None,
+              help="Where every step's results JSON goes (default: results/suite/<checkpoint name>).")
+@click.option("--skip", default=None, help="Comma-separated steps to leave out: knn, linear, semisup, cifar, coco, "
+                                           "consistency, tsne, mad, report.")
+def suite(checkpoint: Path, out_dir: Path | None, skip: str | None, **kwargs: Any) -> None:
+    """The whole paper for one checkpoint (pair): every protocol and analysis, resumable, then the report."""
+    from analysis.suite import SuiteContext, parse_skip, run_suite, suite_table
+
+    skipped = parse_skip(skip)
+    directory = out_dir or Path("results") / "suite" / checkpoint.stem
+    out = _out_path(kwargs["out"] or directory / "suite" / f"{checkpoint.stem}.json", "suite", checkpoint.stem)
+    context = SuiteContext(checkpoint=checkpoint, out_dir=directory, data=kwargs["data"],
+                           features=_feature_settings(kwargs), model=kwargs["model"], key=kwargs["key"],
+                           trust=kwargs["trust"], image_size=kwargs["image_size"], seed=kwargs["seed"], echo=click.echo)
+    payload = run_suite(context, skip=skipped)
+    click.echo(suite_table(payload))
+    _write(payload, out, "suite", checkpoint.stem)
+    failed = [step["step"] for step in payload["steps"] if step["status"] == "failed"]
+    if failed:
+        raise MokdError(f"suite: step(s) {', '.join(failed)} failed (reasons above); fix and rerun, finished steps "
+                        "are reused")
+
+
 class GuardedCommand(click.Command):
     """A single click command reporting `MokdError` like `GuardedGroup` does."""
 
