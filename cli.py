@@ -214,18 +214,15 @@ def _image_options(function: Callable) -> Callable:
 
 
 def _out_path(out: Path | None, command: str, name: str) -> Path:
-    """The results JSON path, its directory created and proven writable before any work starts."""
+    """The results JSON path, proven writable before any work starts (nothing is created yet)."""
     from mokd_eval.results import default_out_path
 
     path = out or default_out_path(command, name)
-    if path.exists() and path.is_dir():
+    if path.is_dir():
         raise MokdError(f"--out {path} is a directory; give a file name such as {path / (name + '.json')}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise MokdError(f"cannot create the output directory {path.parent} ({error.strerror}); choose another --out")
-    if not os.access(path.parent, os.W_OK):
-        raise MokdError(f"the output directory {path.parent} is not writable; choose another --out")
+    existing = next(parent for parent in path.absolute().parents if parent.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise MokdError(f"cannot write {path}: {existing} is not a writable directory; choose another --out")
     return path
 
 
