@@ -190,10 +190,14 @@ class Cells:
             return MISSING
         newest = max(candidates, key=lambda c: c.created)
         if len({c.text for c in candidates}) > 1:
-            conflicts.append({"table": table, "row": " ".join(map(str, row)), "column": column,
-                              "values": [{"value": c.text, "source": c.source, "created": c.created}
-                                         for c in sorted(candidates, key=lambda c: c.created)],
-                              "shown": newest.text})
+            values = [{"value": c.text, "source": c.source, "created": c.created}
+                      for c in sorted(candidates, key=lambda c: (c.created, c.source))]
+            known = next((c for c in conflicts if c["values"] == values), None)
+            if known is None:
+                conflicts.append({"tables": [table], "row": " ".join(map(str, row)), "column": column,
+                                  "values": values, "shown": newest.text})
+            elif table not in known["tables"]:
+                known["tables"].append(table)
             mark += CONFLICT_MARK
         return newest.text + mark
 
@@ -239,11 +243,21 @@ def _cifar_label(source: Source, protocol: dict[str, Any]) -> str | None:
 PAIR_COLUMNS = ["Independent Net1", "Independent Net2", "MOKD Net1", "MOKD Net2"]
 
 
+def data_label(source: Source) -> str:
+    """Short name of the evaluation dataset: the folder name of a path spec, else the spec itself."""
+    spec = str((source.payload.get("dataset") or {}).get("spec") or "?")
+    kind, _, path = spec.partition(":")
+    return Path(path).name if kind in ("imagefolder", "cifar10", "cifar100") and path else spec
+
+
 def _pair_metric(cells: Cells, table: str, group: str, info: ModelInfo, value: float, source: Source,
-                 singles: list[tuple[str, str, ModelInfo, float, Source]]) -> None:
-    """A pair cell (mode x net) of Tables 1/4/5, or a single-model fallback kept for later."""
-    if info.pair_label and info.net in (1, 2) and info.mode in ("mokd", "independent"):
-        cells.add(table, info.pair_label, f"{group} {info.method} Net{info.net}", value, _pct(value), source)
+                 singles: list[tuple[str, str, ModelInfo, float, Source]], with_data: bool = True) -> None:
+    """A pair cell (mode x net) of Tables 1/4/5, or a single-model fallback kept for later. MOKD cells take only
+    runs with all four loss terms (ablation runs belong to Table 7)."""
+    full_mokd = info.mode == "mokd" and (info.losses is None or set(info.losses) == set(LOSS_ORDER))
+    if info.pair_label and info.net in (1, 2) and (full_mokd or info.mode == "independent"):
+        row = (*info.pair_label, data_label(source)) if with_data else info.pair_label
+        cells.add(table, row, f"{group} {info.method} Net{info.net}", value, _pct(value), source)
     elif info.pair is None and info.mode == "independent":
         singles.append((table, group, info, value, source))
 
@@ -259,7 +273,7 @@ def collect(sources: Iterable[Source], lookup: TrainingLookup) -> tuple[Cells, l
         for entry in source.payload["results"]:
             info = lookup.info(entry)
             protocol = _entry_protocol(source, entry)
-            row_all = (info.name, pretty_arch(info.arch), info.method)
+            row_all = (info.name, pretty_arch(info.arch), info.method, data_label(source))
             knn, linear = _best_knn(entry) if command == "knn" else None, _top1(entry, "linear")
             if command == "knn" and knn is not None:
                 _pair_metric(cells, "table1", "k-NN", info, knn, source, singles)
@@ -273,7 +287,7 @@ def collect(sources: Iterable[Source], lookup: TrainingLookup) -> tuple[Cells, l
                 cells.add("all", row_all, f"Semi-sup {percent}", semisup, _pct(semisup), source)
             cifar, dataset = _top1(entry, "cifar"), _cifar_label(source, protocol)
             if command == "cifar" and cifar is not None and dataset:
-                _pair_metric(cells, "table5", dataset, info, cifar, source, singles)
+                _pair_metric(cells, "table5", dataset, info, cifar, source, singles, with_data=False)
                 cells.add("all", row_all, dataset, cifar, _pct(cifar), source)
             coco = (entry.get("metrics") or {}).get("coco")
             if command == "coco" and coco:
@@ -289,8 +303,9 @@ def collect(sources: Iterable[Source], lookup: TrainingLookup) -> tuple[Cells, l
                     _ablation_cells(cells, info, command, value, source)
     for table, group, info, value, source in singles:  # fill Independent cells nobody else filled
         for row in cells.row_keys(table):
+            same_data = table == "table5" or row[2] == data_label(source)
             for net in (1, 2):
-                if row[net - 1] == pretty_arch(info.arch):
+                if row[net - 1] == pretty_arch(info.arch) and same_data:
                     cells.add(table, row, f"{group} Independent Net{net}", value, _pct(value), source, fallback=True)
     return cells, consistency
 
@@ -299,10 +314,11 @@ def _ablation_cells(cells: Cells, info: ModelInfo, command: str, value: float, s
     label = "k-NN" if command == "knn" else "Linear"
     losses = tuple(term for term in LOSS_ORDER if term in info.losses)
     lambdas = tuple("-" if v is None else f"{v:g}" for v in info.lambdas)
-    cells.add("table7", (*info.pair_label, *losses_marks(losses), *lambdas), f"{label} Net{info.net}", value,
+    data = data_label(source)
+    cells.add("table7", (*info.pair_label, data, *losses_marks(losses), *lambdas), f"{label} Net{info.net}", value,
               _pct(value), source)
     if set(losses) == set(LOSS_ORDER):
-        cells.add("table8", (*info.pair_label, *lambdas), f"{label} Net{info.net}", value, _pct(value), source)
+        cells.add("table8", (*info.pair_label, data, *lambdas), f"{label} Net{info.net}", value, _pct(value), source)
 
 
 def losses_marks(losses: tuple[str, ...]) -> tuple[str, ...]:
@@ -320,7 +336,8 @@ def _consistency_rows(sources: list[Source], lookup: TrainingLookup, cells: Cell
         for kind, info_a, info_b in comparisons:
             values = stats[kind]
             method = info_a.method if kind == "pair" else f"{info_a.method} (control: {info_a.name} replaces A)"
-            row = (method, f"{pretty_arch(info_a.arch)} / {pretty_arch(info_b.arch)}", f"{info_a.name} vs {info_b.name}")
+            row = (method, f"{pretty_arch(info_a.arch)} / {pretty_arch(info_b.arch)}", data_label(source),
+                   f"{info_a.name} vs {info_b.name}")
             for column, value, text in (
                     ("k-NN A", 100 * values["accuracy_a"], _pct(100 * values["accuracy_a"])),
                     ("k-NN B", 100 * values["accuracy_b"], _pct(100 * values["accuracy_b"])),
@@ -333,22 +350,22 @@ def _consistency_rows(sources: list[Source], lookup: TrainingLookup, cells: Cell
 
 TABLE_LAYOUT: list[tuple[str, str, list[str], list[str]]] = [
     # name, title, row headers, value columns (None = computed from the cells)
-    ("table1", "Table 1: k-NN and linear probing top-1 (%)", ["Net1", "Net2"],
+    ("table1", "Table 1: k-NN and linear probing top-1 (%)", ["Net1", "Net2", "Data"],
      [f"{g} {c}" for g in ("k-NN", "Linear") for c in PAIR_COLUMNS]),
-    ("table4", "Table 4: semi-supervised top-1 (%)", ["Net1", "Net2"],
+    ("table4", "Table 4: semi-supervised top-1 (%)", ["Net1", "Net2", "Data"],
      [f"{g} {c}" for g in ("1%", "10%") for c in PAIR_COLUMNS]),
     ("table5", "Table 5: CIFAR transfer top-1 (%)", ["Net1", "Net2"],
      [f"{g} {c}" for g in ("CIFAR-10", "CIFAR-100") for c in PAIR_COLUMNS]),
     ("table6", "Table 6: COCO detection (bbox) and instance segmentation (segm), C4 Mask R-CNN",
      ["Method", "Net1", "Net2"], [f"{task} {metric}" for task, metric in COCO_COLUMNS]),
     ("table7", "Table 7: loss terms (from the checkpoints' training config)",
-     ["Net1", "Net2", "Lsm", "Lcm", "Lst", "Lct", "lambda1", "lambda2"],
+     ["Net1", "Net2", "Data", "Lsm", "Lcm", "Lst", "Lct", "lambda1", "lambda2"],
      ["Linear Net1", "Linear Net2", "k-NN Net1", "k-NN Net2"]),
     ("table8", "Table 8: cross-distillation weights lambda1, lambda2 (all four loss terms)",
-     ["Net1", "Net2", "lambda1", "lambda2"], ["Linear Net1", "Linear Net2", "k-NN Net1", "k-NN Net2"]),
-    ("table9", "Table 9: prediction consistency (k-NN predictions)", ["Method", "Backbones", "Models"],
+     ["Net1", "Net2", "Data", "lambda1", "lambda2"], ["Linear Net1", "Linear Net2", "k-NN Net1", "k-NN Net2"]),
+    ("table9", "Table 9: prediction consistency (k-NN predictions)", ["Method", "Backbones", "Data", "Models"],
      ["k-NN A", "k-NN B", "Consistency", "If independent", "Kappa"]),
-    ("all", "Every evaluated model", ["Model", "Arch", "Training"],
+    ("all", "Every evaluated model", ["Model", "Arch", "Training", "Data"],
      ["k-NN", "Linear", "Semi-sup 1%", "Semi-sup 10%", "CIFAR-10", "CIFAR-100"]),
 ]
 
@@ -429,7 +446,7 @@ def render_report(tables: list[Table], conflicts: list[dict[str, Any]], figures:
         parts.append("## Conflicts\n")
         for conflict in conflicts:
             values = "; ".join(f"{v['value']} ({v['source']}, {v['created']})" for v in conflict["values"])
-            parts.append(f"- {conflict['table']} / {conflict['row']} / {conflict['column']}: {values}; "
+            parts.append(f"- {conflict['row']} / {conflict['column']} (in {', '.join(conflict['tables'])}): {values}; "
                          f"shown: {conflict['shown']} (newest)")
         parts.append("")
     if figures:
