@@ -58,8 +58,8 @@ def figure(width: float = COLUMN_WIDTH, height: float = 2.3, ncols: int = 1, nro
 
 
 def pixel_size(width: float, height: float) -> tuple[int, int]:
-    """PNG size in pixels (width, height) of a `figure(width, height)`."""
-    return round(width * DPI), round(height * DPI)
+    """PNG size in pixels (width, height) of a `figure(width, height)`: matplotlib truncates to whole pixels."""
+    return int(width * DPI + 1e-6), int(height * DPI + 1e-6)
 
 
 def save(fig, stem: str | Path) -> dict[str, str]:
