@@ -10,6 +10,7 @@ rebuilds that block's softmax(q k^T / sqrt(d)) while the model itself keeps its 
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
@@ -25,13 +26,11 @@ from mokd_eval.errors import MokdError
 CNN_ATTENTION_ELEMENTS = 2**26
 
 
+@functools.lru_cache(maxsize=32)
 def patch_distances(grid: tuple[int, int], patch: float) -> torch.Tensor:
-    """N x N pixel distances between the centres of a row-major grid of patches (N = rows * cols)."""
-    rows, cols = grid
-    r, c = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64),
-                          indexing="ij")
-    coords = torch.stack([r.flatten(), c.flatten()], dim=1)
-    return torch.cdist(coords, coords) * patch
+    """N x N pixel distances between the centres of a row-major grid of patches (N = rows * cols); cached."""
+    rows, cols = np.divmod(np.arange(grid[0] * grid[1]), grid[1])
+    return torch.from_numpy(np.hypot(rows[:, None] - rows[None, :], cols[:, None] - cols[None, :]) * patch)
 
 
 def mean_attention_distance(attention: torch.Tensor, grid: tuple[int, int], patch: float, *,
@@ -67,40 +66,44 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
         raise MokdError(f"{type(model).__name__} has no transformer blocks: attention needs a ViT")
     modules = [getattr(block, "attn", None) for block in blocks]
     for attn in modules:
-        if attn is None or not all(hasattr(attn, name) for name in ("qkv", "num_heads", "head_dim", "scale")):
-            raise MokdError("only timm ViT blocks with a qkv attention (Attention) can be measured")
+        if attn is None or not all(hasattr(attn, name) for name in ("fused_attn", "attn_drop", "num_heads")):
+            raise MokdError("only timm ViT blocks with timm's Attention (fused_attn, attn_drop) can be measured")
     return modules
-
-
-def attention_from_qkv(attn: nn.Module, qkv: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T * scale) of a timm Attention from its qkv projection output (B, T, 3 * heads * head_dim)."""
-    batch, tokens, _ = qkv.shape
-    q, k, _ = qkv.reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    return ((q.float() * attn.scale) @ k.float().transpose(-2, -1)).softmax(dim=-1)
 
 
 @contextmanager
 def record_attention(model: nn.Module, on_attention: Callable[[int, torch.Tensor], None],
                      layers: Sequence[int] | None = None) -> Iterator[None]:
     """While active, every forward of `model` calls `on_attention(layer, A)` for each (0-based) block layer,
-    A = B x heads x T x T, computed from the block's own q and k during the same forward."""
+    A = B x heads x T x T, the block's own softmax(q k^T * scale) of that same forward.
+
+    timm's Attention computes that matrix explicitly (and passes it through `attn_drop`) when its fused kernel is
+    off; it is switched off for the recorded blocks only, and restored afterwards.
+    """
     modules = _attention_modules(model)
-    wanted = range(len(modules)) if layers is None else layers
-    handles = []
+    wanted = list(range(len(modules)) if layers is None else layers)
+    handles, fused = [], {}
+    seen: set[int] = set()
     for layer in wanted:
         attn = modules[layer]
+        fused[layer] = attn.fused_attn
+        attn.fused_attn = False
 
-        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor, layer: int = layer,
-                 attn: nn.Module = attn) -> None:
-            on_attention(layer, attention_from_qkv(attn, output))
+        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor, layer: int = layer) -> None:
+            seen.add(layer)
+            on_attention(layer, output)
 
-        handles.append(attn.qkv.register_forward_hook(hook))
+        handles.append(attn.attn_drop.register_forward_hook(hook))
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+        for layer, value in fused.items():
+            modules[layer].fused_attn = value
+    if seen and seen != set(wanted):
+        raise MokdError(f"attention of layers {sorted(set(wanted) - seen)} was not observed: this ViT's attention "
+                        "does not expose its weights")
 
 
 class ViTDistance:
