@@ -20,7 +20,10 @@ def test_more_classes_than_the_dataset_has_is_refused():
         draw_classes(10, 11, seed=0)
 
 
-def test_embedding_is_deterministic_and_two_dimensional():
+@pytest.mark.parametrize("engine", ["installed", "scikit-learn"])
+def test_embedding_is_deterministic_and_two_dimensional(engine, monkeypatch):
+    if engine == "scikit-learn":  # the fallback when openTSNE is absent
+        monkeypatch.setattr("analysis.tsne.engine_name", lambda: "scikit-learn")
     rng = np.random.default_rng(0)
     features = rng.normal(size=(60, 16)) + np.repeat(rng.normal(size=(3, 16)) * 4, 20, axis=0)
     first, second = embed(features, seed=0), embed(features, seed=0)
