@@ -46,7 +46,7 @@ def mean_attention_distance(attention: torch.Tensor, grid: tuple[int, int], patc
     if attention.shape[-1] != prefix_tokens + n_patches:
         raise MokdError(f"attention has {attention.shape[-1]} tokens but {prefix_tokens} prefix tokens + a "
                         f"{grid[0]}x{grid[1]} grid make {prefix_tokens + n_patches}")
-    patches = attention[..., prefix_tokens:, prefix_tokens:].double()
+    patches = attention[..., prefix_tokens:, prefix_tokens:].double()  # float32 sums would drift by ~1e-4 px
     if renormalize:
         mass = patches.sum(dim=-1, keepdim=True)
         if bool((mass <= 0).any()):
@@ -54,7 +54,7 @@ def mean_attention_distance(attention: torch.Tensor, grid: tuple[int, int], patc
                             "mean attention distance is undefined; measure without renormalize")
         patches = patches / mass
     distances = patch_distances(grid, patch).to(patches.device)
-    return (patches * distances).sum(dim=-1).mean(dim=-1)
+    return torch.einsum("bhij,ij->bh", patches, distances) / n_patches  # sum_i sum_j A[i, j] d(i, j), then / N
 
 
 # --- ViT: all layers in one forward pass ------------------------------------------------------------------------
