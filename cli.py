@@ -58,23 +58,57 @@ def _model_options(function: Callable) -> Callable:
     return function
 
 
+def _validated(check: Callable[[Any], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback running one of `mokd_eval.validation`'s checks while the options are parsed,
+    so that a bad value fails in one line before any work starts."""
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        return check(value)
+    return callback
+
+
+def _out_option(help_text: str = "Results JSON (default: results/<command>/<checkpoint name>.json).") -> Callable:
+    from mokd_eval.validation import check_output_file
+
+    return click.option("--out", type=click.Path(path_type=Path), default=None, help=help_text,
+                        callback=_validated(lambda path: None if path is None else check_output_file(path)))
+
+
+def _output_dir_option(default: Path | None, help_text: str) -> Callable:
+    from mokd_eval.validation import check_output_dir
+
+    return click.option("--output-dir", type=click.Path(path_type=Path), default=default, show_default=True,
+                        help=help_text, callback=_validated(
+                            lambda path: None if path is None else check_output_dir(path, option="--output-dir")))
+
+
+def _device_option(function: Callable) -> Callable:
+    from mokd_eval.validation import check_device
+
+    return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.",
+                        callback=_validated(check_device))(function)
+
+
 def _feature_options(function: Callable) -> Callable:
+    from mokd_eval.validation import check_image_size, check_num_workers, check_positive
+
     options = [
         click.option("--data", default=None, help="Dataset: imagefolder:PATH, cifar10:PATH, cifar100:PATH, digits, "
                                                   "shapes[:N]. Default: $MOKD_DATA, else digits."),
-        click.option("--image-size", type=int, default=None, help="Evaluation resolution (default: the protocol's)."),
+        click.option("--image-size", type=int, default=None, callback=_validated(check_image_size),
+                     help="Evaluation resolution (default: the protocol's)."),
         click.option("--feature", "feature", default="default", show_default=True,
                      help="default (pooled/CLS), patch_mean, or last_cls:N."),
-        click.option("--batch-size", type=int, default=256, show_default=True),
-        click.option("--num-workers", type=int, default=None, help="DataLoader workers (default: min(4, CPUs))."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--batch-size", type=int, default=256, show_default=True,
+                     callback=_validated(lambda value: check_positive(value, "--batch-size"))),
+        click.option("--num-workers", type=int, default=None, callback=_validated(check_num_workers),
+                     help="DataLoader workers (default: min(4, CPUs))."),
+        _device_option,
         click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
                      help="Feature cache (default: $MOKD_CACHE_DIR or ~/.cache/mokd)."),
         click.option("--no-cache", is_flag=True, help="Neither read nor write the feature cache."),
         click.option("--cache-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True),
         click.option("--skip-bad-images", is_flag=True, help="Skip unreadable images (counted) instead of failing."),
-        click.option("--out", type=click.Path(path_type=Path), default=None,
-                     help="Results JSON (default: results/<command>/<checkpoint name>.json)."),
+        _out_option(),
         click.option("--seed", type=int, default=0, show_default=True),
     ]
     for option in reversed(options):
@@ -85,19 +119,26 @@ def _feature_options(function: Callable) -> Callable:
 def _feature_settings(kwargs: dict[str, Any]):
     from mokd_eval.features import DEFAULT_CACHE_DIR, FeatureCache, FeatureKind
     from mokd_eval.pipeline import FeatureOptions
+    from mokd_eval.validation import check_output_dir
 
-    if kwargs["batch_size"] < 1:
-        raise MokdError("--batch-size must be at least 1")
-    root = None if kwargs["no_cache"] else (kwargs["cache_dir"] or DEFAULT_CACHE_DIR)
+    root = None if kwargs["no_cache"] else check_output_dir(kwargs["cache_dir"] or DEFAULT_CACHE_DIR,
+                                                           option="--cache-dir")
     return FeatureOptions(cache=FeatureCache(root, kwargs["cache_dtype"]), kind=FeatureKind.parse(kwargs["feature"]),
                           batch_size=kwargs["batch_size"], num_workers=kwargs["num_workers"], device=kwargs["device"])
 
 
-def _write(payload: dict[str, Any], out: Path | None, command: str, name: str) -> None:
-    from mokd_eval.results import default_out_path, write_results
+def _results_path(out: Path | None, command: str, name: str) -> Path:
+    """Where the results JSON will go, checked before any work (an explicit --out is checked while parsing)."""
+    from mokd_eval.results import default_out_path
+    from mokd_eval.validation import check_output_file
 
-    path = write_results(out or default_out_path(command, name), payload)
-    click.echo(f"results: {path}")
+    return out if out is not None else check_output_file(default_out_path(command, name))
+
+
+def _write(payload: dict[str, Any], path: Path) -> None:
+    from mokd_eval.results import write_results
+
+    click.echo(f"results: {write_results(path, payload)}")
 
 
 @click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -119,16 +160,18 @@ def knn(checkpoint: Path, ks: str, temperature: float, fp16_bank: bool, **kwargs
     from mokd_eval.distributed import setup, teardown
     from mokd_eval.knn_eval import knn_table, run_knn
 
+    out = _results_path(kwargs["out"], "knn", checkpoint.stem)
+    features = _feature_settings(kwargs)
     context = setup(kwargs["device"])  # under torchrun, extraction is sharded over the ranks
     try:
         payload = run_knn(checkpoint, data=kwargs["data"], ks=_parse_ks(ks), temperature=temperature,
-                          features=_feature_settings(kwargs), model=kwargs["model"], key=kwargs["key"],
+                          features=features, model=kwargs["model"], key=kwargs["key"],
                           trust=kwargs["trust"], image_size=kwargs["image_size"],
                           skip_bad_images=kwargs["skip_bad_images"], fp16_bank=fp16_bank, seed=kwargs["seed"],
                           echo=click.echo if context.is_main else _silent)
         if context.is_main:
             click.echo(knn_table(payload))
-            _write(payload, kwargs["out"], "knn", checkpoint.stem)
+            _write(payload, out)
     finally:
         teardown(context)
 
@@ -151,19 +194,19 @@ def _parse_ks(text: str) -> tuple[int, ...]:
 @_checkpoint_argument
 @click.option("--trust-checkpoint", "trust", is_flag=True,
               help="Allow a checkpoint that needs arbitrary unpickling (runs code from the file).")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Also write the inspection as JSON (default: results/inspect/<name>.json).")
+@_out_option("Also write the inspection as JSON (default: results/inspect/<name>.json).")
 def inspect(checkpoint: Path, trust: bool, out: Path | None) -> None:
     """Show a checkpoint's format, keys, models (inferred architecture), sizes and epoch."""
     from mokd_eval.checkpoints import inspect_checkpoint
     from mokd_eval.results import build_results
 
+    out = _results_path(out, "inspect", checkpoint.stem)
     report = inspect_checkpoint(checkpoint, trust=trust)
     click.echo(_inspection_text(report))
     models = [{"key": entry["key"], "arch": entry["arch"], "metrics": {}, **entry} for entry in report["models"]]
     payload = build_results(command="inspect", protocol={}, dataset={}, results=models, timings={}, seed=None,
                             config={"checkpoint": str(checkpoint), "inspection": report})
-    _write(payload, out, "inspect", checkpoint.stem)
+    _write(payload, out)
 
 
 def _inspection_text(report: dict[str, Any]) -> str:
@@ -179,10 +222,10 @@ def _inspection_text(report: dict[str, Any]) -> str:
 
 
 @mokd_eval.command()
-@click.option("--output-dir", type=click.Path(path_type=Path), default=Path("demo-output"), show_default=True)
+@_output_dir_option(Path("demo-output"), "Where checkpoints, logs and results go.")
 @click.option("--epochs", type=int, default=None, help="Training epochs per mode (default 4).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@_device_option
 def demo(output_dir: Path, epochs: int | None, seed: int, device: str) -> None:
     """Train the tiny pair on digits (independent and MOKD), k-NN all four models, print Table 1 in miniature."""
     from mokd_eval.demo import run_demo
