@@ -240,15 +240,18 @@ def demo(output_dir: Path, epochs: int | None, seed: int, device: str) -> None:
 
 def _image_options(function: Callable) -> Callable:
     """Data and run options of the analyses that look at images directly (no feature cache involved)."""
+    from mokd_eval.validation import check_image_size, check_positive
+
     options = [
         click.option("--data", default=None, help="Dataset: imagefolder:PATH, cifar10:PATH, cifar100:PATH, digits, "
                                                   "shapes[:N]. Default: $MOKD_DATA, else digits."),
-        click.option("--image-size", type=int, default=None, help="Input resolution (default: the protocol's)."),
-        click.option("--batch-size", type=int, default=16, show_default=True),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--image-size", type=int, default=None, callback=_validated(check_image_size),
+                     help="Input resolution (default: the protocol's)."),
+        click.option("--batch-size", type=int, default=16, show_default=True,
+                     callback=_validated(lambda value: check_positive(value, "--batch-size"))),
+        _device_option,
         click.option("--skip-bad-images", is_flag=True, help="Skip unreadable images instead of failing."),
-        click.option("--out", type=click.Path(path_type=Path), default=None,
-                     help="Results JSON (default: results/<command>/<name>.json); figures are written next to it."),
+        _out_option("Results JSON (default: results/<command>/<name>.json); figures are written next to it."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the image draw (and random init)."),
     ]
     for option in reversed(options):
@@ -256,17 +259,12 @@ def _image_options(function: Callable) -> Callable:
     return function
 
 
-def _out_path(out: Path | None, command: str, name: str) -> Path:
-    """The results JSON path, proven writable before any work starts (nothing is created yet)."""
-    from mokd_eval.results import default_out_path
+def _out_dir_option(default: Path | None, help_text: str) -> Callable:
+    from mokd_eval.validation import check_output_dir
 
-    path = out or default_out_path(command, name)
-    if path.is_dir():
-        raise MokdError(f"--out {path} is a directory; give a file name such as {path / (name + '.json')}")
-    existing = next(parent for parent in path.absolute().parents if parent.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise MokdError(f"cannot write {path}: {existing} is not a writable directory; choose another --out")
-    return path
+    return click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=default, show_default=True,
+                        help=help_text, callback=_validated(
+                            lambda path: None if path is None else check_output_dir(path, option="--out-dir")))
 
 
 def _figure_stem(path: Path) -> Path:
@@ -288,17 +286,18 @@ def consistency(checkpoint: Path, checkpoint_b: Path | None, control: Path | Non
                 key_control: str | None, k: int, temperature: float, **kwargs: Any) -> None:
     """Prediction consistency of two models (Table 9): agreement, right/wrong split, kappa, per class."""
     from analysis.consistency import consistency_table, run_consistency
+    from mokd_eval.validation import check_positive
 
-    if k < 1:
-        raise MokdError(f"--k must be at least 1, got {k}")
-    out = _out_path(kwargs["out"], "consistency", checkpoint.stem + (f"_vs_{checkpoint_b.stem}" if checkpoint_b else ""))
+    check_positive(k, "--k")
+    name = checkpoint.stem + (f"_vs_{checkpoint_b.stem}" if checkpoint_b else "")
+    out = _results_path(kwargs["out"], "consistency", name)
     payload = run_consistency(checkpoint, checkpoint_b, control=control, data=kwargs["data"],
                               features=_feature_settings(kwargs), keys=(kwargs["key"], key_b, key_control),
                               model=kwargs["model"], trust=kwargs["trust"], image_size=kwargs["image_size"],
                               skip_bad_images=kwargs["skip_bad_images"], k=k, temperature=temperature,
                               seed=kwargs["seed"], echo=click.echo)
     click.echo(consistency_table(payload))
-    _write(payload, out, "consistency", checkpoint.stem)
+    _write(payload, out)
 
 
 @mokd_eval.command()
@@ -313,13 +312,13 @@ def tsne(checkpoint: Path, more: tuple[Path, ...], classes: int, split: str, **k
     from analysis.tsne import run_tsne, tsne_table
 
     checkpoints = [checkpoint, *more]
-    out = _out_path(kwargs["out"], "tsne", "_vs_".join(path.stem for path in checkpoints))
+    out = _results_path(kwargs["out"], "tsne", "_vs_".join(path.stem for path in checkpoints))
     payload = run_tsne(checkpoints, data=kwargs["data"], features=_feature_settings(kwargs), classes=classes,
                        split=split, model=kwargs["model"], key=kwargs["key"], trust=kwargs["trust"],
                        image_size=kwargs["image_size"], skip_bad_images=kwargs["skip_bad_images"],
                        seed=kwargs["seed"], out_stem=_figure_stem(out), echo=click.echo)
     click.echo(tsne_table(payload))
-    _write(payload, out, "tsne", checkpoint.stem)
+    _write(payload, out)
 
 
 @mokd_eval.command()
@@ -336,10 +335,8 @@ def mad(checkpoints: tuple[Path, ...], images: int, per_block: bool, renormalize
     """Mean attention distance per layer and head (Fig. 5/S2); no checkpoint = the random-init --model."""
     from analysis.mad_eval import mad_table, run_mad
 
-    if kwargs["batch_size"] < 1:
-        raise MokdError("--batch-size must be at least 1")
     name = "_vs_".join(path.stem for path in checkpoints) or f"random_{kwargs['model']}"
-    out = _out_path(kwargs["out"], "mad", name)
+    out = _results_path(kwargs["out"], "mad", name)
     payload = run_mad(list(checkpoints), data=kwargs["data"], model=kwargs["model"], key=kwargs["key"],
                       trust=kwargs["trust"], image_size=kwargs["image_size"], images=images,
                       batch_size=kwargs["batch_size"], device=kwargs["device"], per_block=per_block,
@@ -347,7 +344,7 @@ def mad(checkpoints: tuple[Path, ...], images: int, per_block: bool, renormalize
                       skip_bad_images=kwargs["skip_bad_images"], seed=kwargs["seed"], out_stem=_figure_stem(out),
                       echo=click.echo)
     click.echo(mad_table(payload))
-    _write(payload, out, "mad", name)
+    _write(payload, out)
 
 
 @mokd_eval.command()
@@ -360,50 +357,50 @@ def attention(checkpoint: Path, layer: int, images: int, **kwargs: Any) -> None:
     """Class-token attention maps of any ViT layer, per head, over sample images (a grid figure)."""
     from analysis.attention_maps import attention_table, run_attention
 
-    out = _out_path(kwargs["out"], "attention", checkpoint.stem)
+    out = _results_path(kwargs["out"], "attention", checkpoint.stem)
     payload = run_attention(checkpoint, layer=layer, data=kwargs["data"], model=kwargs["model"], key=kwargs["key"],
                             trust=kwargs["trust"], image_size=kwargs["image_size"], images=images,
                             skip_bad_images=kwargs["skip_bad_images"], seed=kwargs["seed"],
                             out_stem=_figure_stem(out), echo=click.echo)
     click.echo(attention_table(payload))
-    _write(payload, out, "attention", checkpoint.stem)
+    _write(payload, out)
 
 
 @mokd_eval.command()
 @click.argument("results_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=Path("report"), show_default=True,
-              help="Where report.md, tables/*.{md,tex,csv} and report.json go.")
+@_out_dir_option(Path("report"), "Where report.md, tables/*.{md,tex,csv} and report.json go.")
 def report(results_dir: Path, out_dir: Path) -> None:
     """Gather every results JSON under RESULTS_DIR into the paper's tables (Markdown, LaTeX, CSV) and figures."""
     from analysis.report import report_summary, run_report
 
-    out = _out_path(out_dir / "report.json", "report", "report")
+    out = out_dir / "report.json"
     payload = run_report(results_dir, out_dir, echo=click.echo)
     click.echo(report_summary(payload))
-    _write(payload, out, "report", "report")
+    _write(payload, out)
 
 
 @mokd_eval.command()
 @_checkpoint_argument
 @_model_options
 @_feature_options
-@click.option("--out-dir", type=click.Path(path_type=Path), default=None,
-              help="Where every step's results JSON goes (default: results/suite/<checkpoint name>).")
+@_out_dir_option(None, "Where every step's results JSON goes (default: results/suite/<checkpoint name>).")
 @click.option("--skip", default=None, help="Comma-separated steps to leave out: knn, linear, semisup, cifar, coco, "
                                            "consistency, tsne, mad, report.")
 def suite(checkpoint: Path, out_dir: Path | None, skip: str | None, **kwargs: Any) -> None:
     """The whole paper for one checkpoint (pair): every protocol and analysis, resumable, then the report."""
     from analysis.suite import SuiteContext, parse_skip, run_suite, suite_table
 
+    from mokd_eval.validation import check_output_dir, check_output_file
+
     skipped = parse_skip(skip)
-    directory = out_dir or Path("results") / "suite" / checkpoint.stem
-    out = _out_path(kwargs["out"] or directory / "suite" / f"{checkpoint.stem}.json", "suite", checkpoint.stem)
+    directory = out_dir or check_output_dir(Path("results") / "suite" / checkpoint.stem, option="--out-dir")
+    out = kwargs["out"] or check_output_file(directory / "suite" / f"{checkpoint.stem}.json")
     context = SuiteContext(checkpoint=checkpoint, out_dir=directory, data=kwargs["data"],
                            features=_feature_settings(kwargs), model=kwargs["model"], key=kwargs["key"],
                            trust=kwargs["trust"], image_size=kwargs["image_size"], seed=kwargs["seed"], echo=click.echo)
     payload = run_suite(context, skip=skipped)
     click.echo(suite_table(payload))
-    _write(payload, out, "suite", checkpoint.stem)
+    _write(payload, out)
     failed = [step["step"] for step in payload["steps"] if step["status"] == "failed"]
     if failed:
         raise MokdError(f"suite: step(s) {', '.join(failed)} failed (reasons above); fix and rerun, finished steps "
