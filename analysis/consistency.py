@@ -59,11 +59,15 @@ def consistency_stats(pred_a: np.ndarray, pred_b: np.ndarray, labels: np.ndarray
             "per_class_agreement": per_class, "n": int(len(labels))}
 
 
+KEY_OPTIONS = {"A": "--key", "B": "--key-b", "control": "--key-control"}
+
+
 def _one_model(checkpoint: Path, key: str | None, role: str, model: str | None, trust: bool,
                echo: Callable[[str], None]) -> LoadedBackbone:
     loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo)
     if len(loaded) > 1:
-        echo(f"{role}: {checkpoint} holds {len(loaded)} models; using '{loaded[0].key}' (choose with its --key option)")
+        echo(f"{role}: {checkpoint} holds {len(loaded)} models; using '{loaded[0].key}' "
+             f"(choose with {KEY_OPTIONS[role]})")
     return loaded[0]
 
 
