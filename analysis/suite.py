@@ -65,11 +65,21 @@ def _consistency_args(context: SuiteContext) -> dict[str, Any]:
     return {"checkpoint_a": context.checkpoint}
 
 
+def _needs_a_pair(context: SuiteContext) -> str | None:
+    """Consistency compares the two models of a pair checkpoint; a single model has nothing to compare."""
+    from mokd_eval.checkpoints import read_checkpoint
+
+    if context.key is None and len(read_checkpoint(context.checkpoint, trust=context.trust).default_keys) == 2:
+        return None
+    return "needs a pair checkpoint evaluated without --key (run mokd-eval consistency with a second checkpoint)"
+
+
 @dataclass(frozen=True)
 class Step:
     name: str
     target: str  # "module:function" returning the results payload
     extra: Callable[[SuiteContext], dict[str, Any]] = field(default=lambda context: {})
+    skip_reason: Callable[[SuiteContext], str | None] = field(default=lambda context: None)
 
 
 STEPS: tuple[Step, ...] = (
@@ -78,7 +88,7 @@ STEPS: tuple[Step, ...] = (
     Step("semisup", "mokd_eval.semisup_eval:run_semisup"),
     Step("cifar", "mokd_eval.cifar_eval:run_cifar"),
     Step("coco", "mokd_eval.coco_eval:run_coco"),
-    Step("consistency", "analysis.consistency:run_consistency", _consistency_args),
+    Step("consistency", "analysis.consistency:run_consistency", _consistency_args, _needs_a_pair),
     Step("tsne", "analysis.tsne:run_tsne", _checkpoint_list),
     Step("mad", "analysis.mad_eval:run_mad", _checkpoint_list),
 )
@@ -138,7 +148,9 @@ def run_step(step: Step, context: SuiteContext) -> dict[str, Any]:
     if reusable(path, settings):
         return {"step": step.name, "status": "reused", "results": str(path)}
     function, reason = resolve(step)
-    if function is None:
+    if function is not None:
+        reason = step.skip_reason(context)
+    if reason is not None:
         return {"step": step.name, "status": "skipped", "reason": reason}
     arguments, missing = call_arguments(function, {**context.common(step.name), **step.extra(context)})
     if missing:

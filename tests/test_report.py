@@ -153,3 +153,41 @@ def test_a_foreign_directory_is_refused(tmp_path):
     with pytest.raises(MokdError, match="2 JSON file"):
         run_report(tmp_path, tmp_path / "report")
     assert not (tmp_path / "report").exists()
+
+
+def test_model_record_says_how_each_format_was_trained(checkpoint_factory, tiny_cnn_spec, tiny_vit_spec):
+    from mokd_eval.checkpoints import load_backbones
+    from mokd_eval.pipeline import model_record
+
+    official, _ = checkpoint_factory.official_mokd(tiny_cnn_spec, tiny_vit_spec)
+    records = [model_record(entry)["checkpoint"]["training"] for entry in load_backbones(official)]
+    assert [(r["mode"], r["net"], r["pair"]) for r in records] == [
+        ("mokd", 1, [tiny_cnn_spec.name, tiny_vit_spec.name]), ("mokd", 2, [tiny_cnn_spec.name, tiny_vit_spec.name])]
+    dino, _ = checkpoint_factory.dino(tiny_cnn_spec)
+    (single,) = [model_record(entry)["checkpoint"]["training"] for entry in load_backbones(dino)]
+    assert single["mode"] == "independent" and single["pair"] is None
+
+
+def native_trained(factory, cnn_spec, vit_spec, tmp_path):
+    """A mokd checkpoint whose stored config names its mode, loss terms and lambdas, as the trainer writes it."""
+    import torch
+
+    path, _ = factory.mokd_native(cnn_spec, vit_spec, name="trained.pth")
+    state = torch.load(path, weights_only=True)
+    state["mode"] = "mokd"
+    state["config"] = {"mode": "mokd", "losses": ["sm", "cm"], "lambda1": 0.1, "lambda2": 1.0}
+    torch.save(state, path)
+    return path
+
+
+def test_report_reads_the_training_config_from_the_checkpoint_when_the_json_lacks_it(
+        checkpoint_factory, tiny_cnn_spec, tiny_vit_spec, tmp_path):
+    path = native_trained(checkpoint_factory, tiny_cnn_spec, tiny_vit_spec, tmp_path)
+    entries = [{"key": key, "arch": arch, "checkpoint": {"path": str(path), "sha256": "0" * 64, "format": "mokd"},
+                "metrics": top1("linear", value)}
+               for key, arch, value in (("teacher1", tiny_cnn_spec.name, 80.0), ("teacher2", tiny_vit_spec.name, 70.0))]
+    write(tmp_path / "results", "trained", "linear", entries, "2026-01-01T00:00:00+00:00", data="in100")
+    payload = run_report(tmp_path / "results", tmp_path / "report", echo=lambda message: None)
+    (row,) = payload["report"]["tables"]["table7"]["rows"]
+    assert row[2:] == ["in100", "✓", "✓", "", "", "0.1", "1", "80.0", "70.0", "–", "–"]
+    assert payload["report"]["tables"]["table1"]["rows"] == []  # an ablation run is not Table 1's MOKD

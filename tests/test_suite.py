@@ -83,3 +83,16 @@ def test_suite_runs_every_available_step_then_reuses_them(checkpoint_factory, tm
     third = {step["step"]: step["status"]
              for step in json.loads((tmp_path / "suite" / "suite" / "pair.json").read_text())["steps"]}
     assert third["knn"] == "done"
+
+
+def test_consistency_is_skipped_for_a_single_model_checkpoint(checkpoint_factory, tiny_cnn_spec, tmp_path):
+    from analysis.suite import SuiteContext
+    from mokd_eval.features import FeatureCache
+    from mokd_eval.pipeline import FeatureOptions
+
+    path, _ = checkpoint_factory.dino(tiny_cnn_spec)
+    context = SuiteContext(checkpoint=path, out_dir=tmp_path, data="shapes:50",
+                           features=FeatureOptions(cache=FeatureCache(None)), model=None, key=None, trust=False,
+                           image_size=None, seed=0, echo=lambda message: None)
+    status = run_step(next(step for step in STEPS if step.name == "consistency"), context)
+    assert status["status"] == "skipped" and "needs a pair checkpoint" in status["reason"]
