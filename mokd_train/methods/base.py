@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_functional
+import torch.distributed._functional_collectives as collectives
 import torch.nn.functional as F
 from torch import nn
 
@@ -53,7 +53,8 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if world_size() == 1:
         return x
-    return _interleave(dist_functional.all_gather(x))
+    gathered = collectives.all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD)
+    return _interleave(gathered.chunk(world_size()))
 
 
 @torch.no_grad()
