@@ -192,8 +192,11 @@ def check_compatible(state: dict[str, Any], path: Path, specs: tuple[ArchSpec, A
     saved = tuple(ArchSpec.from_dict(state["archs"][key]) for key in ("1", "2"))
     saved_method = state.get("method", "mokd")
     if saved != specs or state["mode"] != mode or saved_method != method:
-        raise MokdError(f"{path} holds a {saved_method} {state['mode']} run of {saved[0].name} + {saved[1].name}, "
-                        f"but the config asks for {method} {mode} with {specs[0].name} + {specs[1].name}: use "
+        def run(which: str, run_mode: str) -> str:
+            return run_mode if which == "mokd" else f"{which} {run_mode}"
+
+        raise MokdError(f"{path} holds a {run(saved_method, state['mode'])} run of {saved[0].name} + {saved[1].name}, "
+                        f"but the config asks for {run(method, mode)} with {specs[0].name} + {specs[1].name}: use "
                         f"another --output-dir or --no-resume")
 
 
