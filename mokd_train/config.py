@@ -334,6 +334,8 @@ def validate(config: TrainConfig) -> None:
     if config.method != "mokd":
         if config.export_official or config.init_from:
             raise MokdError(f"--export-official and --init-from hold MOKD pairs only, not --method {config.method}")
+        if tuple(config.losses) != LOSS_TERMS:
+            raise MokdError(f"--losses switches MOKD's terms and does not apply to --method {config.method}: drop it")
         if config.method in FAITHFUL_PEERS and config.n_local:
             raise MokdError(f"--method {config.method} trains on two views: set n_local to 0 (its default)")
         if config.queue_size < 1:

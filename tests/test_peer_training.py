@@ -115,5 +115,7 @@ def test_method_settings_are_validated_in_one_line(tmp_path):
         small_config(tmp_path, "dogo", n_local=2)
     with pytest.raises(MokdError, match="MOKD pairs only"):
         small_config(tmp_path, "dogo", export_official=True)
+    with pytest.raises(MokdError, match="does not apply to --method mcl"):
+        small_config(tmp_path, "mcl", losses=("sm", "cm"))
     with pytest.raises(MokdError, match="'method' must be one of"):
         small_config(tmp_path, "simclr")
