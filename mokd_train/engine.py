@@ -38,7 +38,7 @@ from mokd_train.config import (AUGMENTATION_PROBABILITIES, TrainConfig, arch_spe
 from mokd_eval.distributed import DistContext
 from mokd_train.distributed import EpochShardSampler, ddp_wrapper, synchronise_batchnorm
 from mokd_train.losses import NonFiniteLossError
-from mokd_train.methods import build_peer_pair
+from mokd_train.methods import CONSTANT_EMA, build_peer_pair
 from mokd_train.methods.base import PeerPair
 from mokd_train.pair import MokdPair, PairConfig
 from mokd_train.schedules import cosine_schedule
@@ -145,7 +145,8 @@ def build_schedules(cfg: TrainConfig, steps_per_epoch: int) -> Schedules:
             "vit": cosine_schedule(cfg.lr_vit * scale, cfg.min_lr_vit, epochs, steps_per_epoch, warmup)},
         weight_decay={"resnet": np.full(epochs * steps_per_epoch, cfg.weight_decay_cnn),
                       "vit": cosine_schedule(cfg.weight_decay_vit, cfg.weight_decay_end_vit, epochs, steps_per_epoch)},
-        momentum=cosine_schedule(cfg.momentum_teacher, 1.0, epochs, steps_per_epoch),
+        momentum=cosine_schedule(cfg.momentum_teacher, cfg.momentum_teacher if cfg.method in CONSTANT_EMA else 1.0,
+                                 epochs, steps_per_epoch),
     )
 
 

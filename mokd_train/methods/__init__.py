@@ -34,6 +34,8 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "dino+dogo": {},
     "dino+mcl": {},
 }
+# Methods whose EMA momentum stays at momentum_teacher (MoCo's key encoders) instead of DINO's cosine to 1.
+CONSTANT_EMA = frozenset({"mcl"})
 # Queue length of the MCL methods on the CPU-sized `tiny` preset (digits has 1,437 training images).
 TINY_QUEUE_SIZE = 1024
 

@@ -12,7 +12,6 @@ linear head, MoCo v1's name), so `mokd-eval` reads every network with its usual 
 from __future__ import annotations
 
 import math
-from abc import abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -88,7 +87,7 @@ class PeerNetwork(nn.Module):
 
         "dino": MLP-Head logits of the globals then the locals; "bottleneck": the MLP-Head's L2-normalised
         bottleneck of the globals; "proj": the projection head of the globals; "q": the L2-normalised
-        linear head of the first B global rows (the query crop).
+        linear head of the globals (the caller keeps the query crop's rows).
         """
         pooled = self.pooled(global_crops)
         result: dict[str, torch.Tensor] = {}
@@ -104,8 +103,7 @@ class PeerNetwork(nn.Module):
         if "proj" in outputs:
             result["proj"] = F.normalize(self.head(pooled), dim=-1)
         if "q" in outputs:
-            batch = pooled.shape[0] if "dino" not in outputs and "bottleneck" not in outputs else pooled.shape[0] // 2
-            result["q"] = F.normalize(self.fc(pooled[:batch]), dim=-1)
+            result["q"] = F.normalize(self.fc(pooled), dim=-1)
         return result
 
 
@@ -143,14 +141,14 @@ class PeerPair(nn.Module):
 
     # -- to implement --
 
-    @abstractmethod
     def build_network(self, spec: ArchSpec, *, drop_path_rate: float) -> PeerNetwork:
         """A randomly initialised student of this method."""
+        raise NotImplementedError
 
-    @abstractmethod
     def _terms(self, crops: list[torch.Tensor], epoch: int) -> tuple[list[dict[str, torch.Tensor]],
                                                                      list[torch.Tensor]]:
         """(per-model term dicts, per-model totals) of one step; self terms first in each dict."""
+        raise NotImplementedError
 
     def _after_step(self) -> None:
         """State updates that must wait until every term is known finite (centers, queues)."""

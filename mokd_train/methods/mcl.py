@@ -1,7 +1,7 @@
 """MCL (Mutual Contrastive Learning, AAAI 2022, self-supervised on MoCo v1) and the adapted `dino+mcl`.
 
 Faithful `mcl`: each network is a MoCo v1 query encoder (backbone + 128-d linear `fc`) with its EMA key
-encoder (the "teacher", constant momentum `momentum_teacher` = 0.999) and its own queue of K keys. Both
+encoder (the "teacher", momentum `momentum_teacher` = 0.999, held constant by the engine's schedule) and its own queue of K keys. Both
 networks see the same query crop (global crop 1) and key crop (global crop 2). With ℓ_ii = [q_i·k_i, q_i·Q_i]/T
 and ℓ_ij = [q_i·k_j, q_i·Q_j]/T (T = 0.07): L_i = CE(ℓ_ii) + λ_i·(KD₃(ℓ_ii ‖ sg ℓ_jj) + CE(ℓ_ij) + KD₃(ℓ_ij ‖ sg ℓ_ji)),
 λ = 1 by default. After the step both queues receive their network's keys at the same pointer (lock-step),
@@ -71,6 +71,7 @@ class MclPair(PeerPair):
         else:
             global_crops, local_crops, wanted = crops[0], None, frozenset({"q"})
         outputs = [self.student_outputs(i, global_crops, local_crops, wanted) for i in (0, 1)]
+        queries = [output["q"][:batch] for output in outputs if "q" in output]
         keys, terms = [], [{}, {}]
         for i, teacher in enumerate(self.teachers):
             with torch.no_grad():
@@ -83,8 +84,8 @@ class MclPair(PeerPair):
         if self.dino and not self.interactive:
             return terms, [terms[i]["sm"] for i in (0, 1)]
         queues = self.queues
-        within = [contrastive_logits(outputs[i]["q"], keys[i], queues[i]) for i in (0, 1)]
-        across = [contrastive_logits(outputs[i]["q"], keys[1 - i], queues[1 - i]) for i in (0, 1)]
+        within = [contrastive_logits(queries[i], keys[i], queues[i]) for i in (0, 1)]
+        across = [contrastive_logits(queries[i], keys[1 - i], queues[1 - i]) for i in (0, 1)]
         totals = []
         for i in (0, 1):
             mcl = mcl_terms(within[i], across[i], within[1 - i], across[1 - i], interactive=self.interactive)
@@ -101,17 +102,10 @@ class MclPair(PeerPair):
         """Both queues take their network's keys of the global batch at the same pointer."""
         if self.dino and not self.interactive:
             return
-        pointer = int(self.queue_ptr)
+        pointer, size = int(self.queue_ptr), self.cfg.batch_size
         for queue, keys in zip(self.queues, self._keys):
-            gathered = gather_without_grad(keys)
-            queue[pointer:pointer + gathered.shape[0]] = gathered.to(queue.dtype)
-            size = gathered.shape[0]
+            queue[pointer:pointer + size] = gather_without_grad(keys).to(queue.dtype)
         self.queue_ptr.fill_((pointer + size) % self.cfg.queue_size)
-
-    @torch.no_grad()
-    def update_teachers(self, momentum: float) -> None:
-        """Faithful MCL: MoCo's constant key-encoder momentum; the adaptation follows DINO's schedule."""
-        super().update_teachers(momentum if self.dino else self.cfg.momentum_teacher)
 
     def method_state_dict(self) -> dict[str, torch.Tensor]:
         return {name: buffer.detach().clone() for name, buffer in
