@@ -100,3 +100,15 @@ def test_contrastive_ce_equals_cross_entropy_at_target_zero():
     logits = torch.randn(6, 11, dtype=torch.float64) * 5
     reference = F.cross_entropy(logits, torch.zeros(6, dtype=torch.long))
     assert contrastive_ce(logits).item() == pytest.approx(reference.item(), rel=1e-12)
+
+
+def test_losses_stay_fp32_under_bf16_autocast():
+    torch.manual_seed(5)
+    z_x, z_y = F.normalize(torch.randn(8, 32), dim=1), F.normalize(torch.randn(8, 32), dim=1)
+    queue = F.normalize(torch.randn(64, 32), dim=1)
+    plain = (nt_xent(z_x, z_y), relation_log_probs(z_x, z_y), contrastive_logits(z_x, z_y, queue))
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        mixed = (nt_xent(z_x, z_y), relation_log_probs(z_x, z_y), contrastive_logits(z_x, z_y, queue))
+    for reference, value in zip(plain, mixed):
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, reference, rtol=0, atol=0)

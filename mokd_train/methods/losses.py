@@ -5,11 +5,15 @@
   view-1-vs-view-2 cosine matrix, reduced by ÷B² (PyTorch's old 'mean') or per row ('batchmean').
 - `contrastive_logits`, `mcl_terms`: MCL's within- and across-network MoCo logits and its four terms.
 
-Everything is computed in fp32 whatever the autocast dtype: these losses exponentiate cosines divided
-by small temperatures.
+Everything is computed in fp32 whatever the autocast dtype (autocast is switched off inside, since it would
+otherwise run the matmuls in bf16/fp16): these losses exponentiate cosines divided by small temperatures.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +23,21 @@ DOGO_KL_TEMPERATURE = 0.1
 MCL_TEMPERATURE = 0.07
 MCL_KD_TEMPERATURE = 3.0
 REDUCTIONS = ("b2", "batchmean")
+Function = TypeVar("Function", bound=Callable)
 
 
+def in_fp32(function: Function) -> Function:
+    """Run `function` with autocast off on its first argument's device (its tensors are cast to fp32 inside)."""
+
+    @functools.wraps(function)
+    def wrapper(first: torch.Tensor, *args, **kwargs):
+        with torch.autocast(device_type=first.device.type, enabled=False):
+            return function(first, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@in_fp32
 def nt_xent(z_x: torch.Tensor, z_y: torch.Tensor, temperature: float = DOGO_TEMPERATURE) -> torch.Tensor:
     """Mean over the 2B anchors of -log softmax(positive) among the 2B - 1 other views (inputs L2-normalised)."""
     z = torch.cat([z_x, z_y]).float()
@@ -31,6 +48,7 @@ def nt_xent(z_x: torch.Tensor, z_y: torch.Tensor, temperature: float = DOGO_TEMP
     return F.cross_entropy(logits, positives)
 
 
+@in_fp32
 def relation_log_probs(z_x: torch.Tensor, z_y: torch.Tensor,
                        temperature: float = DOGO_KL_TEMPERATURE) -> torch.Tensor:
     """Row log-softmax of R_ij = cos(z_x,i, z_y,j) / τ_KL (view-1 rows, view-2 columns, not symmetrised)."""
@@ -51,6 +69,7 @@ def relation_kl(own: torch.Tensor, peer: torch.Tensor, reduction: str = "b2") ->
     return total / (batch * batch if reduction == "b2" else batch)
 
 
+@in_fp32
 def contrastive_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor,
                        temperature: float = MCL_TEMPERATURE) -> torch.Tensor:
     """MoCo logits [q·k, q·queue] / T (B×(1+K)); the positive is column 0. Keys and queue carry no gradient;
@@ -71,6 +90,7 @@ def contrastive_ce(logits: torch.Tensor) -> torch.Tensor:
     return F.softplus(torch.logsumexp(logits[:, 1:] - logits[:, :1], dim=1)).mean()
 
 
+@in_fp32
 def soft_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float = MCL_KD_TEMPERATURE) -> torch.Tensor:
     """T²·KL(softmax(teacher/T) ‖ softmax(student/T)), batchmean; the teacher logits are detached."""
     target = F.log_softmax(teacher.detach().float() / temperature, dim=-1)
