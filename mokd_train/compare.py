@@ -93,6 +93,6 @@ def comparison_table(runs: dict[tuple[str, str], dict[str, Any]], methods: tuple
             rows.append([f"{method_label(method)} (vs {BASELINES[method]})", f"Net{index + 1} ({plain['arch']})",
                          _best(plain), _best(paired), _best(paired) - _best(plain)])
     rows.append(["raw pixels (reference)", "", baseline["metrics"][str(baseline["best_k"])]["top1"], "", ""])
-    return format_table(["Method", "Backbone", "Independent", "Method", "delta"], rows,
+    return format_table(["Method (vs its baseline)", "Backbone", "Independent", "Method", "delta"], rows,
                         title=f"k-NN top-1 (%) on {DEMO_DATA} val, best k: online-distillation methods, "
                               f"same seed, data order and epochs")
