@@ -73,6 +73,7 @@ def test_checkpoints_evaluate_the_online_networks_in_mokd_eval_knn(digits_runs, 
     assert result.exit_code == 0, result.output
     entries = json.loads(out.read_text())["results"]
     assert [entry["key"] for entry in entries] == ["student1", "student2"]
+    assert {entry["checkpoint"]["training"]["method"] for entry in entries} == {method}
     assert [entry["arch"] for entry in entries] == ["r_tiny", "test_vit"]
     for entry in entries:
         assert entry["metrics"]["knn"]["5"]["top1"] > 20.0  # 10 classes: chance is 10 %
