@@ -228,13 +228,331 @@ def _inspection_text(report: dict[str, Any]) -> str:
 @click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
               help="Number of seeds (seed, seed+1, ...); several print mean +/- std.")
 @_device_option
-def demo(output_dir: Path, epochs: int | None, seed: int, seeds: int, device: str) -> None:
+@click.option("--methods", default=None,
+              help="Compare online-distillation methods instead, e.g. mokd,dogo,mcl (also dino+dogo, dino+mcl): "
+                   "each method and its Independent baseline, one table.")
+def demo(output_dir: Path, epochs: int | None, seed: int, seeds: int, device: str, methods: str | None) -> None:
     """Train the tiny pair on digits (independent, MOKD), k-NN them and their random init: Table 1 in miniature."""
     from mokd_eval.demo import run_demo
     from mokd_eval.knn import DEFAULT_KS, DEFAULT_TEMPERATURE
 
+    if methods is not None:  # issue 10: the method comparison (mokd_train/compare.py)
+        from mokd_train.compare import parse_methods, run_compare_demo
+
+        run_compare_demo(output_dir, parse_methods(methods), epochs=epochs, seed=seed, device=device, ks=DEFAULT_KS,
+                         temperature=DEFAULT_TEMPERATURE, echo=click.echo)
+        return
     run_demo(output_dir, epochs=epochs, seed=seed, seeds=seeds, device=device, ks=DEFAULT_KS,
              temperature=DEFAULT_TEMPERATURE, echo=click.echo)
+
+
+def _positive(option: str) -> Callable:
+    from mokd_eval.validation import check_positive
+
+    return _validated(lambda value: check_positive(value, option))
+
+
+def _checked_size(option: str) -> Callable:
+    from mokd_eval.validation import check_image_size
+
+    return _validated(lambda value: check_image_size(value, option=option))
+
+
+def _parse_sizes(ctx: click.Context, param: click.Parameter, text: str | None) -> tuple[int, int] | None:
+    """--train-sizes LOW,HIGH, checked while the options are parsed."""
+    from mokd_eval.validation import check_image_size
+
+    if text is None:
+        return None
+    try:
+        low, high = (int(part) for part in text.split(","))
+    except ValueError:
+        raise MokdError(f"--train-sizes takes LOW,HIGH in pixels such as 600,800, not {text!r}") from None
+    if low > high:
+        raise MokdError(f"--train-sizes {text}: LOW must not exceed HIGH")
+    return check_image_size(low, option="--train-sizes"), check_image_size(high, option="--train-sizes")
+
+
+@mokd_eval.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path), required=False)
+@click.option("--backbone", required=True, type=click.Choice(["r18", "r34", "r50", "r101"]),
+              help="The checkpoint's ResNet (checked against the file). Without CHECKPOINT: random init ('scratch').")
+@click.option("--data", required=True, help="COCO root (annotations/instances_{train,val}2017.json, {train,val}2017/) "
+                                            "or shapes-coco[:N[:SIZE]] (generated).")
+@click.option("--engine", type=click.Choice(["auto", "torchvision", "detectron2"]), default="auto", show_default=True,
+              help="auto = detectron2 when importable, else the torchvision rebuild.")
+@click.option("--res5-head", type=click.Choice(["native", "d2-bottleneck"]), default="native", show_default=True,
+              help="native = the backbone's own layer4 (all weights load); d2-bottleneck = detectron2's stock head.")
+@click.option("--norm", type=click.Choice(["syncbn", "frozenbn"]), default="syncbn", show_default=True,
+              help="syncbn = MoCo's SSL-transfer recipe; frozenbn = stock detectron2 (stem+res2 frozen).")
+@click.option("--schedule", type=click.Choice(["1x", "2x"]), default="2x", show_default=True,
+              help="90k / 180k iterations at 16 images (MoCo's COCO transfer uses 2x).")
+@click.option("--iters", type=int, default=None, callback=_positive("--iters"),
+              help="Train N iterations instead (steps stay at 2/3 and 8/9).")
+@click.option("--batch-size", type=int, default=None, callback=_positive("--batch-size"),
+              help="Images per iteration, all ranks (default 16; shapes-coco 4).")
+@click.option("--lr", type=float, default=0.02, show_default=True, callback=_positive("--lr"),
+              help="Learning rate per 16 images (scaled linearly).")
+@click.option("--warmup-iters", type=int, default=None, callback=_positive("--warmup-iters"),
+              help="Linear warm-up (default 1000, at most iters/10).")
+@click.option("--train-sizes", default=None, callback=_parse_sizes,
+              help="Train short side LOW,HIGH, uniform (default 600,800; shapes-coco: its image size).")
+@click.option("--test-size", type=int, default=None, callback=_checked_size("--test-size"),
+              help="Test short side (default 800; shapes-coco: its size).")
+@click.option("--max-size", type=int, default=1333, show_default=True, callback=_checked_size("--max-size"))
+@click.option("--rois-per-image", type=int, default=None, callback=_positive("--rois-per-image"),
+              help="RoIs sampled per training image (default 512; shapes-coco 32).")
+@click.option("--test-proposals", type=int, default=None, callback=_positive("--test-proposals"),
+              help="RPN proposals kept per test image (default 1000; shapes-coco 50).")
+@click.option("--precise-bn-iters", type=click.IntRange(min=0), default=None,
+              help="Precise-BN batches before evaluation (default 200, at most iters/10; 0 disables).")
+@click.option("--checkpoint-period", type=int, default=5000, show_default=True,
+              callback=_positive("--checkpoint-period"))
+@_output_dir_option(None, "Detector checkpoints (default results/coco/<checkpoint name>/<key>).")
+@click.option("--resume", is_flag=True, help="Continue from detector_last.pt in the output directory.")
+@click.option("--eval-only", is_flag=True, help="Only evaluate --weights (a detector_final.pt).")
+@click.option("--weights", type=click.Path(path_type=Path), default=None)
+@click.option("--key", default=None, help="Which model of a pair checkpoint (default: its ResNets).")
+@click.option("--trust-checkpoint", "trust", is_flag=True,
+              help="Allow a checkpoint that needs arbitrary unpickling (runs code from the file).")
+@_device_option
+@click.option("--num-workers", type=int, default=None, callback=_validated(lambda v: _check_workers(v)),
+              help="DataLoader workers (default: sized to the machine).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_out_option("Results JSON (default: results/coco/<checkpoint name>.json).")
+def coco(checkpoint: Path | None, schedule: str, iters: int | None, warmup_iters: int | None, device: str,
+         out: Path | None, **kwargs: Any) -> None:
+    """C4 Mask R-CNN transfer to COCO (Table 6): AP box and mask, initialised from the checkpoint's ResNet."""
+    from mokd_eval.detection.coco_eval import CocoSettings, coco_table, run_coco
+    from mokd_eval.detection.train import default_warmup, schedule_iters
+    from mokd_eval.distributed import setup, teardown
+
+    total = schedule_iters(schedule, iters)
+    path = _results_path(out, "coco", checkpoint.stem if checkpoint else "scratch")
+    settings = CocoSettings(iters=total, warmup_iters=warmup_iters if warmup_iters is not None else default_warmup(total),
+                            **kwargs)
+    context = setup(device)
+    try:
+        payload = run_coco(checkpoint, settings, context, echo=click.echo if context.is_main else _silent)
+        if context.is_main:
+            click.echo(coco_table(payload))
+            _write(payload, path)
+    finally:
+        teardown(context)
+
+
+def _check_workers(value: int | None) -> int | None:
+    from mokd_eval.validation import check_num_workers
+
+    return check_num_workers(value)
+
+
+# --- analyses (paper section 4.6) -------------------------------------------------------------------------------
+
+
+def _image_options(function: Callable) -> Callable:
+    """Data and run options of the analyses that look at images directly (no feature cache involved)."""
+    from mokd_eval.validation import check_image_size, check_positive
+
+    options = [
+        click.option("--data", default=None, help="Dataset: imagefolder:PATH, cifar10:PATH, cifar100:PATH, digits, "
+                                                  "shapes[:N]. Default: $MOKD_DATA, else digits."),
+        click.option("--image-size", type=int, default=None, callback=_validated(check_image_size),
+                     help="Input resolution (default: the protocol's)."),
+        click.option("--batch-size", type=int, default=16, show_default=True,
+                     callback=_validated(lambda value: check_positive(value, "--batch-size"))),
+        _device_option,
+        click.option("--skip-bad-images", is_flag=True, help="Skip unreadable images instead of failing."),
+        _out_option("Results JSON (default: results/<command>/<name>.json); figures are written next to it."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the image draw (and random init)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _out_dir_option(default: Path | None, help_text: str) -> Callable:
+    from mokd_eval.validation import check_output_dir
+
+    return click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=default, show_default=True,
+                        help=help_text, callback=_validated(
+                            lambda path: None if path is None else check_output_dir(path, option="--out-dir")))
+
+
+def _figure_stem(path: Path) -> Path:
+    return path.with_suffix("")
+
+
+@mokd_eval.command()
+@_checkpoint_argument
+@click.option("--format", "fmt", type=click.Choice(["detectron2", "torchvision", "timm"]), required=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="File to write.",
+              callback=_validated(lambda path: _check_file(path, "--output")))
+@click.option("--key", default=None, help="Which model of a pair checkpoint (default: the file's default model).")
+@click.option("--trust-checkpoint", "trust", is_flag=True,
+              help="Allow a checkpoint that needs arbitrary unpickling (runs code from the file).")
+@_out_option("Results JSON (default: results/export/<checkpoint name>.json).")
+def export(checkpoint: Path, fmt: str, output: Path, key: str | None, trust: bool, out: Path | None) -> None:
+    """Write one backbone for detectron2 (MoCo naming), torchvision or timm."""
+    from mokd_eval.export import export_backbone
+    from mokd_eval.pipeline import load_models, model_record
+    from mokd_eval.results import build_results
+
+    path = _results_path(out, "export", checkpoint.stem)
+    loaded = load_models(checkpoint, model=None, key=key, trust=trust, echo=click.echo)
+    if len(loaded) > 1:
+        raise MokdError(f"{checkpoint} holds {len(loaded)} models ({', '.join(e.key for e in loaded)}): "
+                        "choose one with --key")
+    summary = export_backbone(loaded[0], fmt, output)
+    click.echo(f"wrote {summary['tensors']} tensors of '{summary['key']}' ({summary['arch']}) to {output}; "
+               f"loads into {summary['loads_into']}")
+    payload = build_results(command="export", protocol={"format": fmt}, dataset={},
+                            results=[{**model_record(loaded[0]), "metrics": {}, "export": summary}], timings={},
+                            seed=None, config={"checkpoint": str(checkpoint), "format": fmt, "output": str(output),
+                                               "key": key})
+    _write(payload, path)
+
+
+def _check_file(path: Path, option: str) -> Path:
+    from mokd_eval.validation import check_output_file
+
+    return check_output_file(path, option=option)
+
+
+@mokd_eval.command()
+@_checkpoint_argument
+@click.argument("checkpoint_b", required=False, type=click.Path(path_type=Path))
+@_model_options
+@_feature_options
+@click.option("--control", type=click.Path(path_type=Path), default=None,
+              help="An independently trained model of similar accuracy that replaces model A (Table 9 control).")
+@click.option("--key-b", default=None, help="Model of CHECKPOINT_B (default: its first default model).")
+@click.option("--key-control", default=None, help="Model of the --control checkpoint (default: its first).")
+@click.option("--k", "k", type=int, default=20, show_default=True, help="Neighbours of the k-NN prediction.")
+@click.option("--temperature", type=float, default=0.07, show_default=True)
+def consistency(checkpoint: Path, checkpoint_b: Path | None, control: Path | None, key_b: str | None,
+                key_control: str | None, k: int, temperature: float, **kwargs: Any) -> None:
+    """Prediction consistency of two models (Table 9): agreement, right/wrong split, kappa, per class."""
+    from analysis.consistency import consistency_table, run_consistency
+    from mokd_eval.validation import check_positive
+
+    check_positive(k, "--k")
+    name = checkpoint.stem + (f"_vs_{checkpoint_b.stem}" if checkpoint_b else "")
+    out = _results_path(kwargs["out"], "consistency", name)
+    payload = run_consistency(checkpoint, checkpoint_b, control=control, data=kwargs["data"],
+                              features=_feature_settings(kwargs), keys=(kwargs["key"], key_b, key_control),
+                              model=kwargs["model"], trust=kwargs["trust"], image_size=kwargs["image_size"],
+                              skip_bad_images=kwargs["skip_bad_images"], k=k, temperature=temperature,
+                              seed=kwargs["seed"], echo=click.echo)
+    click.echo(consistency_table(payload))
+    _write(payload, out)
+
+
+@mokd_eval.command()
+@_checkpoint_argument
+@click.argument("more", nargs=-1, type=click.Path(path_type=Path))
+@_model_options
+@_feature_options
+@click.option("--classes", type=int, default=10, show_default=True, help="How many classes to draw (seeded).")
+@click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
+def tsne(checkpoint: Path, more: tuple[Path, ...], classes: int, split: str, **kwargs: Any) -> None:
+    """t-SNE of the features of one or more models (Fig. 4/S1): colour = class, marker = model."""
+    from analysis.tsne import run_tsne, tsne_table
+
+    checkpoints = [checkpoint, *more]
+    out = _results_path(kwargs["out"], "tsne", "_vs_".join(path.stem for path in checkpoints))
+    payload = run_tsne(checkpoints, data=kwargs["data"], features=_feature_settings(kwargs), classes=classes,
+                       split=split, model=kwargs["model"], key=kwargs["key"], trust=kwargs["trust"],
+                       image_size=kwargs["image_size"], skip_bad_images=kwargs["skip_bad_images"],
+                       seed=kwargs["seed"], out_stem=_figure_stem(out), echo=click.echo)
+    click.echo(tsne_table(payload))
+    _write(payload, out)
+
+
+@mokd_eval.command()
+@click.argument("checkpoints", nargs=-1, type=click.Path(path_type=Path))
+@_model_options
+@_image_options
+@click.option("--images", type=int, default=64, show_default=True, help="Validation images averaged over.")
+@click.option("--per-block", is_flag=True, help="ResNets: one value per residual block instead of per stage.")
+@click.option("--renormalize", is_flag=True, help="ViTs: rescale the patch part of each attention row to sum 1.")
+@click.option("--random-init", "random_control", is_flag=True,
+              help="Add the randomly initialised architecture of each model as a control curve.")
+def mad(checkpoints: tuple[Path, ...], images: int, per_block: bool, renormalize: bool, random_control: bool,
+        **kwargs: Any) -> None:
+    """Mean attention distance per layer and head (Fig. 5/S2); no checkpoint = the random-init --model."""
+    from analysis.mad_eval import mad_table, run_mad
+
+    name = "_vs_".join(path.stem for path in checkpoints) or f"random_{kwargs['model']}"
+    out = _results_path(kwargs["out"], "mad", name)
+    payload = run_mad(list(checkpoints), data=kwargs["data"], model=kwargs["model"], key=kwargs["key"],
+                      trust=kwargs["trust"], image_size=kwargs["image_size"], images=images,
+                      batch_size=kwargs["batch_size"], device=kwargs["device"], per_block=per_block,
+                      renormalize=renormalize, random_control=random_control,
+                      skip_bad_images=kwargs["skip_bad_images"], seed=kwargs["seed"], out_stem=_figure_stem(out),
+                      echo=click.echo)
+    click.echo(mad_table(payload))
+    _write(payload, out)
+
+
+@mokd_eval.command()
+@_checkpoint_argument
+@_model_options
+@_image_options
+@click.option("--layer", type=int, default=-1, show_default=True, help="ViT layer, 1-based (-1 = last).")
+@click.option("--images", type=int, default=4, show_default=True, help="Validation images shown (grid rows).")
+def attention(checkpoint: Path, layer: int, images: int, **kwargs: Any) -> None:
+    """Class-token attention maps of any ViT layer, per head, over sample images (a grid figure)."""
+    from analysis.attention_maps import attention_table, run_attention
+
+    out = _results_path(kwargs["out"], "attention", checkpoint.stem)
+    payload = run_attention(checkpoint, layer=layer, data=kwargs["data"], model=kwargs["model"], key=kwargs["key"],
+                            trust=kwargs["trust"], image_size=kwargs["image_size"], images=images,
+                            skip_bad_images=kwargs["skip_bad_images"], seed=kwargs["seed"],
+                            out_stem=_figure_stem(out), echo=click.echo)
+    click.echo(attention_table(payload))
+    _write(payload, out)
+
+
+@mokd_eval.command()
+@click.argument("results_dir", type=click.Path(path_type=Path))
+@_out_dir_option(Path("report"), "Where report.md, tables/*.{md,tex,csv} and report.json go.")
+def report(results_dir: Path, out_dir: Path) -> None:
+    """Gather every results JSON under RESULTS_DIR into the paper's tables (Markdown, LaTeX, CSV) and figures."""
+    from analysis.report import report_summary, run_report
+
+    out = out_dir / "report.json"
+    payload = run_report(results_dir, out_dir, echo=click.echo)
+    click.echo(report_summary(payload))
+    _write(payload, out)
+
+
+@mokd_eval.command()
+@_checkpoint_argument
+@_model_options
+@_feature_options
+@_out_dir_option(None, "Where every step's results JSON goes (default: results/suite/<checkpoint name>).")
+@click.option("--skip", default=None, help="Comma-separated steps to leave out: knn, linear, semisup, cifar, coco, "
+                                           "consistency, tsne, mad, report.")
+def suite(checkpoint: Path, out_dir: Path | None, skip: str | None, **kwargs: Any) -> None:
+    """The whole paper for one checkpoint (pair): every protocol and analysis, resumable, then the report."""
+    from analysis.suite import SuiteContext, parse_skip, run_suite, suite_table
+
+    from mokd_eval.validation import check_output_dir, check_output_file
+
+    skipped = parse_skip(skip)
+    directory = out_dir or check_output_dir(Path("results") / "suite" / checkpoint.stem, option="--out-dir")
+    out = kwargs["out"] or check_output_file(directory / "suite" / f"{checkpoint.stem}.json")
+    context = SuiteContext(checkpoint=checkpoint, out_dir=directory, data=kwargs["data"],
+                           features=_feature_settings(kwargs), model=kwargs["model"], key=kwargs["key"],
+                           trust=kwargs["trust"], image_size=kwargs["image_size"], seed=kwargs["seed"], echo=click.echo)
+    payload = run_suite(context, skip=skipped)
+    click.echo(suite_table(payload))
+    _write(payload, out)
+    failed = [step["step"] for step in payload["steps"] if step["status"] == "failed"]
+    if failed:
+        raise MokdError(f"suite: step(s) {', '.join(failed)} failed (reasons above); fix and rerun, finished steps "
+                        "are reused")
 
 
 class GuardedCommand(click.Command):
@@ -283,7 +601,10 @@ def _training_setting_options(function: Callable) -> Callable:
 @click.option("--debug", is_flag=True, help="Show Python tracebacks for user errors.")
 @_training_setting_options
 def mokd_train(preset: str | None, config_path: Path | None, debug: bool, **settings: Any) -> None:
-    """Train a MOKD model pair (or, with --mode independent, its DINO baseline) and write checkpoints."""
+    """Train a MOKD model pair (or, with --mode independent, its DINO baseline) and write checkpoints.
+
+    --method dogo / mcl trains DoGo or MCL instead (--mode independent: SimCLR / MoCo v1 on each model);
+    dino+dogo / dino+mcl are adaptations: DINO self-distillation plus the peer method's cross terms."""
     from mokd_train.config import resolve_config
     from mokd_train.engine import train
 
