@@ -233,7 +233,7 @@ def _inspection_text(report: dict[str, Any]) -> str:
                    "each method and its Independent baseline, one table.")
 def demo(output_dir: Path, epochs: int | None, seed: int, seeds: int, device: str, methods: str | None) -> None:
     """Train the tiny pair on digits (independent, MOKD), k-NN them and their random init: Table 1 in miniature."""
-    from mokd_eval.demo import run_demo
+    from mokd_train.demo import run_demo
     from mokd_eval.knn import DEFAULT_KS, DEFAULT_TEMPERATURE
 
     if methods is not None:  # issue 10: the method comparison (mokd_train/compare.py)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from mokd_eval.demo import DEMO_DATA, DEMO_IMAGE_SIZE, DEMO_SETTINGS, raw_pixel_knn
+from mokd_train.demo import DEMO_DATA, DEMO_IMAGE_SIZE, DEMO_SETTINGS, raw_pixel_knn
 from mokd_eval.errors import MokdError
 from mokd_eval.features import FeatureCache
 from mokd_eval.knn_eval import run_knn

@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from cli import mokd_eval
-from mokd_eval import demo
+from mokd_train import demo
 from mokd_eval.knn import knn_classify
 from mokd_eval.pipeline import open_eval_data
 

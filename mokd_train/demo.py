@@ -21,6 +21,8 @@ from mokd_eval.knn import knn_classify
 from mokd_eval.knn_eval import run_knn
 from mokd_eval.pipeline import EvalData, FeatureOptions, open_eval_data
 from mokd_eval.results import StageTimer, build_results, format_table, write_results
+from mokd_train.config import resolve_config
+from mokd_train.engine import save_initial_checkpoint, train
 
 MODES = ("independent", "mokd")
 RANDOM_INIT = "random_init"
@@ -49,9 +51,6 @@ def raw_pixel_knn(data: EvalData, ks: tuple[int, ...], temperature: float) -> di
 def run_demo(output_dir: Path, *, epochs: int | None, seed: int, device: str, ks: tuple[int, ...],
              temperature: float, seeds: int = 1, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """For each seed: random init, both trainings, k-NN of every model; returns the summary payload."""
-    from mokd_train.config import resolve_config
-    from mokd_train.engine import save_initial_checkpoint, train
-
     if seeds < 1:
         raise MokdError(f"--seeds must be at least 1, got {seeds}")
     timer = StageTimer()
