@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -173,16 +172,14 @@ def _autocast(device: torch.device, amp: bool):
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    """The torch RNG states (torchvision's augmentations draw from torch only); weights_only-safe."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def _restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
+    if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
@@ -203,7 +200,7 @@ def fit(model: Classifier, train_set: Dataset, settings: FitSettings, *, run_dir
                                  seed=settings.seed, drop_last=False)
     workers = default_workers(settings.num_workers)
     loader = DataLoader(train_set, batch_size=micro, sampler=sampler, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=False)
+                        pin_memory=device.type == "cuda", persistent_workers=False, drop_last=False)
     steps_per_epoch = math.ceil(len(loader) / accum)
     schedule = cosine_schedule(settings.scaled_lr(), 0.0, settings.epochs, steps_per_epoch, settings.warmup_epochs)
 
