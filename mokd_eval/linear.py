@@ -103,7 +103,11 @@ class _HeadBank(nn.Module):
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per variant: logits (batch x heads x C)."""
-        return [torch.einsum("bd,hcd->bhc", x, w) + b for x, w, b in zip(inputs, self.weights, self.biases)]
+        outputs = []
+        for x, w, b in zip(inputs, self.weights, self.biases):
+            heads, classes, dim = w.shape
+            outputs.append((x @ w.reshape(heads * classes, dim).T + b.reshape(-1)).view(len(x), heads, classes))
+        return outputs
 
 
 def train_head_sweep(features: np.ndarray, labels: np.ndarray, fit_index: np.ndarray, heldout_index: np.ndarray, *,
@@ -156,9 +160,9 @@ def train_head_sweep(features: np.ndarray, labels: np.ndarray, fit_index: np.nda
             x, y = fit_x[batch], fit_y[batch]
             losses = []
             for logits in bank([x[:, c] for c in columns]):
-                per_head = F.cross_entropy(logits.permute(0, 2, 1), y[:, None].expand(-1, logits.shape[1]),
-                                           reduction="none").mean(dim=0)
-                losses.append(per_head)
+                batch_size_now, heads, classes = logits.shape
+                per_item = F.cross_entropy(logits.reshape(-1, classes), y.repeat_interleave(heads), reduction="none")
+                losses.append(per_item.view(batch_size_now, heads).mean(dim=0))
             per_head_loss = torch.stack(losses)  # variants x heads
             (per_head_loss * lr_weights).sum().backward()  # each head's gradient scaled by its own base lr
             optimizer.step()
