@@ -58,6 +58,17 @@ def _model_options(function: Callable) -> Callable:
     return function
 
 
+def _check_writable(out: Path) -> None:
+    """Fail before any training when the results (and the run folder next to them) cannot be written."""
+    folder = out.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise MokdError(f"cannot create the output folder {folder} ({error.strerror}): choose another --out") from None
+    if not os.access(folder, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise MokdError(f"cannot write {out}: choose another --out")
+
+
 def _apply(function: Callable, options: list[Callable]) -> Callable:
     for option in reversed(options):
         function = option(function)
@@ -284,6 +295,7 @@ def _run_training_command(kwargs: dict[str, Any], command: str, checkpoint: Path
     from mokd_eval.distributed import setup, teardown
 
     out = _out_path(kwargs, command, checkpoint)
+    _check_writable(out)
     context = setup(kwargs["device"])
     try:
         payload = run(out, context, click.echo if context.is_main else _silent)

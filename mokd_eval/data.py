@@ -225,6 +225,11 @@ def eval_transform(spec: DataSpec, image_size: int | None = None) -> tuple[Calla
     return transform, f"{text} > ToTensor > {norm_text}"
 
 
+def image_side(spec: DataSpec, image_size: int | None = None) -> int:
+    """The side of the images a protocol sees: `image_size`, else native for small datasets, else 224."""
+    return image_size or spec.native_size or 224
+
+
 def train_transform(spec: DataSpec, image_size: int | None = None, *, crop: str = "resized") -> tuple[Callable, str]:
     """The training augmentation of the supervised protocols, and its description.
 
@@ -233,7 +238,7 @@ def train_transform(spec: DataSpec, image_size: int | None = None, *, crop: str 
     1/8 reflect padding + flip. Sizes follow `eval_transform`: 224 for folders, native 32 px for small datasets,
     `image_size` when given.
     """
-    size = image_size or spec.native_size or 224
+    size = image_side(spec, image_size)
     bicubic = T.InterpolationMode.BICUBIC
     if crop == "resized":
         steps = [T.RandomResizedCrop(size, interpolation=bicubic)]

@@ -15,7 +15,7 @@ import torch
 
 from mokd_eval import atomic
 from mokd_eval.checkpoints import LoadedBackbone
-from mokd_eval.data import train_transform
+from mokd_eval.data import image_side, train_transform
 from mokd_eval.distributed import DistContext
 from mokd_eval.errors import MokdError
 from mokd_eval.features import FeatureKind
@@ -55,7 +55,8 @@ def run_linear(checkpoint: str | Path, *, mode: str, data: str | None, features:
     for entry in loaded:
         requested = features.kind if feature_given else None
         if mode == "cached":
-            record, notes = _cached(entry, eval_data, features, requested, options, root / entry.key, context, timer)
+            record, notes = _cached(entry, eval_data, features, requested, options, image_size, root / entry.key,
+                                    context, timer)
         else:
             record, notes = _protocol(entry, eval_data, requested, options, image_size, root / entry.key, context,
                                       timer, echo)
@@ -102,13 +103,14 @@ def _protocol(entry: LoadedBackbone, eval_data: EvalData, requested: FeatureKind
         save_head(head_path, outcome.model.head, feature=kind, spec=entry.spec, classes=eval_data.train.classes,
                   source=_source(entry, eval_data, "protocol"))
     protocol = {"mode": "protocol", "feature": kind.describe(), "train_transform": augment_text,
-                "eval_transform": eval_data.transform, "image_size": image_size, "backbone_unchanged": True,
+                "eval_transform": eval_data.transform, "image_size": image_side(eval_data.spec, image_size),
+                "backbone_unchanged": True,
                 **outcome.protocol()}
     return {"metrics": {"linear": outcome.metrics}, "protocol": protocol, "head": str(head_path)}, warnings
 
 
 def _cached(entry: LoadedBackbone, eval_data: EvalData, features: FeatureOptions, requested: FeatureKind | None,
-            options: TrainOptions, run_dir: Path, context: DistContext,
+            options: TrainOptions, image_size: int | None, run_dir: Path, context: DistContext,
             timer: StageTimer) -> tuple[dict[str, Any], list[str]]:
     source = requested or sweep_source_feature(entry.spec)
     variants = sweep_variants(entry.spec, requested)
@@ -143,6 +145,7 @@ def _cached(entry: LoadedBackbone, eval_data: EvalData, features: FeatureOptions
     images = len(fit_pos) * settings.epochs - (sweep.resumed_from_epoch or 0) * len(fit_pos)
     protocol = {"mode": "cached", "feature": winner_kind.describe(), "cached_feature": source.describe(),
                 "augmentation": "none (cached evaluation-transform features)", "eval_transform": eval_data.transform,
+                "image_size": image_side(eval_data.spec, image_size),
                 "epochs": settings.epochs, "batch_size": settings.batch_size, "warmup_epochs": settings.warmup_epochs,
                 "lr_chosen": best["lr"], "scaled_lr": best["lr"] * settings.batch_size / 256, "heads": sweep.heads,
                 "heldout": {"fraction": options.heldout_fraction, "images": len(held_pos),

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Subset
 
 from mokd_eval.checkpoints import LoadedBackbone
-from mokd_eval.data import train_transform
+from mokd_eval.data import image_side, train_transform
 from mokd_eval.distributed import DistContext
 from mokd_eval.errors import MokdError
 from mokd_eval.features import FeatureKind
@@ -118,7 +118,7 @@ def run_semisup(checkpoint: str | Path, *, percent: float, split_file: Path | No
                 after_fit=after_fit, echo=echo)
         protocol = {"mode": mode, "label": _mode_label(mode), "feature": kind.describe(), "split": split,
                     "train_transform": augment_text, "eval_transform": eval_data.transform,
-                    "image_size": image_size, **outcome.protocol()}
+                    "image_size": image_side(eval_data.spec, image_size), **outcome.protocol()}
         results.append({**model_record(entry), "metrics": {"semisup": outcome.metrics}, "protocol": protocol,
                         "run_dir": str(root / entry.key)})
     for message in dict.fromkeys(warnings):

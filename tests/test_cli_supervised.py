@@ -57,7 +57,7 @@ def contract(payload: dict, command: str, keys: list[str]) -> None:
         assert len(entry["checkpoint"]["sha256"]) == 64
         metrics = entry["metrics"][command]
         assert 0 <= metrics["top1"] <= metrics["top5"] <= 100
-        for field in ("mode", "epochs", "lr_chosen", "batch_size"):
+        for field in ("mode", "epochs", "lr_chosen", "batch_size", "image_size"):
             assert field in entry["protocol"], field
 
 
@@ -254,6 +254,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         result = run([*args, "--out", out, *FAST], expect=2)
         assert message in one_line_error(result), (args, result.output)
         assert not out.exists()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = run(["semisup", path, "--percent", 1, "--out", blocker / "r.json", *FAST], expect=2)
+    assert "cannot create the output folder" in one_line_error(result)
 
 
 def test_resuming_with_another_class_count_is_refused(tmp_path):
