@@ -135,6 +135,9 @@ def _cached(entry: LoadedBackbone, eval_data: EvalData, features: FeatureOptions
                                  device=device, desc=f"{entry.key} heads")
     best = sweep.heads[sweep.winner]
     winner_kind = variants[best["variant"]]
+    if len(lrs) > 2 and best["lr"] in (min(lrs), max(lrs)):
+        warnings.append(f"{entry.key}: the chosen lr {best['lr']:g} is at the edge of the sweep "
+                        f"({min(lrs):g}..{max(lrs):g}); widen it with --lr")
     with timer.stage("evaluate"):
         metrics = evaluate_head(sweep.weight, sweep.bias, val.features, val.labels,
                                 variant_columns(entry.spec, source, winner_kind))

@@ -120,3 +120,40 @@ def test_batch_clamp_and_warmup_scaling():
     assert resolved.scaled_lr() == pytest.approx(0.08 * 8)
     with pytest.raises(MokdError, match="does not fit"):
         resolve_settings(preset, TrainOptions(epochs=5, warmup_epochs=6), 5000)
+
+
+def _ddp_rank(rank: int, port: int, run_dir: Path) -> None:
+    import os
+
+    from mokd_eval.distributed import teardown
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    context = setup("cpu")
+    try:
+        fit(model(frozen=True), Subset(shapes("train", size=100), range(48)), settings(epochs=2, batch_size=16),
+            run_dir=run_dir, context=context)
+    finally:
+        teardown(context)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_what_one_process_does(tmp_path: Path):
+    """Each rank takes every other index of the same seeded permutation, so a step sees the same 16 images."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_rank, args=(port, tmp_path / "ddp"), nprocs=2, join=True)
+    single = model(frozen=True)
+    fit(single, Subset(shapes("train", size=100), range(48)), settings(epochs=2, batch_size=16),
+        run_dir=tmp_path / "one", context=CONTEXT)
+    ddp = torch.load(tmp_path / "ddp" / "checkpoint.pth", weights_only=True)
+    torch.testing.assert_close(ddp["model"]["weight"], single.head.weight.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ddp["model"]["bias"], single.head.bias.detach(), rtol=1e-5, atol=1e-6)
+    assert ddp["history"][0]["loss"] == pytest.approx(
+        json.loads((tmp_path / "one" / "log.jsonl").read_text().splitlines()[0])["loss"], rel=1e-5)
