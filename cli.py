@@ -58,15 +58,34 @@ def _model_options(function: Callable) -> Callable:
     return function
 
 
-def _check_writable(out: Path) -> None:
-    """Fail before any training when the results (and the run folder next to them) cannot be written."""
-    folder = out.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise MokdError(f"cannot create the output folder {folder} ({error.strerror}): choose another --out") from None
-    if not os.access(folder, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise MokdError(f"cannot write {out}: choose another --out")
+def _validated(check: Callable[[Any], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback running one of `mokd_eval.validation`'s checks while the options are parsed,
+    so that a bad value fails in one line before any work starts."""
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        return check(value)
+    return callback
+
+
+def _out_option(help_text: str = "Results JSON (default: results/<command>/<checkpoint name>.json).") -> Callable:
+    from mokd_eval.validation import check_output_file
+
+    return click.option("--out", type=click.Path(path_type=Path), default=None, help=help_text,
+                        callback=_validated(lambda path: None if path is None else check_output_file(path)))
+
+
+def _output_dir_option(default: Path | None, help_text: str) -> Callable:
+    from mokd_eval.validation import check_output_dir
+
+    return click.option("--output-dir", type=click.Path(path_type=Path), default=default, show_default=True,
+                        help=help_text, callback=_validated(
+                            lambda path: None if path is None else check_output_dir(path, option="--output-dir")))
+
+
+def _device_option(function: Callable) -> Callable:
+    from mokd_eval.validation import check_device
+
+    return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.",
+                        callback=_validated(check_device))(function)
 
 
 def _apply(function: Callable, options: list[Callable]) -> Callable:
@@ -75,18 +94,30 @@ def _apply(function: Callable, options: list[Callable]) -> Callable:
     return function
 
 
+def _positive(option: str) -> Callable:
+    from mokd_eval.validation import check_positive
+
+    return _validated(lambda value: check_positive(value, option))
+
+
 def _data_option_list() -> list[Callable]:
+    from mokd_eval.validation import check_image_size
+
     return [
         click.option("--data", default=None, help="Dataset: imagefolder:PATH, cifar10:PATH, cifar100:PATH, digits, "
                                                   "shapes[:N]. Default: $MOKD_DATA, else digits."),
-        click.option("--image-size", type=int, default=None, help="Evaluation resolution (default: the protocol's)."),
+        click.option("--image-size", type=int, default=None, callback=_validated(check_image_size),
+                     help="Evaluation resolution (default: the protocol's)."),
     ]
 
 
 def _device_option_list() -> list[Callable]:
+    from mokd_eval.validation import check_num_workers
+
     return [
-        click.option("--num-workers", type=int, default=None, help="DataLoader workers (default: sized to the CPUs)."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--num-workers", type=int, default=None, callback=_validated(check_num_workers),
+                     help="DataLoader workers (default: min(4, CPUs))."),
+        _device_option,
     ]
 
 
@@ -104,15 +135,14 @@ def _cache_option_list() -> list[Callable]:
 def _output_option_list() -> list[Callable]:
     return [
         click.option("--skip-bad-images", is_flag=True, help="Skip unreadable images (counted) instead of failing."),
-        click.option("--out", type=click.Path(path_type=Path), default=None,
-                     help="Results JSON (default: results/<command>/<checkpoint name>.json)."),
+        _out_option(),
         click.option("--seed", type=int, default=0, show_default=True),
     ]
 
 
 def _feature_options(function: Callable) -> Callable:
     """Data, extraction and feature-cache options of the commands that work on frozen features."""
-    batch = click.option("--batch-size", type=int, default=256, show_default=True)
+    batch = click.option("--batch-size", type=int, default=256, show_default=True, callback=_positive("--batch-size"))
     return _apply(function, [*_data_option_list(), batch, *_device_option_list(), *_cache_option_list(),
                              *_output_option_list()])
 
@@ -126,18 +156,20 @@ def _training_options(function: Callable) -> Callable:
     """Data and training options of the supervised protocols (linear, semisup, cifar): None = the protocol's."""
     return _apply(function, [
         *_data_option_list(),
-        click.option("--epochs", type=int, default=None, help="Training epochs (default: the protocol's)."),
+        click.option("--epochs", type=int, default=None, callback=_positive("--epochs"),
+                     help="Training epochs (default: the protocol's)."),
         click.option("--lr", default=None, help="Base learning rate per 256 images; a comma list runs a search "
                                                 "on a held-out slice of the training data (default: per architecture)."),
-        click.option("--batch-size", type=int, default=None,
+        click.option("--batch-size", type=int, default=None, callback=_positive("--batch-size"),
                      help="Training batch of one optimizer step (default: the protocol's; clamped to the data)."),
         click.option("--warmup-epochs", type=int, default=None,
                      help="Linear warm-up epochs (default: the protocol's, scaled when --epochs is shorter)."),
-        click.option("--accum-steps", type=int, default=None, help="Gradient accumulation steps per optimizer step."),
-        click.option("--max-batch-per-step", type=int, default=None,
+        click.option("--accum-steps", type=int, default=None, callback=_positive("--accum-steps"),
+                     help="Gradient accumulation steps per optimizer step."),
+        click.option("--max-batch-per-step", type=int, default=None, callback=_positive("--max-batch-per-step"),
                      help="Largest micro-batch per process; accumulation steps follow from it."),
         click.option("--eval-batch-size", type=int, default=256, show_default=True,
-                     help="Batch for evaluation and feature extraction."),
+                     callback=_positive("--eval-batch-size"), help="Batch for evaluation and feature extraction."),
         click.option("--resume", is_flag=True, help="Continue from the per-epoch checkpoints of an earlier run."),
         *_device_option_list(), *_output_option_list(),
     ])
@@ -146,39 +178,35 @@ def _training_options(function: Callable) -> Callable:
 def _train_settings(kwargs: dict[str, Any]):
     from mokd_eval.protocols import TrainOptions, parse_lrs
 
-    for name in ("epochs", "batch_size", "accum_steps", "max_batch_per_step"):
-        if kwargs.get(name) is not None and kwargs[name] < 1:
-            raise MokdError(f"--{name.replace('_', '-')} must be at least 1")
-    if kwargs["eval_batch_size"] < 1:
-        raise MokdError("--eval-batch-size must be at least 1")
     return TrainOptions(epochs=kwargs["epochs"], lrs=parse_lrs(kwargs["lr"]), batch_size=kwargs["batch_size"],
                         warmup_epochs=kwargs["warmup_epochs"], accum_steps=kwargs["accum_steps"],
                         max_batch_per_step=kwargs["max_batch_per_step"], eval_batch_size=kwargs["eval_batch_size"],
                         num_workers=kwargs["num_workers"], resume=kwargs["resume"], seed=kwargs["seed"])
 
 
-def _out_path(kwargs: dict[str, Any], command: str, checkpoint: Path) -> Path:
-    from mokd_eval.results import default_out_path
-
-    return kwargs["out"] or default_out_path(command, checkpoint.stem)
-
-
 def _feature_settings(kwargs: dict[str, Any]):
     from mokd_eval.features import DEFAULT_CACHE_DIR, FeatureCache, FeatureKind
     from mokd_eval.pipeline import FeatureOptions
+    from mokd_eval.validation import check_output_dir
 
-    if kwargs["batch_size"] < 1:
-        raise MokdError("--batch-size must be at least 1")
-    root = None if kwargs["no_cache"] else (kwargs["cache_dir"] or DEFAULT_CACHE_DIR)
+    root = None if kwargs["no_cache"] else check_output_dir(kwargs["cache_dir"] or DEFAULT_CACHE_DIR,
+                                                           option="--cache-dir")
     return FeatureOptions(cache=FeatureCache(root, kwargs["cache_dtype"]), kind=FeatureKind.parse(kwargs["feature"]),
                           batch_size=kwargs["batch_size"], num_workers=kwargs["num_workers"], device=kwargs["device"])
 
 
-def _write(payload: dict[str, Any], out: Path | None, command: str, name: str) -> None:
-    from mokd_eval.results import default_out_path, write_results
+def _results_path(out: Path | None, command: str, name: str) -> Path:
+    """Where the results JSON will go, checked before any work (an explicit --out is checked while parsing)."""
+    from mokd_eval.results import default_out_path
+    from mokd_eval.validation import check_output_file
 
-    path = write_results(out or default_out_path(command, name), payload)
-    click.echo(f"results: {path}")
+    return out if out is not None else check_output_file(default_out_path(command, name))
+
+
+def _write(payload: dict[str, Any], path: Path) -> None:
+    from mokd_eval.results import write_results
+
+    click.echo(f"results: {write_results(path, payload)}")
 
 
 @click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -200,16 +228,18 @@ def knn(checkpoint: Path, ks: str, temperature: float, fp16_bank: bool, **kwargs
     from mokd_eval.distributed import setup, teardown
     from mokd_eval.knn_eval import knn_table, run_knn
 
+    out = _results_path(kwargs["out"], "knn", checkpoint.stem)
+    features = _feature_settings(kwargs)
     context = setup(kwargs["device"])  # under torchrun, extraction is sharded over the ranks
     try:
         payload = run_knn(checkpoint, data=kwargs["data"], ks=_parse_ks(ks), temperature=temperature,
-                          features=_feature_settings(kwargs), model=kwargs["model"], key=kwargs["key"],
+                          features=features, model=kwargs["model"], key=kwargs["key"],
                           trust=kwargs["trust"], image_size=kwargs["image_size"],
                           skip_bad_images=kwargs["skip_bad_images"], fp16_bank=fp16_bank, seed=kwargs["seed"],
                           echo=click.echo if context.is_main else _silent)
         if context.is_main:
             click.echo(knn_table(payload))
-            _write(payload, kwargs["out"], "knn", checkpoint.stem)
+            _write(payload, out)
     finally:
         teardown(context)
 
@@ -294,14 +324,13 @@ def _run_training_command(kwargs: dict[str, Any], command: str, checkpoint: Path
     """Join torchrun's group (or run alone), run the command, print its table and write its JSON on rank 0."""
     from mokd_eval.distributed import setup, teardown
 
-    out = _out_path(kwargs, command, checkpoint)
-    _check_writable(out)
+    out = _results_path(kwargs["out"], command, checkpoint.stem)
     context = setup(kwargs["device"])
     try:
         payload = run(out, context, click.echo if context.is_main else _silent)
         if context.is_main:
             click.echo(table(payload))
-            _write(payload, out, command, checkpoint.stem)
+            _write(payload, out)
     finally:
         teardown(context)
 
@@ -310,19 +339,19 @@ def _run_training_command(kwargs: dict[str, Any], command: str, checkpoint: Path
 @_checkpoint_argument
 @click.option("--trust-checkpoint", "trust", is_flag=True,
               help="Allow a checkpoint that needs arbitrary unpickling (runs code from the file).")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Also write the inspection as JSON (default: results/inspect/<name>.json).")
+@_out_option("Also write the inspection as JSON (default: results/inspect/<name>.json).")
 def inspect(checkpoint: Path, trust: bool, out: Path | None) -> None:
     """Show a checkpoint's format, keys, models (inferred architecture), sizes and epoch."""
     from mokd_eval.checkpoints import inspect_checkpoint
     from mokd_eval.results import build_results
 
+    out = _results_path(out, "inspect", checkpoint.stem)
     report = inspect_checkpoint(checkpoint, trust=trust)
     click.echo(_inspection_text(report))
     models = [{"key": entry["key"], "arch": entry["arch"], "metrics": {}, **entry} for entry in report["models"]]
     payload = build_results(command="inspect", protocol={}, dataset={}, results=models, timings={}, seed=None,
                             config={"checkpoint": str(checkpoint), "inspection": report})
-    _write(payload, out, "inspect", checkpoint.stem)
+    _write(payload, out)
 
 
 def _inspection_text(report: dict[str, Any]) -> str:
@@ -338,10 +367,10 @@ def _inspection_text(report: dict[str, Any]) -> str:
 
 
 @mokd_eval.command()
-@click.option("--output-dir", type=click.Path(path_type=Path), default=Path("demo-output"), show_default=True)
+@_output_dir_option(Path("demo-output"), "Where checkpoints, logs and results go.")
 @click.option("--epochs", type=int, default=None, help="Training epochs per mode (default 4).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@_device_option
 def demo(output_dir: Path, epochs: int | None, seed: int, device: str) -> None:
     """Train the tiny pair on digits (independent and MOKD), k-NN all four models, print Table 1 in miniature."""
     from mokd_eval.demo import run_demo

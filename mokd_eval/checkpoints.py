@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from mokd_eval.errors import MokdError
+from mokd_eval.validation import check_image_size
 from mokd_eval.registry import ALIASES, ArchSpec, build_backbone, resolve_arch
 
 MODULE_PREFIX = "module."
@@ -152,12 +153,16 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
         raise _unreadable(path, error) from None
 
 
-def _load_trusted(path: Path) -> tuple[Any, dict[str, Any]]:
+def _load_trusted(path: Path, blocked: str) -> tuple[Any, dict[str, Any]]:
     """Full unpickling, only ever reached with --trust-checkpoint and a file that needs it."""
     warnings.warn(f"{path}: unpickling with --trust-checkpoint (weights_only=False); the file may run code",
                   stacklevel=4)
     try:
         return torch.load(path, map_location="cpu", weights_only=False), {"origin": "torch", TRUSTED: True}
+    except (ImportError, AttributeError) as error:  # the pickled code refers to a module or name we lack
+        raise MokdError(f"checkpoint {path} cannot be unpickled even with --trust-checkpoint: it refers to "
+                        f"{blocked}, which this environment cannot import ({type(error).__name__}: {error}); "
+                        f"load it where that code is installed and re-save its state_dict") from None
     except Exception as error:
         raise _unreadable(path, error) from None
 
@@ -173,15 +178,23 @@ def load_object(path: str | os.PathLike, *, trust: bool = False) -> tuple[Any, d
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True), {"origin": "torch"}
     except pickle.UnpicklingError as error:
-        offending = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
-        if offending is None:
+        blocked = _blocked_global(str(error))
+        if blocked is None:
             raise _unreadable(path, error) from None
         if not trust:
-            raise MokdError(f"checkpoint {path} needs {offending.group(1)} to be unpickled, which could run "
-                            f"arbitrary code: pass --trust-checkpoint only if you trust the file's source") from None
+            raise MokdError(f"checkpoint {path} was refused by the safe loader: it contains the Python global "
+                            f"{blocked}, which unpickling would import and may run as code; pass "
+                            f"--trust-checkpoint to run it, only if you trust the file's source") from None
     except Exception as error:  # torch raises RuntimeError, EOFError, KeyError... for damaged files
         raise _unreadable(path, error) from None
-    return _load_trusted(path)
+    return _load_trusted(path, blocked)
+
+
+def _blocked_global(message: str) -> str | None:
+    """The global the weights-only unpickler refused, from its message (its wording varies across torch
+    releases: "GLOBAL x.y was not an allowed global", "unsupported GLOBAL x.y whose module x is blocked")."""
+    match = re.search(r"GLOBAL ([\w.]+)", message)
+    return match.group(1) if match else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,9 +522,7 @@ def _strict_module(ckpt: CheckpointFile, entry: ModelEntry, spec: ArchSpec) -> n
 def _load_entry(ckpt: CheckpointFile, entry: ModelEntry, model: str | None, img_size: int | None) -> LoadedBackbone:
     built = _build_spec(resolve_arch(model) if model else entry.spec, entry.backbone_state,
                         f"{ckpt.path} '{entry.key}'")
-    if img_size is not None and built.is_vit and img_size % built.patch_size:
-        raise MokdError(f"image size {img_size} is not a multiple of the patch size {built.patch_size} "
-                        f"of {built.name}: choose another --img-size")
+    check_image_size(img_size, built)
     module = _strict_module(ckpt, entry, built)
     count = len(entry.backbone_state)
     heads = (f"set aside {len(entry.head_keys)} head tensors ({', '.join(_head_groups(entry.head_keys))})"

@@ -16,6 +16,7 @@ from mokd_eval.pipeline import load_models, model_record
 from mokd_eval.protocols import Preset, TrainOptions, resolve_settings, run_root, train_with_search
 from mokd_eval.results import StageTimer, build_results, format_table
 from mokd_eval.semisup_eval import FINETUNE_BASE_LR, FINETUNE_BATCH, make_finetune_model
+from mokd_eval.validation import check_image_size
 
 DATASETS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 CIFAR_EPOCHS, CIFAR_WARMUP = 100, 10
@@ -46,6 +47,8 @@ def run_cifar(checkpoint: str | Path, *, dataset: str, data: str | Path, options
         val = open_dataset(spec, "val")
         echo(f"data: {spec.text} ({len(train)} train / {len(val)} test images, {train.num_classes} classes)")
         loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo)
+        for entry in loaded:  # every model must take the resolution before any work
+            check_image_size(image_size or entry.spec.img_size, entry.spec)
     results, warnings = [], []
     root = run_root(out)
     for entry in loaded:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
@@ -173,9 +173,9 @@ class LabelledDataset(Dataset):
         except (OSError, SyntaxError) as error:  # PIL reports broken files as OSError or SyntaxError
             if self.skip_bad_images:
                 return None
-            raise MokdError(
-                f"cannot read image {path} ({error}); fix or remove it, or pass --skip-bad-images"
-            ) from None
+            reason = ("not an image file PIL can decode" if isinstance(error, UnidentifiedImageError)
+                      else getattr(error, "strerror", None) or str(error))
+            raise MokdError(f"cannot read image {path} ({reason}); fix or remove it, or pass --skip-bad-images") from None
 
 
 def open_dataset(

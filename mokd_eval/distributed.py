@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from mokd_eval.errors import MokdError
+from mokd_eval.validation import check_device
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,19 @@ class DistContext:
 
 
 def choose_device(preference: str, local_rank: int = 0) -> torch.device:
-    """"auto" is CUDA when available; asking for CUDA on a machine without it is a user error."""
+    """"auto" is CUDA when available; "cuda" is this rank's GPU, "cuda:N" GPU N (one process only).
+    Asking for CUDA on a machine without it is a user error."""
+    preference = check_device(preference)
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise MokdError("--device cuda was requested but no CUDA device is available: use --device cpu or auto")
-    return torch.device("cuda", local_rank)
+        raise MokdError(f"--device {preference} was requested but no CUDA device is available: "
+                        f"use --device cpu or auto")
+    index = int(preference.split(":")[1]) if ":" in preference else local_rank
+    if index >= torch.cuda.device_count():
+        raise MokdError(f"--device {preference}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"numbered from 0")
+    return torch.device("cuda", index)
 
 
 def setup(device_preference: str) -> DistContext:

@@ -4,6 +4,30 @@ The CLI prints a `MokdError` as a single line and exits non-zero, without a trac
 anything else is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+import re
+
+# The last line of a formatted traceback: "[package.module.]SomeError: message".
+_FINAL_LINE = re.compile(r"^(?:[\w]+\.)*\w+: (?P<message>.*)$")
+
 
 class MokdError(Exception):
-    """A user-facing error: say what is wrong, which file, and what to do."""
+    """A user-facing error: say what is wrong, which file, and what to do.
+
+    A DataLoader worker that raises one is re-raised in the main process by calling this class with
+    the worker's whole traceback as the message ("Caught MokdError in DataLoader worker process 0.
+    Original Traceback ..."); the constructor keeps only the user's line, so an error reads the same
+    with and without workers.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(_user_line(message))
+
+
+def _user_line(message: str) -> str:
+    if "Original Traceback" not in message:
+        return message
+    last = next((line for line in reversed(message.splitlines()) if line.strip()), "")
+    match = _FINAL_LINE.match(last.strip())
+    return match.group("message") if match else last.strip()

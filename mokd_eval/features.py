@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
+import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ from mokd_eval.distributed import choose_device
 from mokd_eval.errors import MokdError
 from mokd_eval.registry import ArchSpec
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: manifests carry a labels checksum
 DEFAULT_CACHE_DIR = Path(os.environ.get("MOKD_CACHE_DIR", Path.home() / ".cache" / "mokd"))
 
 
@@ -208,21 +210,52 @@ class FeatureCache:
         folder = self.root / key[:2]
         return folder / f"{key}.features.npy", folder / f"{key}.labels.npy", folder / f"{key}.json"
 
-    def load(self, key: str) -> FeatureSet | None:
+    def load(self, key: str, *, expected_labels: np.ndarray | None = None) -> FeatureSet | None:
+        """The entry `key`, or None when there is none. A damaged entry (unreadable or inconsistent files, a
+        manifest that is not one, labels that differ from the dataset's, non-finite features) is reported with
+        its path, removed and treated as absent, so it is recomputed instead of failing every run."""
         if self.root is None:
             return None
         features_path, labels_path, manifest_path = self._paths(key)
         if not manifest_path.exists():
             return None
         try:
+            return self._read_entry(key, expected_labels)
+        except _DamagedEntry as damage:
+            _report(f"feature cache entry {manifest_path} is damaged ({damage}); discarded, recomputing")
+            self.discard(key)
+            return None
+
+    def _read_entry(self, key: str, expected_labels: np.ndarray | None) -> FeatureSet:
+        features_path, labels_path, manifest_path = self._paths(key)
+        try:
             manifest = json.loads(manifest_path.read_text())
             features = np.load(features_path, allow_pickle=False)
             labels = np.load(labels_path, allow_pickle=False)
-        except (OSError, ValueError):
-            return None  # a damaged entry is recomputed, never trusted
-        if features.shape != tuple(manifest["shape"]) or len(labels) != features.shape[0]:
-            return None
-        return FeatureSet(features, labels, int(manifest["skipped"]), float(manifest["seconds"]), True)
+        except Exception as error:  # numpy raises ValueError, EOFError, OSError... for damaged files
+            raise _DamagedEntry(f"{type(error).__name__}: {error}") from None
+        if not isinstance(manifest, dict) or not _MANIFEST_FIELDS <= manifest.keys() or manifest["key"] != key:
+            raise _DamagedEntry("the manifest is not a mokd feature-cache manifest for this entry")
+        if features.ndim != 2 or list(features.shape) != manifest["shape"] or str(features.dtype) != manifest["dtype"]:
+            raise _DamagedEntry(f"features {features.shape} {features.dtype} do not match the manifest")
+        if labels.shape != (features.shape[0],) or labels.dtype != np.int64:
+            raise _DamagedEntry(f"labels {labels.shape} {labels.dtype} do not match the features")
+        skipped, seconds = manifest["skipped"], manifest["seconds"]
+        if not isinstance(skipped, int) or skipped < 0 or not isinstance(seconds, (int, float)):
+            raise _DamagedEntry("the manifest's skipped count or timing is not a number")
+        if expected_labels is not None and skipped == 0 and not np.array_equal(labels, expected_labels):
+            raise _DamagedEntry("its labels differ from the dataset's")
+        if zlib.crc32(labels.tobytes()) != manifest["labels_crc32"]:
+            raise _DamagedEntry("its labels do not match their checksum")
+        if not np.isfinite(features).all():
+            raise _DamagedEntry("it holds non-finite features")
+        return FeatureSet(features, labels, skipped, float(seconds), True)
+
+    def discard(self, key: str) -> None:
+        """Remove an entry, manifest first so that no reader sees it as complete meanwhile."""
+        features_path, labels_path, manifest_path = self._paths(key)
+        for path in (manifest_path, features_path, labels_path):
+            path.unlink(missing_ok=True)
 
     def store(self, key: str, feature_set: FeatureSet, parts: dict[str, Any]) -> None:
         if self.root is None:
@@ -233,7 +266,8 @@ class FeatureCache:
         atomic.save_numpy(labels_path, feature_set.labels)
         atomic.write_json(manifest_path, {"key": key, "parts": parts, "shape": list(features.shape),
                                           "dtype": self.dtype, "skipped": feature_set.skipped,
-                                          "seconds": feature_set.seconds})
+                                          "seconds": feature_set.seconds,
+                                          "labels_crc32": zlib.crc32(feature_set.labels.tobytes())})
 
 
 def cached_features(backbone: nn.Module, spec: ArchSpec, dataset: Dataset, *, identity: dict[str, Any],
@@ -243,11 +277,32 @@ def cached_features(backbone: nn.Module, spec: ArchSpec, dataset: Dataset, *, id
     transform...) matches an entry; otherwise extract them and store them."""
     parts = {**identity, "arch": spec.to_dict(), "feature": kind.describe(), "dtype": cache.dtype}
     key = FeatureCache.key(parts)
-    hit = cache.load(key)
-    if hit is not None:
+    skipping = bool(getattr(dataset, "skip_bad_images", False))
+    hit = cache.load(key, expected_labels=getattr(dataset, "targets", None))
+    if hit is not None and (hit.skipped == 0 or skipping):
         return hit
+    if hit is not None:
+        # What an entry skipped is part of what it is: a strict run must see (and fail on) those images.
+        _report(f"{desc}: the cached features skipped {hit.skipped} unreadable images; this run does not pass "
+                f"--skip-bad-images, so they are extracted again")
     feature_set = extract_features(backbone, spec, dataset, kind, batch_size=batch_size, num_workers=num_workers,
                                    device=device, desc=desc)
+    if not np.isfinite(feature_set.features).all():
+        bad_rows = int((~np.isfinite(feature_set.features)).any(axis=1).sum())
+        raise MokdError(f"{desc}: the model produced non-finite features for {bad_rows} images, so its weights are "
+                        f"probably non-finite: check the checkpoint (mokd-eval inspect) or evaluate an earlier one")
     if not dist.is_initialized() or dist.get_rank() == 0:
         cache.store(key, feature_set, parts)
     return feature_set
+
+
+class _DamagedEntry(Exception):
+    """Why a cache entry cannot be trusted (internal: the entry is discarded and recomputed)."""
+
+
+_MANIFEST_FIELDS = {"key", "shape", "dtype", "skipped", "seconds", "labels_crc32"}
+
+
+def _report(message: str) -> None:
+    """Warnings of the cache go to stderr next to the progress bars, whatever command runs."""
+    tqdm.write(f"warning: {message}", file=sys.stderr)

@@ -20,11 +20,11 @@ def run_knn(checkpoint: str | Path, *, data: str | None, ks: Sequence[int], temp
         eval_data = open_eval_data(data, image_size=image_size, skip_bad_images=skip_bad_images)
         echo(f"data: {eval_data.spec.text} ({len(eval_data.train)} train / {len(eval_data.val)} val images, "
              f"{eval_data.train.num_classes} classes; {eval_data.transform})")
-        loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo)
+        loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo, image_size=image_size)
 
     results, warnings = [], []
     for entry in loaded:
-        train, val = model_features(entry, eval_data, features, timer)
+        train, val = model_features(entry, eval_data, features, timer, echo)
         outcome = knn_classify(train.features, train.labels, val.features, val.labels,
                                num_classes=eval_data.train.num_classes, ks=ks, temperature=temperature,
                                fp16_bank=fp16_bank, device=features.device)

@@ -27,6 +27,7 @@ from mokd_eval.pipeline import EvalData, FeatureOptions, load_models, model_feat
 from mokd_eval.protocols import Preset, TrainOptions, resolve_settings, run_root, train_with_search
 from mokd_eval.results import StageTimer, build_results, format_table
 from mokd_eval.splits import heldout_split
+from mokd_eval.validation import check_image_size
 
 MODES = ("protocol", "cached")
 LINEAR_EPOCHS, LINEAR_BATCH, LINEAR_WARMUP = 100, 2048, 10  # A.2
@@ -50,6 +51,8 @@ def run_linear(checkpoint: str | Path, *, mode: str, data: str | None, features:
         echo(f"data: {eval_data.spec.text} ({len(eval_data.train)} train / {len(eval_data.val)} val images, "
              f"{eval_data.train.num_classes} classes)")
         loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo)
+        for entry in loaded:  # every model must take the resolution before any work
+            check_image_size(image_side(eval_data.spec, image_size), entry.spec)
     root = run_root(out)
     results, warnings = [], []
     for entry in loaded:

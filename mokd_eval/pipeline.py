@@ -48,9 +48,10 @@ class FeatureOptions:
 
 
 def load_models(checkpoint: str | Path, *, model: str | None, key: str | None, trust: bool,
-                echo: Callable[[str], None]) -> list[LoadedBackbone]:
-    """Load every requested backbone strictly and say what was loaded."""
-    loaded = load_backbones(checkpoint, model=model, key=key, trust=trust)
+                echo: Callable[[str], None], image_size: int | None = None) -> list[LoadedBackbone]:
+    """Load every requested backbone strictly and say what was loaded; `image_size` (the user's evaluation
+    resolution, if given) is checked against each architecture (patch multiple, ResNet stride)."""
+    loaded = load_backbones(checkpoint, model=model, key=key, trust=trust, img_size=image_size)
     first = loaded[0].checkpoint
     echo(f"checkpoint: {first.path} ({first.format}, sha256 {first.sha256[:12]})")
     for entry in loaded:
@@ -58,9 +59,9 @@ def load_models(checkpoint: str | Path, *, model: str | None, key: str | None, t
     return loaded
 
 
-def model_features(loaded: LoadedBackbone, data: EvalData, options: FeatureOptions,
-                   timer: StageTimer) -> tuple[FeatureSet, FeatureSet]:
-    """Train and val features of one model, from the cache when possible."""
+def model_features(loaded: LoadedBackbone, data: EvalData, options: FeatureOptions, timer: StageTimer,
+                   echo: Callable[[str], None] = print) -> tuple[FeatureSet, FeatureSet]:
+    """Train and val features of one model, from the cache when possible; skipped images are reported."""
     sets = []
     for split, dataset in (("train", data.train), ("val", data.val)):
         identity = {"checkpoint_sha256": loaded.checkpoint.sha256, "model_key": loaded.key,
@@ -71,6 +72,9 @@ def model_features(loaded: LoadedBackbone, data: EvalData, options: FeatureOptio
                                       num_workers=options.num_workers, device=options.device,
                                       desc=f"{loaded.key} {split}")
         timer.add("extract" if not feature_set.from_cache else "cache_read", feature_set.seconds)
+        if feature_set.skipped:
+            echo(f"warning: {loaded.key} {split}: skipped {feature_set.skipped} unreadable images "
+                 f"(--skip-bad-images); {len(feature_set.labels)} of {len(dataset)} used")
         sets.append(feature_set)
     return sets[0], sets[1]
 

@@ -26,6 +26,7 @@ from mokd_eval.protocols import Preset, TrainOptions, resolve_settings, run_root
 from mokd_eval.results import StageTimer, build_results, format_table
 from mokd_eval.splits import (ALLOWED_PERCENTS, file_sha256, read_split_file, stratified_subset,
                               write_split_file)
+from mokd_eval.validation import check_image_size
 
 MODES = ("finetune", "linear")
 # A.3: batch 1024, 60 epochs (1%) / 30 (10%), 5 warm-up epochs, cosine, SGD; the base lr was searched per model.
@@ -76,6 +77,8 @@ def run_semisup(checkpoint: str | Path, *, percent: float, split_file: Path | No
              f"{'split file ' + str(split_path) if split_source == 'file' else 'seeded stratified subset'}), "
              f"{len(eval_data.val)} val images, {train.num_classes} classes")
         loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo)
+        for entry in loaded:  # every model must take the resolution before any work
+            check_image_size(image_side(eval_data.spec, image_size), entry.spec)
     context.barrier()
     split = {"source": split_source, "file": str(split_path), "sha256": file_sha256(split_path),
              "images": int(len(indices)), "percent": percent, "seed": options.seed if split_source != "file" else None}

@@ -85,17 +85,68 @@ def save_checkpoint(output_dir: Path, state: dict[str, Any], *, numbered: bool, 
     if latest.exists():
         latest.replace(output_dir / PREVIOUS)
     save_torch(state, latest)
-    if numbered:
-        save_torch(state, output_dir / numbered_name(state["epoch"]))
     if official:
-        specs = tuple(ArchSpec.from_dict(state["archs"][key]) for key in ("1", "2"))
-        exported = official_state(state, specs)
-        base = output_dir / OFFICIAL_DIR / official_stem(specs)
-        save_torch(exported, base.with_name(base.name + "_temp.pth"))
-        if numbered:
-            # The official code numbers its copies by the 0-based index of the epoch just finished.
-            save_torch(exported, base.with_name(f"{base.name}_{state['epoch'] - 1:04d}.pth"))
+        save_torch(official_state(state, _specs_of(state)), official_path(output_dir, _specs_of(state)))
+    if numbered:
+        save_numbered_copies(output_dir, state, official=official)
     return latest
+
+
+def save_numbered_copies(output_dir: Path, state: dict[str, Any], *, official: bool) -> None:
+    """The numbered copy of the epoch `state` ends (and its official-layout twin)."""
+    save_torch(state, output_dir / numbered_name(state["epoch"]))
+    if official:
+        # The official code numbers its copies by the 0-based index of the epoch just finished.
+        save_torch(official_state(state, _specs_of(state)),
+                   official_path(output_dir, _specs_of(state), f"{state['epoch'] - 1:04d}"))
+
+
+def official_path(output_dir: Path, specs: tuple[ArchSpec, ArchSpec], suffix: str = "temp") -> Path:
+    return output_dir / OFFICIAL_DIR / f"{official_stem(specs)}_{suffix}.pth"
+
+
+def _specs_of(state: dict[str, Any]) -> tuple[ArchSpec, ArchSpec]:
+    return tuple(ArchSpec.from_dict(state["archs"][key]) for key in ("1", "2"))
+
+
+def write_missing_numbered_copy(output_dir: Path, state: dict[str, Any], *, save_every: int, epochs: int,
+                                official: bool, log: Log) -> None:
+    """After a crash between `checkpoint.pth` and its numbered copy (kill -9 mid-save), write the copy the
+    interrupted run owed, so that every `--save-every` epoch has one."""
+    epoch = state["epoch"]
+    owed = state["step_in_epoch"] == 0 and epoch > 0 and (epoch % save_every == 0 or epoch == epochs)
+    path = output_dir / numbered_name(epoch)
+    if owed and not path.exists():
+        save_numbered_copies(output_dir, state, official=official)
+        log(f"wrote {path.name}, which the interrupted run had not finished writing")
+
+
+def remove_stale_temporaries(output_dir: Path, log: Log) -> None:
+    """Delete the temporary files an interrupted atomic save leaves (`.<name>.<random>.tmp`); only one run
+    writes into an output directory, so at start-up any such file is an orphan."""
+    stale = [path for folder in (output_dir, output_dir / OFFICIAL_DIR) if folder.is_dir()
+             for path in folder.glob(".*.pth.*.tmp")]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log(f"removed {len(stale)} temporary file(s) left by an interrupted save in {output_dir}")
+
+
+def non_finite_networks(state: dict[str, Any]) -> list[str]:
+    """Which networks and optimizers of a native state hold NaN or inf. One float64 sum per tensor is enough:
+    a sum is finite exactly when every element is (finite weights do not reach 1e308)."""
+    named = [*NETWORKS, "optimizer1", "optimizer2"]
+    return [name for name in named if not _all_finite(state.get(name))]
+
+
+def _all_finite(tree: Any) -> bool:
+    if isinstance(tree, torch.Tensor):
+        return not tree.is_floating_point() or bool(torch.isfinite(tree.sum(dtype=torch.float64)))
+    if isinstance(tree, dict):
+        return all(_all_finite(value) for value in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return all(_all_finite(value) for value in tree)
+    return True
 
 
 # --- RNG ------------------------------------------------------------------------------------------
@@ -136,6 +187,10 @@ def _try_load(path: Path, log: Log) -> dict[str, Any] | None:
         return None
     if not isinstance(state, dict) or state.get("mokd_format") != FORMAT_VERSION:
         log(f"checkpoint {path} is not a mokd training checkpoint; trying an older one")
+        return None
+    poisoned = non_finite_networks(state)
+    if poisoned:
+        log(f"checkpoint {path} holds non-finite values in {', '.join(poisoned)}; trying an older one")
         return None
     return state
 

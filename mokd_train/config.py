@@ -21,10 +21,10 @@ import yaml
 from mokd_eval.data import parse_data_spec
 from mokd_eval.errors import MokdError
 from mokd_eval.registry import ArchSpec, build_backbone, resolve_arch
+from mokd_eval.validation import check_device, check_image_size, check_num_workers, check_output_dir
 
 MODES = ("mokd", "independent")
 LOSS_TERMS = ("sm", "st", "cm", "ct")
-DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 AUGMENTATION_PROBABILITIES = ("flip_p", "jitter_p", "grayscale_p", "global1_blur_p", "global2_blur_p",
                               "local_blur_p", "solarize_p")
@@ -285,7 +285,7 @@ def _coerce_item(key: str, item: Any, kind: type, bad) -> Any:
 
 def validate(config: TrainConfig) -> None:
     """Reject values that cannot train, naming the setting; also resolves both architectures."""
-    choices = {"mode": MODES, "device": DEVICES, "amp": AMP_MODES}
+    choices = {"mode": MODES, "amp": AMP_MODES}
     for key, allowed in choices.items():
         if getattr(config, key) not in allowed:
             raise MokdError(f"setting {key!r} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
@@ -299,7 +299,7 @@ def validate(config: TrainConfig) -> None:
         raise MokdError("the cross search term 'ct' needs local crops: set n_local >= 1 or drop 'ct' from losses")
     positive = ("img_size", "epochs", "batch_size", "out_dim", "mlp_hidden_dim", "mlp_bottleneck_dim",
                 "thead_depth", "local_size", "save_every", "log_every")
-    non_negative = ("n_local", "warmup_epochs", "clip_grad", "freeze_last_layer", "num_workers",
+    non_negative = ("n_local", "warmup_epochs", "clip_grad", "freeze_last_layer",
                     "checkpoint_every_steps", "max_steps", "drop_path", "warmup_teacher_temp_epochs",
                     "cnn_self_warmup_teacher_temp_epochs", "lr_cnn", "lr_vit", "min_lr_cnn", "min_lr_vit",
                     "weight_decay_cnn", "weight_decay_vit", "weight_decay_end_vit")
@@ -324,16 +324,13 @@ def validate(config: TrainConfig) -> None:
         low, high = getattr(config, key)
         if not 0.0 < low <= high <= 1.0:
             raise MokdError(f"setting {key!r} must be (low, high) with 0 < low <= high <= 1, got {(low, high)}")
+    check_output_dir(Path(config.output_dir), option="--output-dir")
+    check_num_workers(config.num_workers, option="setting 'num_workers'")
+    check_device(config.device, option="setting 'device'")
     for spec in arch_specs(config):
-        stride = 8 if spec.stem == "cifar" else 32
-        if not spec.is_vit and config.img_size < stride:
-            raise MokdError(f"setting 'img_size' ({config.img_size}) is below {spec.name}'s output stride {stride}: "
-                            f"its T-Head would get no feature map; use img_size >= {stride}")
+        check_image_size(config.img_size, spec, option="setting 'img_size'")
         if spec.is_vit:
-            for key in ("img_size", "local_size"):
-                if getattr(config, key) % spec.patch_size:
-                    raise MokdError(f"setting {key!r} ({getattr(config, key)}) must be a multiple of "
-                                    f"{spec.name}'s patch size {spec.patch_size}")
+            check_image_size(config.local_size, spec, option="setting 'local_size'")
 
 
 def arch_specs(config: TrainConfig) -> tuple[ArchSpec, ArchSpec]:

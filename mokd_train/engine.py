@@ -243,6 +243,8 @@ class Trainer:
         use_scaler = self.dtype == torch.float16
         self.scalers = [torch.amp.GradScaler("cuda") if use_scaler else None for _ in (0, 1)]
         self.progress = Progress()
+        if context.is_main:
+            checkpointing.remove_stale_temporaries(self.output_dir, self.log)
         if found is not None:
             state, path = found
             self.progress = checkpointing.restore(state, path, self.pair, self.optimizers, self.scalers)
@@ -250,6 +252,11 @@ class Trainer:
                      f"({self.progress.global_step} steps in total)")
             if context.is_main:
                 checkpointing.set_aside_unreadable_latest(self.output_dir, path, self.log)
+                checkpointing.write_missing_numbered_copy(self.output_dir, state, save_every=cfg.save_every,
+                                                          epochs=cfg.epochs, official=cfg.export_official,
+                                                          log=self.log)
+        elif cfg.resume:
+            self.log(f"nothing to resume in {self.output_dir} (no checkpoint there): starting a new run")
         self.last_stats: dict[str, float] = {}
         self.checkpoint_path: Path | None = None
         self.step_seconds: list[float] = []
@@ -359,11 +366,8 @@ class Trainer:
             try:
                 loss1, loss2, stats = pair.compute_losses(crops, epoch)
             except NonFiniteLossError as error:
-                last_good = self.checkpoint_path or self.resumed_from
-                kept = (f"the last good checkpoint {last_good} was left untouched: lower the learning rate, "
-                        f"or resume from it" if last_good else "no checkpoint had been written yet")
-                raise MokdError(f"loss term {error.term} became non-finite at step {progress.global_step + 1} "
-                                f"(epoch {epoch + 1}); training stopped and {kept}") from None
+                raise self._diverged(f"loss term {error.term} became non-finite at step {progress.global_step + 1} "
+                                     f"(epoch {epoch + 1})") from None
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         losses = [loss1, loss2]
@@ -426,10 +430,25 @@ class Trainer:
                             "steps": steps, "mean_losses": means, "seconds": round(seconds, 3),
                             "images_per_s": round(steps * self.cfg.batch_size / seconds, 2)})
 
+    def _diverged(self, what: str) -> MokdError:
+        """The stop message of a diverged run, naming the checkpoint that really resumes it."""
+        last_good = self.checkpoint_path or self.resumed_from
+        if last_good is None:
+            return MokdError(f"{what}; training stopped before any checkpoint was written: lower the learning rate "
+                             f"(--lr-cnn / --lr-vit) and start again")
+        return MokdError(f"{what}; training stopped and the last good checkpoint {last_good} was left untouched: "
+                         f"lower the learning rate (--lr-cnn / --lr-vit) and rerun the same command to resume from it")
+
     def _save(self, *, numbered: bool) -> None:
+        # Every rank checks (the weights are replicated), so all stop together and nothing non-finite is saved:
+        # weights can turn NaN/inf one step before any loss does.
+        state = checkpointing.native_state(self.pair, self.optimizers, self.scalers, self.progress,
+                                           self.cfg.to_dict())
+        poisoned = checkpointing.non_finite_networks(state)
+        if poisoned:
+            raise self._diverged(f"the weights of {', '.join(poisoned)} became non-finite at step "
+                                 f"{self.progress.global_step} (epoch {self.progress.epoch + 1}) before any loss did")
         if self.context.is_main:
-            state = checkpointing.native_state(self.pair, self.optimizers, self.scalers, self.progress,
-                                               self.cfg.to_dict())
             self.checkpoint_path = checkpointing.save_checkpoint(self.output_dir, state, numbered=numbered,
                                                                  official=self.cfg.export_official)
         else:
@@ -440,8 +459,7 @@ class Trainer:
         steps = self.step_seconds
         official = None
         if self.cfg.export_official:
-            official = str(self.output_dir / checkpointing.OFFICIAL_DIR
-                           / f"{checkpointing.official_stem(self.specs)}_temp.pth")
+            official = str(checkpointing.official_path(self.output_dir, self.specs))
         return {
             "output_dir": str(self.output_dir),
             "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,

@@ -7,6 +7,9 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
+import sys
+import types
 import warnings
 
 import pytest
@@ -183,7 +186,7 @@ def test_img_size_override_keeps_the_position_embedding(tmp_path, checkpoint_fac
     assert torch.equal(loaded.module.pos_embed, source.pos_embed)  # 1 + 8x8 tokens, not resampled on load
     assert "resampled on the fly for 64px" in loaded.report
     assert_same_backbone(loaded, source, 64)
-    with pytest.raises(MokdError, match="not a multiple of the patch size 4"):
+    with pytest.raises(MokdError, match="not a multiple of .*patch size 4"):
         load_backbones(path, img_size=30)
 
 
@@ -297,12 +300,40 @@ def test_pickled_code_needs_trust(tmp_path, checkpoint_factory, tiny_cnn_spec, p
     path = tmp_path / "sidecar.pth"
     torch.save({"state_dict": source.state_dict(), "extra": payload}, path)
     offending = "SidecarObject" if isinstance(payload, SidecarObject) else "functools.partial"
-    with pytest.raises(MokdError, match=rf"needs \S*{offending} .*--trust-checkpoint"):
+    with pytest.raises(MokdError, match=rf"global \S*{offending}, .*--trust-checkpoint"):
         load_backbones(path)
     with pytest.warns(UserWarning, match="trust-checkpoint"):
         (loaded,) = load_backbones(path, trust=True)
     assert "WARNING: unpickled with --trust-checkpoint" in loaded.report
     assert_same_backbone(loaded, source, 32)
+
+
+def test_a_code_executing_global_is_named_not_called_corrupt(tmp_path, checkpoint_factory, tiny_cnn_spec):
+    path = tmp_path / "hostile.pth"
+    torch.save({"state_dict": checkpoint_factory.backbone(tiny_cnn_spec).state_dict(), "run": os.system}, path)
+    with pytest.raises(MokdError) as caught:
+        load_backbones(path)
+    message = str(caught.value)
+    assert f"global {os.system.__module__}.system" in message and "--trust-checkpoint" in message
+    assert "corrupted" not in message
+
+
+def test_a_file_that_cannot_load_even_with_trust_says_why(tmp_path, checkpoint_factory, tiny_cnn_spec, monkeypatch):
+    module = types.ModuleType("vanished_training_code")
+
+    class Config:
+        pass
+
+    Config.__module__, Config.__qualname__ = module.__name__, "Config"
+    module.Config = Config
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    path = tmp_path / "foreign.pth"
+    torch.save({"state_dict": checkpoint_factory.backbone(tiny_cnn_spec).state_dict(), "config": Config()}, path)
+    monkeypatch.delitem(sys.modules, module.__name__)
+    with pytest.warns(UserWarning), pytest.raises(MokdError, match=r"cannot be unpickled even with "
+                                                                   r"--trust-checkpoint: it refers to "
+                                                                   r"vanished_training_code.Config.*No module named"):
+        load_backbones(path, trust=True)
 
 
 def test_trust_is_unused_for_files_that_do_not_need_it(tmp_path, checkpoint_factory, tiny_cnn_spec):

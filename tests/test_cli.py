@@ -104,3 +104,18 @@ def test_code_carrying_pickle_is_refused_without_the_trust_flag(tmp_path):
     torch.save({"model": {"w": torch.zeros(1)}, "hook": np.random.default_rng}, path)
     result = CliRunner().invoke(mokd_eval, ["inspect", str(path)])
     assert result.exit_code == 2 and "--trust-checkpoint" in result.output
+
+
+def test_skipped_images_are_counted_on_screen_and_a_strict_rerun_fails_cleanly(tmp_path, checkpoint_factory,
+                                                                               tiny_cnn_spec):
+    from tests.test_features import _folder_with_a_corrupt_image
+
+    path, _ = checkpoint_factory.dino(tiny_cnn_spec)
+    bad = _folder_with_a_corrupt_image(tmp_path / "images")
+    args = ["knn", str(path), "--data", f"imagefolder:{tmp_path / 'images'}", "--image-size", "32", "--k", "1",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r.json"), *FAST]
+    lenient = run([*args, "--skip-bad-images"])
+    assert "train: skipped 1 unreadable images" in lenient.output
+    strict = run(args, expect=2)
+    assert strict.output.strip().splitlines()[-1] == (f"error: cannot read image {bad} (not an image file PIL can "
+                                                      f"decode); fix or remove it, or pass --skip-bad-images")

@@ -257,7 +257,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     result = run(["semisup", path, "--percent", 1, "--out", blocker / "r.json", *FAST], expect=2)
-    assert "cannot create the output folder" in one_line_error(result)
+    assert "cannot be created because" in one_line_error(result)
 
 
 def test_resuming_with_another_class_count_is_refused(tmp_path):

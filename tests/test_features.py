@@ -149,3 +149,99 @@ def test_damaged_entry_is_recomputed(tmp_path, cnn):
     next(tmp_path.rglob("*.features.npy")).write_bytes(b"garbage")
     assert not cached_features(model, spec, RandomImages(4), identity=identity, cache=cache,
                                num_workers=0).from_cache
+
+
+# --- damaged entries, strict runs, worker errors ----------------------------------------------------------
+
+def _damage(kind, paths):
+    features_path, labels_path, manifest_path = paths
+    if kind == "empty features file":
+        features_path.write_bytes(b"")
+    elif kind == "manifest {}":
+        manifest_path.write_text("{}")
+    elif kind == "manifest list":
+        manifest_path.write_text("[1, 2]")
+    elif kind == "tampered labels":
+        labels = np.load(labels_path)
+        labels[0] = (labels[0] + 1) % 3
+        np.save(labels_path, labels)
+    elif kind == "NaN row":
+        features = np.load(features_path)
+        features[1] = np.nan
+        np.save(features_path, features)
+
+
+@pytest.mark.parametrize("kind", ["empty features file", "manifest {}", "manifest list", "tampered labels", "NaN row"])
+def test_damaged_entry_is_reported_discarded_and_recomputed(tmp_path, cnn, capsys, kind):
+    spec, model = cnn
+    cache = FeatureCache(tmp_path)
+    identity = {"checkpoint_sha256": "abc"}
+    first = cached_features(model, spec, RandomImages(6), identity=identity, cache=cache, num_workers=0)
+    manifest = next(tmp_path.rglob("*.json"))
+    key = manifest.name.removesuffix(".json")
+    _damage(kind, cache._paths(key))
+    counting = CountingForward(model)
+    again = cached_features(counting, spec, RandomImages(6), identity=identity, cache=cache, num_workers=0)
+    assert not again.from_cache and counting.calls > 0
+    assert np.allclose(again.features, first.features) and np.array_equal(again.labels, first.labels)
+    assert f"feature cache entry {manifest} is damaged" in capsys.readouterr().err
+    hit = cached_features(counting, spec, RandomImages(6), identity=identity, cache=cache, num_workers=0)
+    assert hit.from_cache  # the recomputed entry replaced the damaged one
+
+
+def test_labels_are_checked_against_the_dataset(tmp_path, cnn, capsys):
+    spec, model = cnn
+    cache = FeatureCache(tmp_path)
+    data = RandomImages(6)
+    data.targets = data.labels.numpy().astype(np.int64)
+    cached_features(model, spec, data, identity={"id": 1}, cache=cache, num_workers=0)
+    data.targets = (data.targets + 1) % 3  # the dataset's labels changed under the same identity
+    assert not cached_features(model, spec, data, identity={"id": 1}, cache=cache, num_workers=0).from_cache
+    assert "labels differ from the dataset's" in capsys.readouterr().err
+
+
+def _folder_with_a_corrupt_image(root):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for label, colour in (("a", (200, 0, 0)), ("b", (0, 200, 0))):
+            for index in range(3):
+                path = root / split / label / f"{index}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (8, 8), colour).save(path)
+    bad = root / "train" / "b" / "1.png"
+    bad.write_bytes(b"not an image")
+    return bad
+
+
+def test_a_strict_run_never_reuses_features_extracted_while_skipping(tmp_path, cnn):
+    from mokd_eval.data import eval_transform, open_dataset, parse_data_spec
+
+    spec, model = cnn
+    bad = _folder_with_a_corrupt_image(tmp_path / "images")
+    data = parse_data_spec(f"imagefolder:{tmp_path / 'images'}")
+    transform = eval_transform(data, 32)[0]
+    cache = FeatureCache(tmp_path / "cache")
+    identity = {"checkpoint_sha256": "abc"}
+    lenient = open_dataset(data, "train", transform, skip_bad_images=True)
+    skipped = cached_features(model, spec, lenient, identity=identity, cache=cache, num_workers=0)
+    assert skipped.skipped == 1
+    assert cached_features(model, spec, lenient, identity=identity, cache=cache, num_workers=0).from_cache
+    strict = open_dataset(data, "train", transform)
+    with pytest.raises(MokdError, match=f"cannot read image {bad}"):
+        cached_features(model, spec, strict, identity=identity, cache=cache, num_workers=0)
+
+
+def test_an_unreadable_image_reads_the_same_with_and_without_workers(tmp_path, cnn):
+    from mokd_eval.data import eval_transform, open_dataset, parse_data_spec
+
+    spec, model = cnn
+    _folder_with_a_corrupt_image(tmp_path / "images")
+    data = parse_data_spec(f"imagefolder:{tmp_path / 'images'}")
+    strict = open_dataset(data, "train", eval_transform(data, 32)[0])
+    messages = []
+    for workers in (0, 1):
+        with pytest.raises(MokdError) as caught:
+            extract_features(model, spec, strict, batch_size=2, num_workers=workers)
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1] and "\n" not in messages[1] and "Traceback" not in messages[1]

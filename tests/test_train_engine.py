@@ -321,3 +321,60 @@ def test_augmentation_probabilities_reach_the_multicrop_recipe(tmp_path):
     assert crops.flip_p == 0.5 and crops.global_size == 16  # unset probabilities keep the recipe's value
     with pytest.raises(MokdError, match="'solarize_p' is a probability"):
         small_config(tmp_path, solarize_p=1.5)
+
+
+# --- hardening: divergence, crashes mid-save, resume messages ------------------------------------------
+
+
+def test_weights_turning_non_finite_before_any_loss_are_never_saved(tmp_path, monkeypatch, capsys):
+    real_update = MokdPair.update_teachers
+    calls = []
+
+    def poisoning_update(self, momentum):
+        calls.append(1)
+        if len(calls) == 2:  # step 2: the optimizer blew student1 up; the losses of step 2 were still finite
+            with torch.no_grad():
+                next(self.students[0].parameters()).fill_(float("inf"))
+        return real_update(self, momentum)
+
+    monkeypatch.setattr(MokdPair, "update_teachers", poisoning_update)
+    with pytest.raises(MokdError, match=r"weights of student1, teacher1.* non-finite at step 2 .*before any loss did"
+                                        r".*last good checkpoint .*checkpoint.pth was left untouched") as caught:
+        train(small_config(tmp_path, max_steps=4, checkpoint_every_steps=1))
+    named = Path(str(caught.value).split("last good checkpoint ")[1].split(" was left")[0])
+    assert load(named)["global_step"] == 1 and not checkpointing.non_finite_networks(load(named))
+    monkeypatch.undo()
+    summary = train(small_config(tmp_path, max_steps=2, checkpoint_every_steps=1))  # the named file resumes
+    assert summary["resumed_from"] == str(named) and summary["global_step"] == 2
+
+
+def test_a_poisoned_checkpoint_is_skipped_on_resume(tmp_path):
+    train(small_config(tmp_path, max_steps=2, checkpoint_every_steps=1))
+    latest = tmp_path / "checkpoint.pth"
+    state = load(latest)
+    next(iter(state["student2"].values())).view(-1)[0] = float("nan")
+    torch.save(state, latest)
+    summary = train(small_config(tmp_path, max_steps=3, checkpoint_every_steps=1))
+    assert summary["resumed_from"].endswith("checkpoint_prev.pth")
+
+
+def test_stale_temporaries_are_removed_and_the_owed_numbered_copy_written(tmp_path, capsys):
+    train(small_config(tmp_path, max_steps=STEPS_PER_EPOCH))  # ends epoch 1
+    numbered = tmp_path / "checkpoint_0001.pth"
+    reference = load(numbered)
+    numbered.unlink()  # as if kill -9 struck between checkpoint.pth and its numbered copy
+    orphans = [tmp_path / ".checkpoint_0001.pth.x1y2z3.tmp", tmp_path / "official" / ".mokd_a.pth.q1w2.tmp"]
+    for orphan in orphans:
+        orphan.parent.mkdir(exist_ok=True)
+        orphan.write_bytes(b"half a checkpoint")
+    capsys.readouterr()
+    train(small_config(tmp_path, max_steps=STEPS_PER_EPOCH + 1))
+    assert not any(orphan.exists() for orphan in orphans)
+    assert_same_training_state(load(numbered), reference)
+    output = capsys.readouterr().out
+    assert "removed 2 temporary file(s)" in output and "wrote checkpoint_0001.pth" in output
+
+
+def test_resume_with_nothing_to_resume_says_so(tmp_path, capsys):
+    train(small_config(tmp_path / "fresh", max_steps=1))
+    assert f"nothing to resume in {tmp_path / 'fresh'}" in capsys.readouterr().out
