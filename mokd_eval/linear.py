@@ -151,29 +151,33 @@ def train_head_sweep(features: np.ndarray, labels: np.ndarray, fit_index: np.nda
     start = time.perf_counter()
     for epoch in range(start_epoch, epochs):
         order = torch.randperm(len(fit_y), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        loss_sum, seen = 0.0, 0
+        loss_sum, seen, correct = 0.0, 0, None
         epoch_start = time.perf_counter()
         bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
         for step in bar:
             optimizer.param_groups[0]["lr"] = float(schedule[epoch * steps_per_epoch + step])
             batch = order[step * batch_size:(step + 1) * batch_size].to(torch_device)
             x, y = fit_x[batch], fit_y[batch]
-            losses = []
+            losses, hits = [], []
             for logits in bank([x[:, c] for c in columns]):
                 batch_size_now, heads, classes = logits.shape
                 per_item = F.cross_entropy(logits.reshape(-1, classes), y.repeat_interleave(heads), reduction="none")
                 losses.append(per_item.view(batch_size_now, heads).mean(dim=0))
+                hits.append((logits.detach().argmax(dim=-1) == y[:, None]).sum(dim=0))
             per_head_loss = torch.stack(losses)  # variants x heads
+            correct = torch.stack(hits) if correct is None else correct + torch.stack(hits)
             (per_head_loss * lr_weights).sum().backward()  # each head's gradient scaled by its own base lr
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss_sum += per_head_loss.detach().min().item() * len(y)
             seen += len(y)
             elapsed = time.perf_counter() - epoch_start
-            bar.set_postfix(best_loss=f"{loss_sum / seen:.4f}", img_s=f"{seen / max(elapsed, 1e-9):.0f}")
+            bar.set_postfix(best_loss=f"{loss_sum / seen:.4f}", best_acc=f"{100 * correct.max().item() / seen:.1f}",
+                            img_s=f"{seen / max(elapsed, 1e-9):.0f}")
         if not math.isfinite(loss_sum):
             raise MokdError(f"{desc}: every head's loss is non-finite in epoch {epoch + 1}; lower the learning rates")
         history.append({"epoch": epoch + 1, "best_head_loss": loss_sum / seen,
+                        "best_head_train_acc": 100 * correct.max().item() / seen,
                         "images_per_s": seen / max(time.perf_counter() - epoch_start, 1e-9)})
         if checkpoint_path is not None:
             atomic.save_torch({"epoch": epoch + 1, "heads": bank.state_dict(), "optimizer": optimizer.state_dict(),
