@@ -268,3 +268,13 @@ def test_resuming_with_another_class_count_is_refused(tmp_path):
     result = run(["linear", path, "--data", f"imagefolder:{tree}", "--image-size", 32, "--resume", "--out", out,
                   *FAST], expect=2)
     assert "trained for 10 classes but the dataset has 3" in one_line_error(result)
+
+
+def test_protocol_mode_lowers_the_training_loss(tmp_path):
+    path = timm_init_dino(tmp_path / "dino.pth")
+    out = tmp_path / "linear.json"
+    run(["linear", path, "--data", "shapes:200", "--batch-size", 32, "--lr", 8.0, "--out", out,
+         "--num-workers", "0", "--device", "cpu", "--epochs", 3])
+    history = load_json(out)["results"][0]["protocol"]["history"]
+    assert [record["epoch"] for record in history] == [1, 2, 3]
+    assert history[-1]["loss"] < history[0]["loss"] - 0.05, history
