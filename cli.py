@@ -111,12 +111,12 @@ def _data_option_list() -> list[Callable]:
     ]
 
 
-def _device_option_list() -> list[Callable]:
+def _device_option_list(workers_default: str = "min(4, CPUs)") -> list[Callable]:
     from mokd_eval.validation import check_num_workers
 
     return [
         click.option("--num-workers", type=int, default=None, callback=_validated(check_num_workers),
-                     help="DataLoader workers (default: min(4, CPUs))."),
+                     help=f"DataLoader workers (default: {workers_default})."),
         _device_option,
     ]
 
@@ -171,7 +171,7 @@ def _training_options(function: Callable) -> Callable:
         click.option("--eval-batch-size", type=int, default=256, show_default=True,
                      callback=_positive("--eval-batch-size"), help="Batch for evaluation and feature extraction."),
         click.option("--resume", is_flag=True, help="Continue from the per-epoch checkpoints of an earlier run."),
-        *_device_option_list(), *_output_option_list(),
+        *_device_option_list("min(4, usable CPUs - 1): the main process trains"), *_output_option_list(),
     ])
 
 
