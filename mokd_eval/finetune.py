@@ -286,7 +286,10 @@ def fit(model: Classifier, train_set: Dataset, settings: FitSettings, *, run_dir
         context.barrier()
         if on_epoch_end is not None:
             on_epoch_end(epoch)
-    rate = images_seen / train_seconds if train_seconds > 0 else 0.0
+    if train_seconds > 0:
+        rate = images_seen / train_seconds
+    else:  # every epoch was done before this (resumed) run: report the recorded rate
+        rate = history[-1]["images_per_s"] if history else 0.0
     return FitResult(history, train_seconds, rate, accum, micro, resumed)
 
 
