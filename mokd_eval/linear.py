@@ -33,6 +33,7 @@ VIT_SWEEP_BLOCKS = (1, 4)
 # a ResNet (lessons-from-peers item 10).
 LINEAR_BASE_LR = {"resnet": 0.08, "vit": 0.008}
 SWEEP_FACTORS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+SCORE_CHUNK = 8192  # held-out / validation rows scored at once
 
 
 class BackboneChangedError(MokdError):
@@ -121,8 +122,8 @@ def train_head_sweep(features: np.ndarray, labels: np.ndarray, fit_index: np.nda
     columns = [torch.as_tensor(variant_columns(spec, source, v)) for v in variants]
     all_x = torch.as_tensor(np.ascontiguousarray(features, dtype=np.float32))
     all_y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-    fit_x, fit_y = all_x[fit_index].to(torch_device), all_y[fit_index].to(torch_device)
-    steps_per_epoch = math.ceil(len(fit_y) / batch_size)
+    fit_rows = torch.as_tensor(np.asarray(fit_index, dtype=np.int64))  # rows are gathered per batch: no copy
+    steps_per_epoch = math.ceil(len(fit_rows) / batch_size)
     schedule = cosine_schedule(batch_size / 256, 0.0, epochs, steps_per_epoch, warmup_epochs)
     lr_weights = torch.tensor(list(lrs), dtype=torch.float32, device=torch_device)
 
@@ -150,14 +151,14 @@ def train_head_sweep(features: np.ndarray, labels: np.ndarray, fit_index: np.nda
 
     start = time.perf_counter()
     for epoch in range(start_epoch, epochs):
-        order = torch.randperm(len(fit_y), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        order = torch.randperm(len(fit_rows), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         loss_sum, seen, correct = 0.0, 0, None
         epoch_start = time.perf_counter()
         bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
         for step in bar:
             optimizer.param_groups[0]["lr"] = float(schedule[epoch * steps_per_epoch + step])
-            batch = order[step * batch_size:(step + 1) * batch_size].to(torch_device)
-            x, y = fit_x[batch], fit_y[batch]
+            rows = fit_rows[order[step * batch_size:(step + 1) * batch_size]]
+            x, y = all_x[rows].to(torch_device), all_y[rows].to(torch_device)
             losses, hits = [], []
             for logits in bank([x[:, c] for c in columns]):
                 batch_size_now, heads, classes = logits.shape
@@ -187,15 +188,18 @@ def train_head_sweep(features: np.ndarray, labels: np.ndarray, fit_index: np.nda
             on_epoch_end(epoch)
     seconds = time.perf_counter() - start
 
-    heads = []
-    held_x, held_y = all_x[heldout_index].to(torch_device), all_y[heldout_index].to(torch_device)
+    counts = torch.zeros(len(variants), len(lrs), 3, dtype=torch.float64)  # top1, top5, n per head
     with torch.no_grad():
-        for v_index, logits in enumerate(bank([held_x[:, c] for c in columns])):
-            for h_index, lr in enumerate(lrs):
-                counts = topk_counts(logits[:, h_index], held_y)
-                heads.append({"feature": variants[v_index].describe(), "lr": lr, "variant": v_index, "head": h_index,
-                              "heldout_top1": float(100 * counts[0] / counts[2]),
-                              "heldout_top5": float(100 * counts[1] / counts[2])})
+        for start_row in range(0, len(heldout_index), SCORE_CHUNK):  # bounded memory: rows x heads x classes
+            rows = heldout_index[start_row:start_row + SCORE_CHUNK]
+            held_x, held_y = all_x[rows].to(torch_device), all_y[rows].to(torch_device)
+            for v_index, logits in enumerate(bank([held_x[:, c] for c in columns])):
+                for h_index in range(len(lrs)):
+                    counts[v_index, h_index] += topk_counts(logits[:, h_index], held_y)
+    heads = [{"feature": variants[v].describe(), "lr": lr, "variant": v, "head": h,
+              "heldout_top1": float(100 * counts[v, h, 0] / counts[v, h, 2]),
+              "heldout_top5": float(100 * counts[v, h, 1] / counts[v, h, 2])}
+             for v in range(len(variants)) for h, lr in enumerate(lrs)]
     winner = max(range(len(heads)), key=lambda i: (heads[i]["heldout_top1"], heads[i]["heldout_top5"], -i))
     best = heads[winner]
     weight = bank.weights[best["variant"]][best["head"]].detach().cpu().clone()
@@ -206,9 +210,12 @@ def train_head_sweep(features: np.ndarray, labels: np.ndarray, fit_index: np.nda
 def evaluate_head(weight: torch.Tensor, bias: torch.Tensor, features: np.ndarray, labels: np.ndarray,
                   columns: np.ndarray) -> dict[str, float]:
     """Top-1/top-5 (percent) of one linear head on (cached) features."""
-    x = torch.as_tensor(np.ascontiguousarray(features[:, columns], dtype=np.float32))
+    counts = torch.zeros(3, dtype=torch.float64)
     with torch.no_grad():
-        counts = topk_counts(x @ weight.T + bias, torch.as_tensor(np.asarray(labels, dtype=np.int64)))
+        for start in range(0, len(labels), SCORE_CHUNK):
+            x = torch.as_tensor(np.ascontiguousarray(features[start:start + SCORE_CHUNK, columns], dtype=np.float32))
+            y = torch.as_tensor(np.asarray(labels[start:start + SCORE_CHUNK], dtype=np.int64))
+            counts += topk_counts(x @ weight.T + bias, y)
     return {"top1": float(100 * counts[0] / counts[2]), "top5": float(100 * counts[1] / counts[2])}
 
 
