@@ -120,7 +120,7 @@ def train_head_sweep(features: np.ndarray, labels: np.ndarray, fit_index: np.nda
     batch/256, warm-up + cosine) and pick the best on `features[heldout_index]` by top-1 (then top-5)."""
     torch_device = torch.device(device)
     columns = [torch.as_tensor(variant_columns(spec, source, v)) for v in variants]
-    all_x = torch.as_tensor(np.ascontiguousarray(features, dtype=np.float32))
+    all_x = torch.as_tensor(np.ascontiguousarray(features))  # float16 caches stay float16 in memory
     all_y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
     fit_rows = torch.as_tensor(np.asarray(fit_index, dtype=np.int64))  # rows are gathered per batch: no copy
     steps_per_epoch = math.ceil(len(fit_rows) / batch_size)
@@ -158,7 +158,7 @@ def train_head_sweep(features: np.ndarray, labels: np.ndarray, fit_index: np.nda
         for step in bar:
             optimizer.param_groups[0]["lr"] = float(schedule[epoch * steps_per_epoch + step])
             rows = fit_rows[order[step * batch_size:(step + 1) * batch_size]]
-            x, y = all_x[rows].to(torch_device), all_y[rows].to(torch_device)
+            x, y = all_x[rows].to(torch_device, torch.float32), all_y[rows].to(torch_device)
             losses, hits = [], []
             for logits in bank([x[:, c] for c in columns]):
                 batch_size_now, heads, classes = logits.shape
@@ -192,7 +192,7 @@ def train_head_sweep(features: np.ndarray, labels: np.ndarray, fit_index: np.nda
     with torch.no_grad():
         for start_row in range(0, len(heldout_index), SCORE_CHUNK):  # bounded memory: rows x heads x classes
             rows = heldout_index[start_row:start_row + SCORE_CHUNK]
-            held_x, held_y = all_x[rows].to(torch_device), all_y[rows].to(torch_device)
+            held_x, held_y = all_x[rows].to(torch_device, torch.float32), all_y[rows].to(torch_device)
             for v_index, logits in enumerate(bank([held_x[:, c] for c in columns])):
                 for h_index in range(len(lrs)):
                     counts[v_index, h_index] += topk_counts(logits[:, h_index], held_y)
