@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +35,24 @@ VIT_SWEEP_BLOCKS = (1, 4)
 LINEAR_BASE_LR = {"resnet": 0.08, "vit": 0.008}
 SWEEP_FACTORS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 SCORE_CHUNK = 8192  # held-out / validation rows scored at once
+# Below this many multiply-adds per step, extra CPU threads only add synchronisation: measured on the 2-core
+# machine, a digits-sized ViT sweep ran 30x slower with 2 threads than with 1 while other jobs were running.
+SMALL_STEP_MACS = 1e9
+# Below this many multiply-adds per step, extra CPU threads only add synchronisation: measured on the 2-core
+# machine, a digits-sized ViT sweep ran 30x slower with 2 threads than with 1 while other jobs were running.
+SMALL_STEP_MACS = 1e9
+
+
+@contextmanager
+def _cpu_threads_for(step_macs: float, device: torch.device) -> Iterator[None]:
+    """One CPU thread for small steps (see SMALL_STEP_MACS); the thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and step_macs < SMALL_STEP_MACS:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class BackboneChangedError(MokdError):
@@ -150,42 +169,44 @@ def train_head_sweep(features: np.ndarray, labels: np.ndarray, fit_index: np.nda
         history = list(state["history"])
 
     start = time.perf_counter()
-    for epoch in range(start_epoch, epochs):
-        order = torch.randperm(len(fit_rows), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        loss_sum, seen, correct = 0.0, 0, None
-        epoch_start = time.perf_counter()
-        bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
-        for step in bar:
-            optimizer.param_groups[0]["lr"] = float(schedule[epoch * steps_per_epoch + step])
-            rows = fit_rows[order[step * batch_size:(step + 1) * batch_size]]
-            x, y = all_x[rows].to(torch_device, torch.float32), all_y[rows].to(torch_device)
-            losses, hits = [], []
-            for logits in bank([x[:, c] for c in columns]):
-                batch_size_now, heads, classes = logits.shape
-                per_item = F.cross_entropy(logits.reshape(-1, classes), y.repeat_interleave(heads), reduction="none")
-                losses.append(per_item.view(batch_size_now, heads).mean(dim=0))
-                hits.append((logits.detach().argmax(dim=-1) == y[:, None]).sum(dim=0))
-            per_head_loss = torch.stack(losses)  # variants x heads
-            correct = torch.stack(hits) if correct is None else correct + torch.stack(hits)
-            (per_head_loss * lr_weights).sum().backward()  # each head's gradient scaled by its own base lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += per_head_loss.detach().min().item() * len(y)
-            seen += len(y)
-            elapsed = time.perf_counter() - epoch_start
-            bar.set_postfix(best_loss=f"{loss_sum / seen:.4f}", best_acc=f"{100 * correct.max().item() / seen:.1f}",
-                            img_s=f"{seen / max(elapsed, 1e-9):.0f}")
-        if not math.isfinite(loss_sum):
-            raise MokdError(f"{desc}: every head's loss is non-finite in epoch {epoch + 1}; lower the learning rates")
-        history.append({"epoch": epoch + 1, "best_head_loss": loss_sum / seen,
-                        "best_head_train_acc": 100 * correct.max().item() / seen,
-                        "images_per_s": seen / max(time.perf_counter() - epoch_start, 1e-9)})
-        if checkpoint_path is not None:
-            atomic.save_torch({"epoch": epoch + 1, "heads": bank.state_dict(), "optimizer": optimizer.state_dict(),
-                               "rng": torch.get_rng_state(), "history": history, "signature": signature},
-                              checkpoint_path)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch)
+    step_macs = batch_size * len(lrs) * num_classes * sum(len(c) for c in columns)
+    with _cpu_threads_for(step_macs, torch_device):
+        for epoch in range(start_epoch, epochs):
+            order = torch.randperm(len(fit_rows), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+            loss_sum, seen, correct = 0.0, 0, None
+            epoch_start = time.perf_counter()
+            bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+            for step in bar:
+                optimizer.param_groups[0]["lr"] = float(schedule[epoch * steps_per_epoch + step])
+                rows = fit_rows[order[step * batch_size:(step + 1) * batch_size]]
+                x, y = all_x[rows].to(torch_device, torch.float32), all_y[rows].to(torch_device)
+                losses, hits = [], []
+                for logits in bank([x[:, c] for c in columns]):
+                    batch_size_now, heads, classes = logits.shape
+                    per_item = F.cross_entropy(logits.reshape(-1, classes), y.repeat_interleave(heads), reduction="none")
+                    losses.append(per_item.view(batch_size_now, heads).mean(dim=0))
+                    hits.append((logits.detach().argmax(dim=-1) == y[:, None]).sum(dim=0))
+                per_head_loss = torch.stack(losses)  # variants x heads
+                correct = torch.stack(hits) if correct is None else correct + torch.stack(hits)
+                (per_head_loss * lr_weights).sum().backward()  # each head's gradient scaled by its own base lr
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum += per_head_loss.detach().min().item() * len(y)
+                seen += len(y)
+                elapsed = time.perf_counter() - epoch_start
+                bar.set_postfix(best_loss=f"{loss_sum / seen:.4f}", best_acc=f"{100 * correct.max().item() / seen:.1f}",
+                                img_s=f"{seen / max(elapsed, 1e-9):.0f}")
+            if not math.isfinite(loss_sum):
+                raise MokdError(f"{desc}: every head's loss is non-finite in epoch {epoch + 1}; lower the learning rates")
+            history.append({"epoch": epoch + 1, "best_head_loss": loss_sum / seen,
+                            "best_head_train_acc": 100 * correct.max().item() / seen,
+                            "images_per_s": seen / max(time.perf_counter() - epoch_start, 1e-9)})
+            if checkpoint_path is not None:
+                atomic.save_torch({"epoch": epoch + 1, "heads": bank.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "rng": torch.get_rng_state(), "history": history, "signature": signature},
+                                  checkpoint_path)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch)
     seconds = time.perf_counter() - start
 
     counts = torch.zeros(len(variants), len(lrs), 3, dtype=torch.float64)  # top1, top5, n per head
