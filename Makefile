@@ -26,6 +26,7 @@ bench: install
 	$(PY) benchmarks/bench_knn.py
 	$(PY) benchmarks/bench_train_step.py
 	$(PY) benchmarks/bench_linear.py
+	$(PY) benchmarks/bench_analysis.py
 
 clean:
 	rm -rf demo-output results .pytest_cache

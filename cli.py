@@ -380,6 +380,178 @@ def demo(output_dir: Path, epochs: int | None, seed: int, device: str) -> None:
              echo=click.echo)
 
 
+# --- analyses (paper section 4.6) -------------------------------------------------------------------------------
+
+
+def _image_options(function: Callable) -> Callable:
+    """Data and run options of the analyses that look at images directly (no feature cache involved)."""
+    from mokd_eval.validation import check_image_size, check_positive
+
+    options = [
+        click.option("--data", default=None, help="Dataset: imagefolder:PATH, cifar10:PATH, cifar100:PATH, digits, "
+                                                  "shapes[:N]. Default: $MOKD_DATA, else digits."),
+        click.option("--image-size", type=int, default=None, callback=_validated(check_image_size),
+                     help="Input resolution (default: the protocol's)."),
+        click.option("--batch-size", type=int, default=16, show_default=True,
+                     callback=_validated(lambda value: check_positive(value, "--batch-size"))),
+        _device_option,
+        click.option("--skip-bad-images", is_flag=True, help="Skip unreadable images instead of failing."),
+        _out_option("Results JSON (default: results/<command>/<name>.json); figures are written next to it."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the image draw (and random init)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _out_dir_option(default: Path | None, help_text: str) -> Callable:
+    from mokd_eval.validation import check_output_dir
+
+    return click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=default, show_default=True,
+                        help=help_text, callback=_validated(
+                            lambda path: None if path is None else check_output_dir(path, option="--out-dir")))
+
+
+def _figure_stem(path: Path) -> Path:
+    return path.with_suffix("")
+
+
+@mokd_eval.command()
+@_checkpoint_argument
+@click.argument("checkpoint_b", required=False, type=click.Path(path_type=Path))
+@_model_options
+@_feature_options
+@click.option("--control", type=click.Path(path_type=Path), default=None,
+              help="An independently trained model of similar accuracy that replaces model A (Table 9 control).")
+@click.option("--key-b", default=None, help="Model of CHECKPOINT_B (default: its first default model).")
+@click.option("--key-control", default=None, help="Model of the --control checkpoint (default: its first).")
+@click.option("--k", "k", type=int, default=20, show_default=True, help="Neighbours of the k-NN prediction.")
+@click.option("--temperature", type=float, default=0.07, show_default=True)
+def consistency(checkpoint: Path, checkpoint_b: Path | None, control: Path | None, key_b: str | None,
+                key_control: str | None, k: int, temperature: float, **kwargs: Any) -> None:
+    """Prediction consistency of two models (Table 9): agreement, right/wrong split, kappa, per class."""
+    from analysis.consistency import consistency_table, run_consistency
+    from mokd_eval.validation import check_positive
+
+    check_positive(k, "--k")
+    name = checkpoint.stem + (f"_vs_{checkpoint_b.stem}" if checkpoint_b else "")
+    out = _results_path(kwargs["out"], "consistency", name)
+    payload = run_consistency(checkpoint, checkpoint_b, control=control, data=kwargs["data"],
+                              features=_feature_settings(kwargs), keys=(kwargs["key"], key_b, key_control),
+                              model=kwargs["model"], trust=kwargs["trust"], image_size=kwargs["image_size"],
+                              skip_bad_images=kwargs["skip_bad_images"], k=k, temperature=temperature,
+                              seed=kwargs["seed"], echo=click.echo)
+    click.echo(consistency_table(payload))
+    _write(payload, out)
+
+
+@mokd_eval.command()
+@_checkpoint_argument
+@click.argument("more", nargs=-1, type=click.Path(path_type=Path))
+@_model_options
+@_feature_options
+@click.option("--classes", type=int, default=10, show_default=True, help="How many classes to draw (seeded).")
+@click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
+def tsne(checkpoint: Path, more: tuple[Path, ...], classes: int, split: str, **kwargs: Any) -> None:
+    """t-SNE of the features of one or more models (Fig. 4/S1): colour = class, marker = model."""
+    from analysis.tsne import run_tsne, tsne_table
+
+    checkpoints = [checkpoint, *more]
+    out = _results_path(kwargs["out"], "tsne", "_vs_".join(path.stem for path in checkpoints))
+    payload = run_tsne(checkpoints, data=kwargs["data"], features=_feature_settings(kwargs), classes=classes,
+                       split=split, model=kwargs["model"], key=kwargs["key"], trust=kwargs["trust"],
+                       image_size=kwargs["image_size"], skip_bad_images=kwargs["skip_bad_images"],
+                       seed=kwargs["seed"], out_stem=_figure_stem(out), echo=click.echo)
+    click.echo(tsne_table(payload))
+    _write(payload, out)
+
+
+@mokd_eval.command()
+@click.argument("checkpoints", nargs=-1, type=click.Path(path_type=Path))
+@_model_options
+@_image_options
+@click.option("--images", type=int, default=64, show_default=True, help="Validation images averaged over.")
+@click.option("--per-block", is_flag=True, help="ResNets: one value per residual block instead of per stage.")
+@click.option("--renormalize", is_flag=True, help="ViTs: rescale the patch part of each attention row to sum 1.")
+@click.option("--random-init", "random_control", is_flag=True,
+              help="Add the randomly initialised architecture of each model as a control curve.")
+def mad(checkpoints: tuple[Path, ...], images: int, per_block: bool, renormalize: bool, random_control: bool,
+        **kwargs: Any) -> None:
+    """Mean attention distance per layer and head (Fig. 5/S2); no checkpoint = the random-init --model."""
+    from analysis.mad_eval import mad_table, run_mad
+
+    name = "_vs_".join(path.stem for path in checkpoints) or f"random_{kwargs['model']}"
+    out = _results_path(kwargs["out"], "mad", name)
+    payload = run_mad(list(checkpoints), data=kwargs["data"], model=kwargs["model"], key=kwargs["key"],
+                      trust=kwargs["trust"], image_size=kwargs["image_size"], images=images,
+                      batch_size=kwargs["batch_size"], device=kwargs["device"], per_block=per_block,
+                      renormalize=renormalize, random_control=random_control,
+                      skip_bad_images=kwargs["skip_bad_images"], seed=kwargs["seed"], out_stem=_figure_stem(out),
+                      echo=click.echo)
+    click.echo(mad_table(payload))
+    _write(payload, out)
+
+
+@mokd_eval.command()
+@_checkpoint_argument
+@_model_options
+@_image_options
+@click.option("--layer", type=int, default=-1, show_default=True, help="ViT layer, 1-based (-1 = last).")
+@click.option("--images", type=int, default=4, show_default=True, help="Validation images shown (grid rows).")
+def attention(checkpoint: Path, layer: int, images: int, **kwargs: Any) -> None:
+    """Class-token attention maps of any ViT layer, per head, over sample images (a grid figure)."""
+    from analysis.attention_maps import attention_table, run_attention
+
+    out = _results_path(kwargs["out"], "attention", checkpoint.stem)
+    payload = run_attention(checkpoint, layer=layer, data=kwargs["data"], model=kwargs["model"], key=kwargs["key"],
+                            trust=kwargs["trust"], image_size=kwargs["image_size"], images=images,
+                            skip_bad_images=kwargs["skip_bad_images"], seed=kwargs["seed"],
+                            out_stem=_figure_stem(out), echo=click.echo)
+    click.echo(attention_table(payload))
+    _write(payload, out)
+
+
+@mokd_eval.command()
+@click.argument("results_dir", type=click.Path(path_type=Path))
+@_out_dir_option(Path("report"), "Where report.md, tables/*.{md,tex,csv} and report.json go.")
+def report(results_dir: Path, out_dir: Path) -> None:
+    """Gather every results JSON under RESULTS_DIR into the paper's tables (Markdown, LaTeX, CSV) and figures."""
+    from analysis.report import report_summary, run_report
+
+    out = out_dir / "report.json"
+    payload = run_report(results_dir, out_dir, echo=click.echo)
+    click.echo(report_summary(payload))
+    _write(payload, out)
+
+
+@mokd_eval.command()
+@_checkpoint_argument
+@_model_options
+@_feature_options
+@_out_dir_option(None, "Where every step's results JSON goes (default: results/suite/<checkpoint name>).")
+@click.option("--skip", default=None, help="Comma-separated steps to leave out: knn, linear, semisup, cifar, coco, "
+                                           "consistency, tsne, mad, report.")
+def suite(checkpoint: Path, out_dir: Path | None, skip: str | None, **kwargs: Any) -> None:
+    """The whole paper for one checkpoint (pair): every protocol and analysis, resumable, then the report."""
+    from analysis.suite import SuiteContext, parse_skip, run_suite, suite_table
+
+    from mokd_eval.validation import check_output_dir, check_output_file
+
+    skipped = parse_skip(skip)
+    directory = out_dir or check_output_dir(Path("results") / "suite" / checkpoint.stem, option="--out-dir")
+    out = kwargs["out"] or check_output_file(directory / "suite" / f"{checkpoint.stem}.json")
+    context = SuiteContext(checkpoint=checkpoint, out_dir=directory, data=kwargs["data"],
+                           features=_feature_settings(kwargs), model=kwargs["model"], key=kwargs["key"],
+                           trust=kwargs["trust"], image_size=kwargs["image_size"], seed=kwargs["seed"], echo=click.echo)
+    payload = run_suite(context, skip=skipped)
+    click.echo(suite_table(payload))
+    _write(payload, out)
+    failed = [step["step"] for step in payload["steps"] if step["status"] == "failed"]
+    if failed:
+        raise MokdError(f"suite: step(s) {', '.join(failed)} failed (reasons above); fix and rerun, finished steps "
+                        "are reused")
+
+
 class GuardedCommand(click.Command):
     """A single click command reporting `MokdError` like `GuardedGroup` does."""
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from mokd_eval.checkpoints import LoadedBackbone, load_backbones
+from mokd_eval.checkpoints import CheckpointFile, LoadedBackbone, load_backbones
 from mokd_eval.data import DataSpec, LabelledDataset, eval_transform, open_dataset, parse_data_spec
 from mokd_eval.features import FeatureCache, FeatureKind, FeatureSet, cached_features
 from mokd_eval.results import StageTimer
@@ -80,8 +80,29 @@ def model_features(loaded: LoadedBackbone, data: EvalData, options: FeatureOptio
 
 
 def model_record(loaded: LoadedBackbone) -> dict[str, Any]:
-    """The `results[]` entry fields that identify a model."""
+    """The `results[]` entry fields that identify a model (and how it was trained, for the paper's tables)."""
     checkpoint = loaded.checkpoint
     return {"key": loaded.key, "arch": loaded.spec.name, "arch_spec": loaded.spec.to_dict(),
             "checkpoint": {"path": str(checkpoint.path), "sha256": checkpoint.sha256, "format": checkpoint.format,
-                           "epoch": checkpoint.epoch}}
+                           "epoch": checkpoint.epoch, "training": training_summary(checkpoint, loaded.key)}}
+
+
+def training_summary(checkpoint: CheckpointFile, key: str) -> dict[str, Any]:
+    """Which pair and which training a model comes from: mode (mokd / independent), its net (1 or 2) and both
+    architectures for pair checkpoints, and the loss terms and lambdas a mokd checkpoint stores in its config.
+    Single-model formats (DINO, MoCo, timm...) are independently trained by definition."""
+    meta = checkpoint.meta
+    if checkpoint.format == "mokd":
+        config = meta.get("config") or {}
+        archs = meta.get("archs") or {}
+        net = int(key[-1]) if key[-1:] in ("1", "2") else None
+        return {"mode": meta.get("mode") or config.get("mode"), "net": net,
+                "pair": [archs[index]["name"] for index in ("1", "2") if index in archs],
+                "losses": list(config["losses"]) if "losses" in config else None,
+                "lambda1": config.get("lambda1"), "lambda2": config.get("lambda2")}
+    if checkpoint.format == "mokd-official":
+        pair = [checkpoint.entries[name].spec.name for name in ("teacher_cnn", "teacher_vit")
+                if name in checkpoint.entries]
+        return {"mode": "mokd", "net": 1 if key.endswith("cnn") else 2, "pair": pair, "losses": None,
+                "lambda1": None, "lambda2": None}
+    return {"mode": "independent", "net": None, "pair": None, "losses": None, "lambda1": None, "lambda2": None}
