@@ -371,11 +371,20 @@ def _inspection_text(report: dict[str, Any]) -> str:
 @click.option("--epochs", type=int, default=None, help="Training epochs per mode (default 4).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @_device_option
-def demo(output_dir: Path, epochs: int | None, seed: int, device: str) -> None:
+@click.option("--methods", default=None,
+              help="Compare online-distillation methods instead, e.g. mokd,dogo,mcl (also dino+dogo, dino+mcl): "
+                   "each method and its Independent baseline, one table.")
+def demo(output_dir: Path, epochs: int | None, seed: int, device: str, methods: str | None) -> None:
     """Train the tiny pair on digits (independent and MOKD), k-NN all four models, print Table 1 in miniature."""
     from mokd_eval.demo import run_demo
     from mokd_eval.knn import DEFAULT_KS, DEFAULT_TEMPERATURE
 
+    if methods is not None:  # issue 10: the method comparison (mokd_train/compare.py)
+        from mokd_train.compare import parse_methods, run_compare_demo
+
+        run_compare_demo(output_dir, parse_methods(methods), epochs=epochs, seed=seed, device=device, ks=DEFAULT_KS,
+                         temperature=DEFAULT_TEMPERATURE, echo=click.echo)
+        return
     run_demo(output_dir, epochs=epochs, seed=seed, device=device, ks=DEFAULT_KS, temperature=DEFAULT_TEMPERATURE,
              echo=click.echo)
 
@@ -596,7 +605,10 @@ def _training_setting_options(function: Callable) -> Callable:
 @click.option("--debug", is_flag=True, help="Show Python tracebacks for user errors.")
 @_training_setting_options
 def mokd_train(preset: str | None, config_path: Path | None, debug: bool, **settings: Any) -> None:
-    """Train a MOKD model pair (or, with --mode independent, its DINO baseline) and write checkpoints."""
+    """Train a MOKD model pair (or, with --mode independent, its DINO baseline) and write checkpoints.
+
+    --method dogo / mcl trains DoGo or MCL instead (--mode independent: SimCLR / MoCo v1 on each model);
+    dino+dogo / dino+mcl are adaptations: DINO self-distillation plus the peer method's cross terms."""
     from mokd_train.config import resolve_config
     from mokd_train.engine import train
 

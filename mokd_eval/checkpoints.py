@@ -253,9 +253,11 @@ def _mokd_native(obj: Mapping[str, Any]) -> _Layout:
                     raise MokdError(f"mokd checkpoint has '{key}' but no archs['{index}'] describing it: "
                                     "the file is damaged")
                 models[key], specs[key] = obj[key], archs[index]
-    meta = {name: obj[name] for name in ("mode", "config") if name in obj}
+    meta = {name: obj[name] for name in ("mode", "config", "method") if name in obj}
     meta["archs"] = {index: spec.to_dict() for index, spec in archs.items()}
-    return _Layout("mokd", models, ["teacher1", "teacher2"], stored_specs=specs, meta=meta)
+    # Methods whose online networks are the result (DoGo, MCL's query encoders) name them in eval_keys.
+    defaults = [str(key) for key in obj.get("eval_keys", ["teacher1", "teacher2"])]
+    return _Layout("mokd", models, defaults, stored_specs=specs, meta=meta)
 
 
 def _mokd_official(obj: Mapping[str, Any]) -> _Layout:

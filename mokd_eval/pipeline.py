@@ -96,10 +96,12 @@ def training_summary(checkpoint: CheckpointFile, key: str) -> dict[str, Any]:
         config = meta.get("config") or {}
         archs = meta.get("archs") or {}
         net = int(key[-1]) if key[-1:] in ("1", "2") else None
+        method = meta.get("method", "mokd")  # DoGo / MCL runs (issue 10) say which method; their losses are fixed
         return {"mode": meta.get("mode") or config.get("mode"), "net": net,
                 "pair": [archs[index]["name"] for index in ("1", "2") if index in archs],
-                "losses": list(config["losses"]) if "losses" in config else None,
-                "lambda1": config.get("lambda1"), "lambda2": config.get("lambda2")}
+                "losses": list(config["losses"]) if "losses" in config and method == "mokd" else None,
+                "lambda1": config.get("lambda1"), "lambda2": config.get("lambda2"),
+                **({"method": method} if method != "mokd" else {})}
     if checkpoint.format == "mokd-official":
         pair = [checkpoint.entries[name].spec.name for name in ("teacher_cnn", "teacher_vit")
                 if name in checkpoint.entries]

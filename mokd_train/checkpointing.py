@@ -69,13 +69,23 @@ def native_state(pair: MokdPair, optimizers: list[torch.optim.Optimizer], scaler
         "centers": pair.centers_state_dict(),
         "rng": capture_rng(),
     }
+    state.update(_method_state(pair))
     for index in (0, 1):
         state[f"student{index + 1}"] = pair.students[index].state_dict()
-        state[f"teacher{index + 1}"] = pair.teachers[index].state_dict()
+        if index < len(pair.teachers):  # DoGo has no teachers
+            state[f"teacher{index + 1}"] = pair.teachers[index].state_dict()
         state[f"optimizer{index + 1}"] = optimizers[index].state_dict()
         scaler = scalers[index]
         state[f"scaler{index + 1}"] = scaler.state_dict() if scaler is not None else None
     return state
+
+
+def _method_state(pair) -> dict[str, Any]:
+    """Issue 10: which method wrote the file, what mokd-eval evaluates by default, and state outside the
+    networks (MCL's queues). Absent from MOKD checkpoints, whose layout is unchanged."""
+    if isinstance(pair, MokdPair):
+        return {}
+    return {"method": pair.method, "eval_keys": list(pair.eval_keys), "method_state": pair.method_state_dict()}
 
 
 def save_checkpoint(output_dir: Path, state: dict[str, Any], *, numbered: bool, official: bool) -> Path:
@@ -231,13 +241,18 @@ def set_aside_unreadable_latest(output_dir: Path, resumed_from: Path, log: Log) 
         log(f"moved the unreadable {latest.name} to {unreadable}")
 
 
-def check_compatible(state: dict[str, Any], path: Path, specs: tuple[ArchSpec, ArchSpec], mode: str) -> None:
-    """Refuse to continue a run of other models or another mode in the same directory."""
+def check_compatible(state: dict[str, Any], path: Path, specs: tuple[ArchSpec, ArchSpec], mode: str,
+                     method: str = "mokd") -> None:
+    """Refuse to continue a run of other models, another mode or another method in the same directory."""
     saved = tuple(ArchSpec.from_dict(state["archs"][key]) for key in ("1", "2"))
-    if saved != specs or state["mode"] != mode:
-        raise MokdError(f"{path} holds a {state['mode']} run of {saved[0].name} + {saved[1].name}, but the config "
-                        f"asks for {mode} with {specs[0].name} + {specs[1].name}: use another --output-dir "
-                        f"or --no-resume")
+    saved_method = state.get("method", "mokd")
+    if saved != specs or state["mode"] != mode or saved_method != method:
+        def run(which: str, run_mode: str) -> str:
+            return run_mode if which == "mokd" else f"{which} {run_mode}"
+
+        raise MokdError(f"{path} holds a {run(saved_method, state['mode'])} run of {saved[0].name} + {saved[1].name}, "
+                        f"but the config asks for {run(method, mode)} with {specs[0].name} + {specs[1].name}: use "
+                        f"another --output-dir or --no-resume")
 
 
 def restore(state: dict[str, Any], path: Path, pair: MokdPair, optimizers: list[torch.optim.Optimizer],
@@ -246,7 +261,8 @@ def restore(state: dict[str, Any], path: Path, pair: MokdPair, optimizers: list[
     try:
         for index in (0, 1):
             pair.students[index].load_state_dict(state[f"student{index + 1}"])
-            pair.teachers[index].load_state_dict(state[f"teacher{index + 1}"])
+            if index < len(pair.teachers):
+                pair.teachers[index].load_state_dict(state[f"teacher{index + 1}"])
             optimizers[index].load_state_dict(state[f"optimizer{index + 1}"])
             if scalers[index] is not None:
                 if state[f"scaler{index + 1}"] is None:
@@ -257,6 +273,8 @@ def restore(state: dict[str, Any], path: Path, pair: MokdPair, optimizers: list[
         raise MokdError(f"{path} does not match the model this config builds ({first_line}): resume with the "
                         f"original settings or use another --output-dir") from None
     pair.load_centers_state_dict(state["centers"])
+    if not isinstance(pair, MokdPair):
+        pair.load_method_state_dict(state.get("method_state", {}))
     restore_rng(state["rng"])
     return Progress(state["epoch"], state["step_in_epoch"], state["global_step"])
 

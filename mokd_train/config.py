@@ -22,6 +22,7 @@ from mokd_eval.data import parse_data_spec
 from mokd_eval.errors import MokdError
 from mokd_eval.registry import ArchSpec, build_backbone, resolve_arch
 from mokd_eval.validation import check_device, check_image_size, check_num_workers, check_output_dir
+from mokd_train.methods import DEFAULT_LAMBDAS, FAITHFUL_PEERS, METHODS, method_defaults, method_label
 
 MODES = ("mokd", "independent")
 LOSS_TERMS = ("sm", "st", "cm", "ct")
@@ -37,6 +38,7 @@ class TrainConfig:
     """One training run. Field names are the YAML keys and (with `-` for `_`) the CLI flags."""
 
     preset: str | None = None
+    method: str = "mokd"  # mokd | dogo | mcl | dino+dogo | dino+mcl (mokd_train.methods)
     mode: str = "mokd"  # "mokd" | "independent" (each model trained alone with DINO's loss)
     arch1: str = "r50"
     arch2: str = "vit_s"
@@ -101,6 +103,11 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many optimisation steps in total; 0 = no limit
     log_every: int = 10
     export_official: bool = False
+    # --- other methods (issue 10): read only by --method dogo / mcl / dino+dogo / dino+mcl ---
+    queue_size: int = 65536  # MCL: keys per queue
+    peer_lr: float | None = None  # dogo / mcl lr, not batch-scaled; None = the method's (Adam 3e-4 / SGD 0.03)
+    peer_weight_decay: float | None = None  # dogo / mcl; None = the method's (1e-6 / 1e-4)
+    lr_milestones: tuple[float, ...] = (0.6, 0.8)  # mcl: lr x0.1 at these fractions of the epochs
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -108,7 +115,14 @@ class TrainConfig:
 
 # One-line help for the command-line flags (every TrainConfig field is a flag; these say what it means).
 FIELD_HELP: dict[str, str] = {
-    "mode": "mokd (self + cross distillation) or independent (each model alone with DINO's loss)",
+    "method": "mokd, dogo, mcl, or the adaptations dino+dogo and dino+mcl (DINO self-distillation + the peer "
+              "method's cross terms)",
+    "queue_size": "MCL: keys in each network's queue (a multiple of the batch size)",
+    "peer_lr": "dogo/mcl learning rate, not scaled by the batch (default: Adam 3e-4 / SGD 0.03)",
+    "peer_weight_decay": "dogo/mcl weight decay (default: 1e-6 / 1e-4)",
+    "lr_milestones": "mcl: multiply the lr by 0.1 at these fractions of the epochs (default 120 and 160 of 200)",
+    "mode": "mokd (the method's self + cross terms) or independent (each model alone with the method's self term: "
+            "DINO, SimCLR or MoCo v1)",
     "arch1": "model 1 backbone: r18 r34 r50 r101 vit_t vit_s vit_b r_tiny or a timm name",
     "arch2": "model 2 backbone (same choices as --arch1)",
     "img_size": "global crop size = the backbones' image size",
@@ -187,8 +201,9 @@ def resolve_config(preset: str | None, yaml_path: str | Path | None, overrides: 
     if preset is not None and preset not in PRESETS:
         raise MokdError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
     values: dict[str, Any] = {}
-    layers = [(PRESETS.get(preset, {}), f"preset {preset}"), (from_yaml, str(yaml_path)),
-              (given_flags, "the command line")]
+    method = given_flags.get("method", from_yaml.get("method", "mokd"))
+    layers = [(PRESETS.get(preset, {}), f"preset {preset}"), (method_defaults(method, preset), f"method {method}"),
+              (from_yaml, str(yaml_path)), (given_flags, "the command line")]
     for layer, source in layers:
         for key, value in layer.items():
             values[key] = _coerce(key, value, source)
@@ -285,7 +300,7 @@ def _coerce_item(key: str, item: Any, kind: type, bad) -> Any:
 
 def validate(config: TrainConfig) -> None:
     """Reject values that cannot train, naming the setting; also resolves both architectures."""
-    choices = {"mode": MODES, "amp": AMP_MODES}
+    choices = {"method": METHODS, "mode": MODES, "amp": AMP_MODES}
     for key, allowed in choices.items():
         if getattr(config, key) not in allowed:
             raise MokdError(f"setting {key!r} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
@@ -295,7 +310,7 @@ def validate(config: TrainConfig) -> None:
     if unknown or not config.losses or len(set(config.losses)) != len(config.losses):
         raise MokdError(f"setting 'losses' must be distinct names from {', '.join(LOSS_TERMS)}, "
                         f"got {list(config.losses)}")
-    if "ct" in config.losses and config.mode == "mokd" and config.n_local < 1:
+    if "ct" in config.losses and config.method == "mokd" and config.mode == "mokd" and config.n_local < 1:
         raise MokdError("the cross search term 'ct' needs local crops: set n_local >= 1 or drop 'ct' from losses")
     positive = ("img_size", "epochs", "batch_size", "out_dim", "mlp_hidden_dim", "mlp_bottleneck_dim",
                 "thead_depth", "local_size", "save_every", "log_every")
@@ -316,6 +331,20 @@ def validate(config: TrainConfig) -> None:
     for key in ("lambda1", "lambda2", "thead_dim", "thead_heads", "patch_size"):
         if getattr(config, key) is not None and getattr(config, key) < 0:
             raise MokdError(f"setting {key!r} must be >= 0, got {getattr(config, key)}")
+    if config.method != "mokd":
+        if config.export_official or config.init_from:
+            raise MokdError(f"--export-official and --init-from hold MOKD pairs only, not --method {config.method}")
+        if tuple(config.losses) != LOSS_TERMS:
+            raise MokdError(f"--losses switches MOKD's terms and does not apply to --method {config.method}: drop it")
+        if config.method in FAITHFUL_PEERS and config.n_local:
+            raise MokdError(f"--method {config.method} trains on two views: set n_local to 0 (its default)")
+        if config.queue_size < 1:
+            raise MokdError(f"setting 'queue_size' must be positive, got {config.queue_size}")
+        for key in ("peer_lr", "peer_weight_decay"):
+            if getattr(config, key) is not None and getattr(config, key) < 0:
+                raise MokdError(f"setting {key!r} must be >= 0, got {getattr(config, key)}")
+        if any(not 0.0 <= fraction <= 1.0 for fraction in config.lr_milestones):
+            raise MokdError(f"setting 'lr_milestones' takes fractions of the run in [0, 1], got {config.lr_milestones}")
     if config.warmup_epochs > config.epochs:
         raise MokdError(f"warmup_epochs ({config.warmup_epochs}) exceeds epochs ({config.epochs}): lower it")
     if not 0.0 <= config.momentum_teacher <= 1.0:
@@ -357,6 +386,10 @@ def resolved_lambdas(config: TrainConfig) -> tuple[float, float]:
     """The configured lambdas, with None replaced by the default rule (paper §4.5)."""
     if config.lambda1 is not None and config.lambda2 is not None:
         return config.lambda1, config.lambda2
+    if config.method in DEFAULT_LAMBDAS:
+        defaults = DEFAULT_LAMBDAS[config.method]
+        return (config.lambda1 if config.lambda1 is not None else defaults[0],
+                config.lambda2 if config.lambda2 is not None else defaults[1])
     spec1, spec2 = arch_specs(config)
     if spec1 == dataclasses.replace(spec2, name=spec1.name):
         defaults = (LAMBDA_LARGER, LAMBDA_LARGER)
@@ -376,16 +409,24 @@ def describe(config: TrainConfig) -> str:
     lambda1, lambda2 = resolved_lambdas(config)
     scale = config.batch_size / 256
     lines = [
-        f"mokd-train: {config.mode} training" + (f" (preset {config.preset})" if config.preset else ""),
+        f"mokd-train: {method_label(config.method)}, {config.mode} training"
+        + (f" (preset {config.preset})" if config.preset else ""),
         f"  model 1: {spec1.describe()}",
         f"  model 2: {spec2.describe()}",
     ]
-    if config.mode == "mokd":
+    if config.method != "mokd":
+        lines.append(f"  method {method_label(config.method)}: cross-term weights lambda1 = {lambda1:g}, "
+                     f"lambda2 = {lambda2:g}" + (" (unused: independent)" if config.mode == "independent" else ""))
+    elif config.mode == "mokd":
         lines.append(f"  losses: {', '.join(config.losses)}; lambda1 = {lambda1:g}, lambda2 = {lambda2:g}")
     else:
         lines.append("  losses: sm only for each model (DINO); nothing crosses between the models")
-    lines.append(f"  peak lr: cnn {config.lr_cnn * scale:g}, vit {config.lr_vit * scale:g} "
-                 f"(base x batch {config.batch_size} / 256)")
+    if config.method in FAITHFUL_PEERS:
+        lines.append(f"  optimisation: the method's own recipe (peer_lr {config.peer_lr}, peer_weight_decay "
+                     f"{config.peer_weight_decay}; None = the method's default)")
+    else:
+        lines.append(f"  peak lr: cnn {config.lr_cnn * scale:g}, vit {config.lr_vit * scale:g} "
+                     f"(base x batch {config.batch_size} / 256)")
     lines.append("  settings:")
     lines.extend(f"    {key} = {value!r}" for key, value in config.to_dict().items())
     return "\n".join(lines)

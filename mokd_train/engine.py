@@ -38,6 +38,8 @@ from mokd_train.config import (AUGMENTATION_PROBABILITIES, TrainConfig, arch_spe
 from mokd_eval.distributed import DistContext
 from mokd_train.distributed import EpochShardSampler, ddp_wrapper, synchronise_batchnorm
 from mokd_train.losses import NonFiniteLossError
+from mokd_train.methods import CONSTANT_EMA, build_peer_pair
+from mokd_train.methods.base import PeerPair
 from mokd_train.pair import MokdPair, PairConfig
 from mokd_train.schedules import cosine_schedule
 
@@ -108,8 +110,16 @@ def pair_config(cfg: TrainConfig) -> PairConfig:
     )
 
 
-def build_optimizer(pair: MokdPair, index: int) -> torch.optim.Optimizer:
-    """SGD (momentum 0.9) for a ResNet, AdamW for a ViT; lr and weight decay are set every step."""
+def build_pair(specs, cfg: TrainConfig) -> MokdPair | PeerPair:
+    """MOKD's pair, or another method's (mokd_train.methods) behind the same interface."""
+    return MokdPair(*specs, pair_config(cfg)) if cfg.method == "mokd" else build_peer_pair(specs, cfg)
+
+
+def build_optimizer(pair: MokdPair | PeerPair, index: int) -> torch.optim.Optimizer:
+    """SGD (momentum 0.9) for a ResNet, AdamW for a ViT; lr and weight decay are set every step.
+    A method with its own recipe (dogo, mcl) builds its own optimizer."""
+    if isinstance(pair, PeerPair) and pair.own_recipe:
+        return pair.build_optimizer(index)
     groups = pair.param_groups(index)
     if pair.specs[index].is_vit:
         return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0)
@@ -135,7 +145,8 @@ def build_schedules(cfg: TrainConfig, steps_per_epoch: int) -> Schedules:
             "vit": cosine_schedule(cfg.lr_vit * scale, cfg.min_lr_vit, epochs, steps_per_epoch, warmup)},
         weight_decay={"resnet": np.full(epochs * steps_per_epoch, cfg.weight_decay_cnn),
                       "vit": cosine_schedule(cfg.weight_decay_vit, cfg.weight_decay_end_vit, epochs, steps_per_epoch)},
-        momentum=cosine_schedule(cfg.momentum_teacher, 1.0, epochs, steps_per_epoch),
+        momentum=cosine_schedule(cfg.momentum_teacher, cfg.momentum_teacher if cfg.method in CONSTANT_EMA else 1.0,
+                                 epochs, steps_per_epoch),
     )
 
 
@@ -226,7 +237,7 @@ class Trainer:
                             f"of {cfg.batch_size}: lower --batch-size")
         self.schedules = build_schedules(self.cfg, self.steps_per_epoch)
 
-        self.pair = MokdPair(*self.specs, pair_config(self.cfg))
+        self.pair = build_pair(self.specs, self.cfg)
         found = self._find_resume_state()
         self.resumed_from = found[1] if found is not None else None
         if cfg.init_from and found is None:
@@ -235,9 +246,8 @@ class Trainer:
             self.log(f"--init-from {cfg.init_from} ignored: resuming the run in {self.output_dir}")
         self.pair.to(self.device)
         if context.distributed:
-            for index in (0, 1):
-                synchronise_batchnorm(self.pair.students[index], context)
-                synchronise_batchnorm(self.pair.teachers[index], context)
+            for network in [*self.pair.students, *self.pair.teachers]:  # DoGo has no teachers
+                synchronise_batchnorm(network, context)
             self.pair.wrap_students(ddp_wrapper(context, self.pair.has_unused_parameters))
         self.optimizers = [build_optimizer(self.pair, index) for index in (0, 1)]
         use_scaler = self.dtype == torch.float16
@@ -272,7 +282,7 @@ class Trainer:
             return None
         found = checkpointing.find_resume_state(self.output_dir, self.log)
         if found is not None:
-            checkpointing.check_compatible(found[0], found[1], self.specs, self.cfg.mode)
+            checkpointing.check_compatible(found[0], found[1], self.specs, self.cfg.mode, self.cfg.method)
         return found
 
     def _autocast(self) -> ContextManager:
@@ -349,6 +359,9 @@ class Trainer:
         return every > 0 and self.progress.global_step % every == 0
 
     def _set_hyperparameters(self, iteration: int) -> None:
+        if isinstance(self.pair, PeerPair) and self.pair.own_recipe:
+            self.pair.set_hyperparameters(self.optimizers, iteration, self.steps_per_epoch)
+            return
         for index, optimizer in enumerate(self.optimizers):
             for group in optimizer.param_groups:
                 family = schedule_family(self.pair, index, group["part"])
