@@ -389,6 +389,107 @@ def demo(output_dir: Path, epochs: int | None, seed: int, device: str, methods: 
              echo=click.echo)
 
 
+def _positive(option: str) -> Callable:
+    from mokd_eval.validation import check_positive
+
+    return _validated(lambda value: check_positive(value, option))
+
+
+def _checked_size(option: str) -> Callable:
+    from mokd_eval.validation import check_image_size
+
+    return _validated(lambda value: check_image_size(value, option=option))
+
+
+def _parse_sizes(ctx: click.Context, param: click.Parameter, text: str | None) -> tuple[int, int] | None:
+    """--train-sizes LOW,HIGH, checked while the options are parsed."""
+    from mokd_eval.validation import check_image_size
+
+    if text is None:
+        return None
+    try:
+        low, high = (int(part) for part in text.split(","))
+    except ValueError:
+        raise MokdError(f"--train-sizes takes LOW,HIGH in pixels such as 600,800, not {text!r}") from None
+    if low > high:
+        raise MokdError(f"--train-sizes {text}: LOW must not exceed HIGH")
+    return check_image_size(low, option="--train-sizes"), check_image_size(high, option="--train-sizes")
+
+
+@mokd_eval.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path), required=False)
+@click.option("--backbone", required=True, type=click.Choice(["r18", "r34", "r50", "r101"]),
+              help="The checkpoint's ResNet (checked against the file). Without CHECKPOINT: random init ('scratch').")
+@click.option("--data", required=True, help="COCO root (annotations/instances_{train,val}2017.json, {train,val}2017/) "
+                                            "or shapes-coco[:N[:SIZE]] (generated).")
+@click.option("--engine", type=click.Choice(["auto", "torchvision", "detectron2"]), default="auto", show_default=True,
+              help="auto = detectron2 when importable, else the torchvision rebuild.")
+@click.option("--res5-head", type=click.Choice(["native", "d2-bottleneck"]), default="native", show_default=True,
+              help="native = the backbone's own layer4 (all weights load); d2-bottleneck = detectron2's stock head.")
+@click.option("--norm", type=click.Choice(["syncbn", "frozenbn"]), default="syncbn", show_default=True,
+              help="syncbn = MoCo's SSL-transfer recipe; frozenbn = stock detectron2 (stem+res2 frozen).")
+@click.option("--schedule", type=click.Choice(["1x", "2x"]), default="2x", show_default=True,
+              help="90k / 180k iterations at 16 images (MoCo's COCO transfer uses 2x).")
+@click.option("--iters", type=int, default=None, callback=_positive("--iters"),
+              help="Train N iterations instead (steps stay at 2/3 and 8/9).")
+@click.option("--batch-size", type=int, default=None, callback=_positive("--batch-size"),
+              help="Images per iteration, all ranks (default 16; shapes-coco 4).")
+@click.option("--lr", type=float, default=0.02, show_default=True, callback=_positive("--lr"),
+              help="Learning rate per 16 images (scaled linearly).")
+@click.option("--warmup-iters", type=int, default=None, callback=_positive("--warmup-iters"),
+              help="Linear warm-up (default 1000, at most iters/10).")
+@click.option("--train-sizes", default=None, callback=_parse_sizes,
+              help="Train short side LOW,HIGH, uniform (default 600,800; shapes-coco: its image size).")
+@click.option("--test-size", type=int, default=None, callback=_checked_size("--test-size"),
+              help="Test short side (default 800; shapes-coco: its size).")
+@click.option("--max-size", type=int, default=1333, show_default=True, callback=_checked_size("--max-size"))
+@click.option("--rois-per-image", type=int, default=None, callback=_positive("--rois-per-image"),
+              help="RoIs sampled per training image (default 512; shapes-coco 32).")
+@click.option("--test-proposals", type=int, default=None, callback=_positive("--test-proposals"),
+              help="RPN proposals kept per test image (default 1000; shapes-coco 50).")
+@click.option("--precise-bn-iters", type=click.IntRange(min=0), default=None,
+              help="Precise-BN batches before evaluation (default 200, at most iters/10; 0 disables).")
+@click.option("--checkpoint-period", type=int, default=5000, show_default=True,
+              callback=_positive("--checkpoint-period"))
+@_output_dir_option(None, "Detector checkpoints (default results/coco/<checkpoint name>/<key>).")
+@click.option("--resume", is_flag=True, help="Continue from detector_last.pt in the output directory.")
+@click.option("--eval-only", is_flag=True, help="Only evaluate --weights (a detector_final.pt).")
+@click.option("--weights", type=click.Path(path_type=Path), default=None)
+@click.option("--key", default=None, help="Which model of a pair checkpoint (default: its ResNets).")
+@click.option("--trust-checkpoint", "trust", is_flag=True,
+              help="Allow a checkpoint that needs arbitrary unpickling (runs code from the file).")
+@_device_option
+@click.option("--num-workers", type=int, default=None, callback=_validated(lambda v: _check_workers(v)),
+              help="DataLoader workers (default: sized to the machine).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_out_option("Results JSON (default: results/coco/<checkpoint name>.json).")
+def coco(checkpoint: Path | None, schedule: str, iters: int | None, warmup_iters: int | None, device: str,
+         out: Path | None, **kwargs: Any) -> None:
+    """C4 Mask R-CNN transfer to COCO (Table 6): AP box and mask, initialised from the checkpoint's ResNet."""
+    from mokd_eval.detection.coco_eval import CocoSettings, coco_table, run_coco
+    from mokd_eval.detection.train import default_warmup, schedule_iters
+    from mokd_eval.distributed import setup, teardown
+
+    total = schedule_iters(schedule, iters)
+    path = _results_path(out, "coco", checkpoint.stem if checkpoint else "scratch")
+    settings = CocoSettings(iters=total, warmup_iters=warmup_iters if warmup_iters is not None else default_warmup(total),
+                            **kwargs)
+    context = setup(device)
+    try:
+        payload = run_coco(checkpoint, settings, context, echo=click.echo if context.is_main else _silent)
+        if context.is_main:
+            click.echo(coco_table(payload))
+            _write(payload, path)
+    finally:
+        teardown(context)
+
+
+def _check_workers(value: int | None) -> int | None:
+    from mokd_eval.validation import check_num_workers
+
+    return check_num_workers(value)
+
+
 # --- analyses (paper section 4.6) -------------------------------------------------------------------------------
 
 
@@ -423,6 +524,42 @@ def _out_dir_option(default: Path | None, help_text: str) -> Callable:
 
 def _figure_stem(path: Path) -> Path:
     return path.with_suffix("")
+
+
+@mokd_eval.command()
+@_checkpoint_argument
+@click.option("--format", "fmt", type=click.Choice(["detectron2", "torchvision", "timm"]), required=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="File to write.",
+              callback=_validated(lambda path: _check_file(path, "--output")))
+@click.option("--key", default=None, help="Which model of a pair checkpoint (default: the file's default model).")
+@click.option("--trust-checkpoint", "trust", is_flag=True,
+              help="Allow a checkpoint that needs arbitrary unpickling (runs code from the file).")
+@_out_option("Results JSON (default: results/export/<checkpoint name>.json).")
+def export(checkpoint: Path, fmt: str, output: Path, key: str | None, trust: bool, out: Path | None) -> None:
+    """Write one backbone for detectron2 (MoCo naming), torchvision or timm."""
+    from mokd_eval.export import export_backbone
+    from mokd_eval.pipeline import load_models, model_record
+    from mokd_eval.results import build_results
+
+    path = _results_path(out, "export", checkpoint.stem)
+    loaded = load_models(checkpoint, model=None, key=key, trust=trust, echo=click.echo)
+    if len(loaded) > 1:
+        raise MokdError(f"{checkpoint} holds {len(loaded)} models ({', '.join(e.key for e in loaded)}): "
+                        "choose one with --key")
+    summary = export_backbone(loaded[0], fmt, output)
+    click.echo(f"wrote {summary['tensors']} tensors of '{summary['key']}' ({summary['arch']}) to {output}; "
+               f"loads into {summary['loads_into']}")
+    payload = build_results(command="export", protocol={"format": fmt}, dataset={},
+                            results=[{**model_record(loaded[0]), "metrics": {}, "export": summary}], timings={},
+                            seed=None, config={"checkpoint": str(checkpoint), "format": fmt, "output": str(output),
+                                               "key": key})
+    _write(payload, path)
+
+
+def _check_file(path: Path, option: str) -> Path:
+    from mokd_eval.validation import check_output_file
+
+    return check_output_file(path, option=option)
 
 
 @mokd_eval.command()

@@ -64,3 +64,7 @@ def save_numpy(path: str | os.PathLike, array: np.ndarray) -> Path:
 def save_torch(obj: Any, path: str | os.PathLike) -> Path:
     """`torch.save`, atomically: an interrupted save never replaces a good checkpoint."""
     return _write_with(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return _write_with(path, lambda tmp: tmp.write_bytes(data))

@@ -1,0 +1,87 @@
+"""`mokd-eval export`: a checkpoint's backbone for other tools.
+
+- `torchvision`: a ResNet state dict with torchvision's names (torchvision's `resnetNN()` with `fc` replaced by
+  `nn.Identity()` loads it strictly: the backbone has no classifier).
+- `timm`: the backbone state dict that `timm.create_model(name, num_classes=0)` loads strictly.
+- `detectron2`: MoCo's converter naming (`stem.conv1`, `res2.0.conv1.norm`, `res3.0.shortcut`, ...) as a
+  pickle of numpy arrays with `matching_heuristics: True`, ready for `MODEL.WEIGHTS`.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mokd_eval import atomic
+from mokd_eval.checkpoints import LoadedBackbone
+from mokd_eval.errors import MokdError
+
+FORMATS = ("detectron2", "torchvision", "timm")
+TIMM_RESNETS = {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet34", (3, 4, 23, 3): "resnet101",
+                (3, 8, 36, 3): "resnet152"}
+_BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var")
+
+
+def timm_name(loaded: LoadedBackbone) -> str:
+    """The timm model name whose `num_classes=0` variant has exactly these tensors."""
+    spec = loaded.spec
+    if spec.is_vit:
+        return f"vit_{'tiny' if spec.embed_dim == 192 else 'small' if spec.embed_dim == 384 else 'base'}" \
+               f"_patch{spec.patch_size}_{spec.img_size}"
+    if spec.layers == (3, 4, 6, 3) and spec.bottleneck:
+        return "resnet50"
+    return TIMM_RESNETS.get(spec.layers, spec.name)
+
+
+def detectron2_name(name: str) -> str | None:
+    """MoCo's `convert-pretrain-to-detectron2.py` renaming of one torchvision ResNet tensor (None = dropped)."""
+    if name.endswith("num_batches_tracked"):
+        return None
+    if name.startswith("conv1."):
+        return "stem." + name
+    if name.startswith("bn1."):
+        return "stem.conv1.norm." + name[len("bn1."):]
+    match = re.match(r"layer(\d)\.(\d+)\.(.+)$", name)
+    if match is None:
+        raise MokdError(f"tensor {name!r} is not part of a torchvision-layout ResNet: cannot name it for detectron2")
+    stage, block, rest = int(match.group(1)) + 1, match.group(2), match.group(3)
+    rest = re.sub(r"^bn(\d)\.", r"conv\1.norm.", rest)
+    rest = rest.replace("downsample.0.", "shortcut.").replace("downsample.1.", "shortcut.norm.")
+    return f"res{stage}.{block}.{rest}"
+
+
+def detectron2_state(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    renamed = {}
+    for name, tensor in state.items():
+        new = detectron2_name(name)
+        if new is not None:
+            renamed[new] = tensor.detach().cpu().numpy()
+    return renamed
+
+
+def export_backbone(loaded: LoadedBackbone, fmt: str, out: Path) -> dict[str, Any]:
+    """Write one backbone in `fmt` and return a JSON-able summary of what was written."""
+    if fmt not in FORMATS:
+        raise MokdError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    state = {name: tensor.detach().cpu().clone() for name, tensor in loaded.module.state_dict().items()}
+    if fmt in ("detectron2", "torchvision") and loaded.spec.is_vit:
+        raise MokdError(f"--format {fmt} exports ResNets only; '{loaded.key}' is a ViT ({loaded.spec.name}): "
+                        "use --format timm or pick a ResNet with --key")
+    if fmt == "detectron2":
+        payload = {"model": detectron2_state(state), "__author__": f"mokd export of {loaded.checkpoint.path.name}"
+                   f" '{loaded.key}'", "matching_heuristics": True}
+        atomic.write_bytes(out, pickle.dumps(payload))
+        names = list(payload["model"])
+    else:
+        atomic.save_torch(state, out)
+        names = list(state)
+    target = {"detectron2": "detectron2 MODEL.WEIGHTS (MoCo naming)",
+              "torchvision": f"torchvision.models.{timm_name(loaded)}() with fc = Identity",
+              "timm": f"timm.create_model('{timm_name(loaded)}', num_classes=0)"}[fmt]
+    return {"key": loaded.key, "arch": loaded.spec.name, "format": fmt, "file": str(out), "tensors": len(names),
+            "loads_into": target}
