@@ -25,6 +25,7 @@ test: install
 bench: install
 	$(PY) benchmarks/bench_knn.py
 	$(PY) benchmarks/bench_train_step.py
+	$(PY) benchmarks/bench_linear.py
 	$(PY) benchmarks/bench_analysis.py
 
 clean:

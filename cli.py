@@ -88,32 +88,100 @@ def _device_option(function: Callable) -> Callable:
                         callback=_validated(check_device))(function)
 
 
-def _feature_options(function: Callable) -> Callable:
-    from mokd_eval.validation import check_image_size, check_num_workers, check_positive
+def _apply(function: Callable, options: list[Callable]) -> Callable:
+    for option in reversed(options):
+        function = option(function)
+    return function
 
-    options = [
+
+def _positive(option: str) -> Callable:
+    from mokd_eval.validation import check_positive
+
+    return _validated(lambda value: check_positive(value, option))
+
+
+def _data_option_list() -> list[Callable]:
+    from mokd_eval.validation import check_image_size
+
+    return [
         click.option("--data", default=None, help="Dataset: imagefolder:PATH, cifar10:PATH, cifar100:PATH, digits, "
                                                   "shapes[:N]. Default: $MOKD_DATA, else digits."),
         click.option("--image-size", type=int, default=None, callback=_validated(check_image_size),
                      help="Evaluation resolution (default: the protocol's)."),
-        click.option("--feature", "feature", default="default", show_default=True,
-                     help="default (pooled/CLS), patch_mean, or last_cls:N."),
-        click.option("--batch-size", type=int, default=256, show_default=True,
-                     callback=_validated(lambda value: check_positive(value, "--batch-size"))),
+    ]
+
+
+def _device_option_list(workers_default: str = "min(4, CPUs)") -> list[Callable]:
+    from mokd_eval.validation import check_num_workers
+
+    return [
         click.option("--num-workers", type=int, default=None, callback=_validated(check_num_workers),
-                     help="DataLoader workers (default: min(4, CPUs))."),
+                     help=f"DataLoader workers (default: {workers_default})."),
         _device_option,
+    ]
+
+
+def _cache_option_list() -> list[Callable]:
+    return [
+        click.option("--feature", "feature", default="default", show_default=True,
+                     help="default (pooled/CLS), patch_mean, last_cls:N or last_cls:N+avgpool."),
         click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
                      help="Feature cache (default: $MOKD_CACHE_DIR or ~/.cache/mokd)."),
         click.option("--no-cache", is_flag=True, help="Neither read nor write the feature cache."),
         click.option("--cache-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True),
+    ]
+
+
+def _output_option_list() -> list[Callable]:
+    return [
         click.option("--skip-bad-images", is_flag=True, help="Skip unreadable images (counted) instead of failing."),
         _out_option(),
         click.option("--seed", type=int, default=0, show_default=True),
     ]
-    for option in reversed(options):
-        function = option(function)
-    return function
+
+
+def _feature_options(function: Callable) -> Callable:
+    """Data, extraction and feature-cache options of the commands that work on frozen features."""
+    batch = click.option("--batch-size", type=int, default=256, show_default=True, callback=_positive("--batch-size"))
+    return _apply(function, [*_data_option_list(), batch, *_device_option_list(), *_cache_option_list(),
+                             *_output_option_list()])
+
+
+def _cache_options(function: Callable) -> Callable:
+    """The feature type and feature-cache options alone (for commands with their own batch options)."""
+    return _apply(function, _cache_option_list())
+
+
+def _training_options(function: Callable) -> Callable:
+    """Data and training options of the supervised protocols (linear, semisup, cifar): None = the protocol's."""
+    return _apply(function, [
+        *_data_option_list(),
+        click.option("--epochs", type=int, default=None, callback=_positive("--epochs"),
+                     help="Training epochs (default: the protocol's)."),
+        click.option("--lr", default=None, help="Base learning rate per 256 images; a comma list runs a search "
+                                                "on a held-out slice of the training data (default: per architecture)."),
+        click.option("--batch-size", type=int, default=None, callback=_positive("--batch-size"),
+                     help="Training batch of one optimizer step (default: the protocol's; clamped to the data)."),
+        click.option("--warmup-epochs", type=int, default=None,
+                     help="Linear warm-up epochs (default: the protocol's, scaled when --epochs is shorter)."),
+        click.option("--accum-steps", type=int, default=None, callback=_positive("--accum-steps"),
+                     help="Gradient accumulation steps per optimizer step."),
+        click.option("--max-batch-per-step", type=int, default=None, callback=_positive("--max-batch-per-step"),
+                     help="Largest micro-batch per process; accumulation steps follow from it."),
+        click.option("--eval-batch-size", type=int, default=256, show_default=True,
+                     callback=_positive("--eval-batch-size"), help="Batch for evaluation and feature extraction."),
+        click.option("--resume", is_flag=True, help="Continue from the per-epoch checkpoints of an earlier run."),
+        *_device_option_list("min(4, usable CPUs - 1): the main process trains"), *_output_option_list(),
+    ])
+
+
+def _train_settings(kwargs: dict[str, Any]):
+    from mokd_eval.protocols import TrainOptions, parse_lrs
+
+    return TrainOptions(epochs=kwargs["epochs"], lrs=parse_lrs(kwargs["lr"]), batch_size=kwargs["batch_size"],
+                        warmup_epochs=kwargs["warmup_epochs"], accum_steps=kwargs["accum_steps"],
+                        max_batch_per_step=kwargs["max_batch_per_step"], eval_batch_size=kwargs["eval_batch_size"],
+                        num_workers=kwargs["num_workers"], resume=kwargs["resume"], seed=kwargs["seed"])
 
 
 def _feature_settings(kwargs: dict[str, Any]):
@@ -188,6 +256,83 @@ def _parse_ks(text: str) -> tuple[int, ...]:
     if not ks or min(ks) < 1:
         raise MokdError(f"--k needs at least one value >= 1, got {text!r}")
     return ks
+
+
+@mokd_eval.command()
+@_checkpoint_argument
+@_model_options
+@_training_options
+@click.option("--mode", type=click.Choice(["protocol", "cached"]), default="protocol", show_default=True,
+              help="protocol: DINO's recipe on augmented images; cached: a sweep of heads on cached features.")
+@_cache_options
+def linear(checkpoint: Path, mode: str, **kwargs: Any) -> None:
+    """Linear probe on the frozen backbone (paper A.2): top-1/top-5, trained head saved as .pt."""
+    from mokd_eval.linear_eval import linear_table, run_linear
+
+    ctx = click.get_current_context()
+    feature_given = ctx.get_parameter_source("feature") is not click.core.ParameterSource.DEFAULT
+    options = _train_settings(kwargs)
+    features = _feature_settings({**kwargs, "batch_size": kwargs["eval_batch_size"]})
+    _run_training_command(kwargs, "linear", checkpoint, lambda out, context, echo: run_linear(
+        checkpoint, mode=mode, data=kwargs["data"], features=features, feature_given=feature_given, options=options,
+        out=out, context=context, model=kwargs["model"], key=kwargs["key"], trust=kwargs["trust"],
+        image_size=kwargs["image_size"], skip_bad_images=kwargs["skip_bad_images"], echo=echo), linear_table)
+
+
+@mokd_eval.command()
+@_checkpoint_argument
+@_model_options
+@_training_options
+@click.option("--percent", type=float, required=True, help="Labelled fraction: 1 or 10 (any with --split-file).")
+@click.option("--split-file", type=click.Path(path_type=Path), default=None,
+              help="SimCLR-style list of labelled training image file names (default: a seeded stratified subset, "
+                   "saved next to the results).")
+@click.option("--mode", type=click.Choice(["finetune", "linear"]), default="finetune", show_default=True,
+              help="finetune: the whole network (paper A.3); linear: a frozen linear probe on the subset.")
+def semisup(checkpoint: Path, percent: float, split_file: Path | None, mode: str, **kwargs: Any) -> None:
+    """Semi-supervised evaluation on 1% / 10% of the labels (paper A.3)."""
+    from mokd_eval.semisup_eval import run_semisup, semisup_table
+
+    options = _train_settings(kwargs)
+    _run_training_command(kwargs, "semisup", checkpoint, lambda out, context, echo: run_semisup(
+        checkpoint, percent=percent, split_file=split_file, mode=mode, data=kwargs["data"], options=options, out=out,
+        context=context, device=kwargs["device"], model=kwargs["model"], key=kwargs["key"], trust=kwargs["trust"],
+        image_size=kwargs["image_size"], skip_bad_images=kwargs["skip_bad_images"], echo=echo), semisup_table)
+
+
+@mokd_eval.command()
+@_checkpoint_argument
+@_model_options
+@_training_options
+@click.option("--dataset", type=click.Choice(["cifar10", "cifar100"]), required=True)
+def cifar(checkpoint: Path, dataset: str, **kwargs: Any) -> None:
+    """Fine-tuning transfer to CIFAR-10/100 (paper A.4); --data is the folder of the python pickles."""
+    from mokd_eval.cifar_eval import cifar_table, run_cifar
+
+    if not kwargs["data"]:
+        raise MokdError(f"--data PATH is required: the folder holding the {dataset} python pickles "
+                        "(cifar-10-batches-py / cifar-100-python) or that folder itself")
+    options = _train_settings(kwargs)
+    _run_training_command(kwargs, "cifar", checkpoint, lambda out, context, echo: run_cifar(
+        checkpoint, dataset=dataset, data=kwargs["data"], options=options, out=out, context=context,
+        device=kwargs["device"], model=kwargs["model"], key=kwargs["key"], trust=kwargs["trust"],
+        image_size=kwargs["image_size"], echo=echo), cifar_table)
+
+
+def _run_training_command(kwargs: dict[str, Any], command: str, checkpoint: Path,
+                          run: Callable[..., dict[str, Any]], table: Callable[[dict[str, Any]], str]) -> None:
+    """Join torchrun's group (or run alone), run the command, print its table and write its JSON on rank 0."""
+    from mokd_eval.distributed import setup, teardown
+
+    out = _results_path(kwargs["out"], command, checkpoint.stem)
+    context = setup(kwargs["device"])
+    try:
+        payload = run(out, context, click.echo if context.is_main else _silent)
+        if context.is_main:
+            click.echo(table(payload))
+            _write(payload, out)
+    finally:
+        teardown(context)
 
 
 @mokd_eval.command()

@@ -12,6 +12,7 @@ need no files, so tests and CPU demos run anywhere.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import os
@@ -150,6 +151,19 @@ class LabelledDataset(Dataset):
             image = self.transform(image)
         return image, int(self.targets[index])
 
+    def item_name(self, index: int) -> str:
+        """The name a split file (SimCLR's 1%/10% lists) uses for an item: the image file name for folders,
+        `<split>_<index>` (6 digits) for in-memory datasets."""
+        if self._folder is not None:
+            return os.path.basename(self._folder.samples[index][0])
+        return f"{self.split}_{index:06d}"
+
+    def with_transform(self, transform: Callable | None) -> "LabelledDataset":
+        """The same items under another transform (training augmentation vs evaluation)."""
+        clone = copy.copy(self)
+        clone.transform = transform
+        return clone
+
     def _load(self, index: int) -> Image.Image | None:
         if self._pixels is not None:
             return Image.fromarray(self._pixels[index])
@@ -209,6 +223,34 @@ def eval_transform(spec: DataSpec, image_size: int | None = None) -> tuple[Calla
         text = f"Resize({image_size}x{image_size}, bicubic)"
     transform = T.Compose([*steps, T.ToTensor(), normalize])
     return transform, f"{text} > ToTensor > {norm_text}"
+
+
+def image_side(spec: DataSpec, image_size: int | None = None) -> int:
+    """The side of the images a protocol sees: `image_size`, else native for small datasets, else 224."""
+    return image_size or spec.native_size or 224
+
+
+def train_transform(spec: DataSpec, image_size: int | None = None, *, crop: str = "resized") -> tuple[Callable, str]:
+    """The training augmentation of the supervised protocols, and its description.
+
+    `resized` (linear probe, semi-supervised fine-tuning): RandomResizedCrop (scale 0.08-1, bicubic) to the
+    evaluation crop size + horizontal flip. `padded` (CIFAR fine-tuning): resize to the size, random crop with
+    1/8 reflect padding + flip. Sizes follow `eval_transform`: 224 for folders, native 32 px for small datasets,
+    `image_size` when given.
+    """
+    size = image_side(spec, image_size)
+    bicubic = T.InterpolationMode.BICUBIC
+    if crop == "resized":
+        steps = [T.RandomResizedCrop(size, interpolation=bicubic)]
+        text = f"RandomResizedCrop({size}, scale=(0.08, 1.0), bicubic)"
+    elif crop == "padded":
+        steps = [T.Resize((size, size), interpolation=bicubic), T.RandomCrop(size, padding=size // 8,
+                                                                             padding_mode="reflect")]
+        text = f"Resize({size}x{size}, bicubic) > RandomCrop({size}, padding={size // 8}, reflect)"
+    else:
+        raise ValueError(f"crop must be 'resized' or 'padded', not {crop!r}")
+    transform = T.Compose([*steps, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return transform, f"{text} > RandomHorizontalFlip > ToTensor > Normalize(mean={IMAGENET_MEAN}, std={IMAGENET_STD})"
 
 
 # --- image folders ---------------------------------------------------------------------------

@@ -40,24 +40,36 @@ class FeatureKind:
 
     `default`: pooled vector (CNN) or CLS after the final norm (ViT), as k-NN uses.
     `patch_mean`: mean of the patch tokens after the final norm (ViT; a CNN's pooled vector already is one).
-    `last_cls`: CLS tokens of the last `n_last` blocks, each normalised, concatenated (DINO's linear probe, ViT only).
+    `last_cls`: CLS tokens of the last `n_last` blocks, each normalised, concatenated (DINO's linear probe, ViT
+    only); with `pool_patches` the mean of the last block's normalised patch tokens is appended (DINO's ViT-B
+    recipe, `last_cls:N+avgpool`).
     """
 
     name: str = "default"
     n_last: int = 1
+    pool_patches: bool = False
 
     @classmethod
     def parse(cls, text: str) -> "FeatureKind":
         if text in ("default", "patch_mean"):
             return cls(text)
         if text.startswith("last_cls:"):
-            count = text.split(":", 1)[1]
-            if count.isdigit() and int(count) >= 1:
-                return cls("last_cls", int(count))
-        raise MokdError(f"unknown feature type {text!r}: use default, patch_mean or last_cls:N (e.g. last_cls:4)")
+            count, plus, pooling = text.split(":", 1)[1].partition("+")
+            if count.isdigit() and int(count) >= 1 and (not plus or pooling == "avgpool"):
+                return cls("last_cls", int(count), bool(plus))
+        raise MokdError(f"unknown feature type {text!r}: use default, patch_mean, last_cls:N or last_cls:N+avgpool "
+                        "(e.g. last_cls:4)")
 
     def describe(self) -> str:
-        return f"last_cls:{self.n_last}" if self.name == "last_cls" else self.name
+        if self.name != "last_cls":
+            return self.name
+        return f"last_cls:{self.n_last}" + ("+avgpool" if self.pool_patches else "")
+
+    def dim(self, spec: ArchSpec) -> int:
+        """Length of the feature vector this kind gives for `spec`."""
+        if self.name != "last_cls" or not spec.is_vit:
+            return spec.feature_dim
+        return spec.embed_dim * (self.n_last + int(self.pool_patches))
 
 
 def feature_function(backbone: nn.Module, spec: ArchSpec, kind: FeatureKind) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -74,7 +86,10 @@ def feature_function(backbone: nn.Module, spec: ArchSpec, kind: FeatureKind) -> 
     def last_cls(images: torch.Tensor) -> torch.Tensor:
         outputs = backbone.forward_intermediates(images, indices=kind.n_last, return_prefix_tokens=True, norm=True,
                                                  output_fmt="NLC", intermediates_only=True)
-        return torch.cat([prefix[:, 0] for _, prefix in outputs], dim=-1)
+        parts = [prefix[:, 0] for _, prefix in outputs]
+        if kind.pool_patches:
+            parts.append(outputs[-1][0].mean(dim=1))
+        return torch.cat(parts, dim=-1)
 
     return last_cls
 

@@ -4,27 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mokd_eval.errors import MokdError
-
-
-def cosine_schedule(base_value: float, final_value: float, epochs: int, iters_per_epoch: int,
-                    warmup_epochs: int = 0, start_warmup_value: float = 0.0) -> np.ndarray:
-    """One value per iteration: linear warm-up from `start_warmup_value` to `base_value` over
-    `warmup_epochs`, then a half cosine from `base_value` down (or up) to `final_value`.
-
-    Used for learning rates, weight decay and the EMA momentum.
-    """
-    if epochs < 1 or iters_per_epoch < 1:
-        raise MokdError(f"a schedule needs at least one epoch and one iteration per epoch "
-                        f"(got {epochs} epochs, {iters_per_epoch} iterations): use more data or a smaller batch")
-    if not 0 <= warmup_epochs <= epochs:
-        raise MokdError(f"warm-up of {warmup_epochs} epochs does not fit in {epochs} training epochs: "
-                        f"lower the warm-up epochs")
-    warmup_iters = warmup_epochs * iters_per_epoch
-    warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
-    steps = np.arange(epochs * iters_per_epoch - warmup_iters)
-    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
-    return np.concatenate([warmup, cosine])
+from mokd_eval.schedules import cosine_schedule  # noqa: F401  (re-exported: one definition)
 
 
 def teacher_temperature_schedule(warmup_temp: float, final_temp: float, warmup_epochs: int,

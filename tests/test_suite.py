@@ -66,7 +66,9 @@ def test_suite_runs_every_available_step_then_reuses_them(checkpoint_factory, tm
         "knn": "done", "linear": "skipped", "semisup": "skipped", "cifar": "skipped", "coco": "skipped",
         "consistency": "done", "tsne": "skipped", "mad": "done", "report": "done"}
     assert status["tsne"]["reason"] == "--skip"
-    assert "not available in this build" in status["linear"]["reason"]
+    assert "not available in this build" in status["coco"]["reason"]
+    for step in ("linear", "semisup", "cifar"):  # built, but their training options are not wired into the suite
+        assert "which the suite does not provide yet" in status[step]["reason"], status[step]
     knn = json.loads((tmp_path / "suite" / "knn" / "pair.json").read_text())
     assert knn["command"] == "knn" and knn["suite"]["settings"]["checkpoint_sha256"] == knn["results"][0][
         "checkpoint"]["sha256"]

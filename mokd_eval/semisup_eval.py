@@ -1,0 +1,149 @@
+"""`mokd-eval semisup`: semi-supervised evaluation on a 1% / 10% labelled subset (paper A.3).
+
+`finetune` (the paper's protocol): the whole network fine-tuned on the subset. `linear`: a frozen linear probe
+on the subset, the variant some papers report under the same name; every output says which one it is.
+The subset is SimCLR's split file when given, else a seeded class-stratified subset saved for reuse.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import Subset
+
+from mokd_eval.checkpoints import LoadedBackbone
+from mokd_eval.data import image_side, train_transform
+from mokd_eval.distributed import DistContext
+from mokd_eval.errors import MokdError
+from mokd_eval.features import FeatureKind
+from mokd_eval.finetune import Classifier
+from mokd_eval.linear import LINEAR_BASE_LR, protocol_feature, snapshot, verify_unchanged
+from mokd_eval.pipeline import load_models, model_record, open_eval_data
+from mokd_eval.protocols import Preset, TrainOptions, resolve_settings, run_root, train_with_search
+from mokd_eval.results import StageTimer, build_results, format_table
+from mokd_eval.splits import (ALLOWED_PERCENTS, file_sha256, read_split_file, stratified_subset,
+                              write_split_file)
+from mokd_eval.validation import check_image_size
+
+MODES = ("finetune", "linear")
+# A.3: batch 1024, 60 epochs (1%) / 30 (10%), 5 warm-up epochs, cosine, SGD; the base lr was searched per model.
+# Our default base lrs (per 256 images) are a starting point; give --lr a comma list to search.
+FINETUNE_BASE_LR = {"resnet": 0.05, "vit": 0.01}
+FINETUNE_BATCH, FINETUNE_WARMUP = 1024, 5
+EPOCHS_BY_PERCENT = {1: 60, 10: 30}
+
+
+def finetune_preset(loaded: LoadedBackbone, epochs: int, warmup: int) -> Preset:
+    family = "vit" if loaded.spec.is_vit else "resnet"
+    return Preset(epochs=epochs, batch_size=FINETUNE_BATCH, warmup_epochs=warmup, lr=FINETUNE_BASE_LR[family])
+
+
+def make_finetune_model(entry: LoadedBackbone, num_classes: int, seed: int) -> Classifier:
+    """A fresh copy of the pre-trained backbone with a new head, all of it trainable."""
+    torch.manual_seed(seed)
+    return Classifier(copy.deepcopy(entry.module), entry.spec, FeatureKind(), num_classes, frozen=False)
+
+
+def run_semisup(checkpoint: str | Path, *, percent: float, split_file: Path | None, mode: str, data: str | None,
+                options: TrainOptions, out: Path, context: DistContext, device: str = "auto",
+                model: str | None = None, key: str | None = None, trust: bool = False, image_size: int | None = None,
+                skip_bad_images: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fine-tune (or linear-probe) each selected model on the labelled subset; returns the results payload."""
+    if mode not in MODES:
+        raise MokdError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if split_file is None and percent not in ALLOWED_PERCENTS:
+        raise MokdError(f"--percent must be 1 or 10 for a generated subset (got {percent:g}); "
+                        "other fractions need a --split-file")
+    if not 0 < percent <= 100:
+        raise MokdError(f"--percent must be in (0, 100], got {percent:g}")
+    timer = StageTimer()
+    with timer.stage("load"):
+        eval_data = open_eval_data(data, image_size=image_size, skip_bad_images=skip_bad_images)
+        train = eval_data.train
+        names = [train.item_name(index) for index in range(len(train))]
+        if split_file is not None:
+            indices = read_split_file(split_file, names, percent=percent)
+            split_path, split_source = Path(split_file), "file"
+        else:
+            indices = stratified_subset(train.targets, percent, options.seed, train.num_classes)
+            split_path = out.parent / f"{out.stem}.split-{percent:g}pct-seed{options.seed}.txt"
+            if context.is_main:
+                write_split_file(split_path, names, indices)
+            split_source = "stratified"
+        echo(f"data: {eval_data.spec.text}: {len(indices)} labelled of {len(train)} train images ({percent:g}%, "
+             f"{'split file ' + str(split_path) if split_source == 'file' else 'seeded stratified subset'}), "
+             f"{len(eval_data.val)} val images, {train.num_classes} classes")
+        loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo)
+        for entry in loaded:  # every model must take the resolution before any work
+            check_image_size(image_side(eval_data.spec, image_size), entry.spec)
+    context.barrier()
+    split = {"source": split_source, "file": str(split_path), "sha256": file_sha256(split_path),
+             "images": int(len(indices)), "percent": percent, "seed": options.seed if split_source != "file" else None}
+    augment, augment_text = train_transform(eval_data.spec, image_size)
+    labelled = Subset(train.with_transform(augment), indices.tolist())
+    labelled_eval = Subset(train, indices.tolist())
+    labels = train.targets[indices]
+    epochs_default = EPOCHS_BY_PERCENT.get(int(percent) if float(percent).is_integer() else -1, 30)
+
+    results, warnings = [], []
+    root = run_root(out)
+    for entry in loaded:
+        preset = finetune_preset(entry, epochs_default, FINETUNE_WARMUP)
+        if mode == "linear":
+            preset = Preset(preset.epochs, preset.batch_size, preset.warmup_epochs,
+                            LINEAR_BASE_LR["vit" if entry.spec.is_vit else "resnet"])
+        settings, notes = resolve_settings(preset, options, len(indices))
+        warnings.extend(notes)
+        kind = protocol_feature(entry.spec) if mode == "linear" else FeatureKind()
+        after_fit = None
+        if mode == "linear":
+            before = snapshot(entry.module)
+            what = f"{entry.checkpoint.path} '{entry.key}'"
+
+            def make_model(entry: LoadedBackbone = entry, kind: FeatureKind = kind) -> Classifier:
+                torch.manual_seed(options.seed)
+                return Classifier(entry.module, entry.spec, kind, train.num_classes, frozen=True)
+
+            def after_fit(model: Classifier, before: dict = before, what: str = what) -> None:
+                verify_unchanged(model.backbone, before, what)
+        else:
+            def make_model(entry: LoadedBackbone = entry) -> Classifier:
+                return make_finetune_model(entry, train.num_classes, options.seed)
+        with timer.stage("train"):
+            outcome = train_with_search(
+                make_model=make_model, train_set=labelled, train_eval_set=labelled_eval, labels=labels,
+                val_set=eval_data.val, settings=settings, lrs=options.lrs or (preset.lr,), options=options,
+                run_dir=root / entry.key, context=context, desc=f"{entry.key} {mode}",
+                signature={"num_classes": train.num_classes, "mode": mode, "split_sha256": split["sha256"]},
+                after_fit=after_fit, echo=echo)
+        protocol = {"mode": mode, "label": _mode_label(mode), "feature": kind.describe(), "split": split,
+                    "train_transform": augment_text, "eval_transform": eval_data.transform,
+                    "image_size": image_side(eval_data.spec, image_size), **outcome.protocol()}
+        results.append({**model_record(entry), "metrics": {"semisup": outcome.metrics}, "protocol": protocol,
+                        "run_dir": str(root / entry.key)})
+    for message in dict.fromkeys(warnings):
+        echo(f"warning: {message}")
+    protocol = {"name": "semisup", "mode": mode, "label": _mode_label(mode), "percent": percent, "split": split,
+                "selection": "held-out slice of the labelled subset when several --lr are given",
+                "optimizer": "SGD momentum 0.9, weight decay 0, lr x batch/256, linear warm-up then cosine"}
+    config = {"checkpoint": str(checkpoint), "model": model, "key": key, "image_size": image_size, "device": device,
+              "run_dir": str(root), "resume": options.resume, "split_file": str(split_file) if split_file else None}
+    return build_results(command="semisup", protocol=protocol, dataset=eval_data.record(), results=results,
+                         timings=timer.as_dict(), seed=options.seed, config=config)
+
+
+def _mode_label(mode: str) -> str:
+    return "full fine-tuning" if mode == "finetune" else "frozen linear probe (not the paper's fine-tuning protocol)"
+
+
+def semisup_table(payload: dict[str, Any]) -> str:
+    protocol = payload["protocol"]
+    rows = [[entry["key"], entry["arch"], f"{entry['protocol']['lr_chosen']:.4g}", entry["protocol"]["epochs"],
+             entry["metrics"]["semisup"]["top1"], entry["metrics"]["semisup"]["top5"]] for entry in payload["results"]]
+    title = (f"semi-supervised, {protocol['percent']:g}% labels ({protocol['split']['source']} split, "
+             f"{protocol['split']['images']} images), {protocol['label']}, on {payload['dataset']['spec']} (val)")
+    return format_table(["model", "arch", "lr", "epochs", "top1", "top5"], rows, title=title)
+
