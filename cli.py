@@ -391,12 +391,6 @@ def demo(output_dir: Path, epochs: int | None, seed: int, seeds: int, device: st
              temperature=DEFAULT_TEMPERATURE, echo=click.echo)
 
 
-def _positive(option: str) -> Callable:
-    from mokd_eval.validation import check_positive
-
-    return _validated(lambda value: check_positive(value, option))
-
-
 def _checked_size(option: str) -> Callable:
     from mokd_eval.validation import check_image_size
 
@@ -677,21 +671,35 @@ def report(results_dir: Path, out_dir: Path) -> None:
 @_model_options
 @_feature_options
 @_out_dir_option(None, "Where every step's results JSON goes (default: results/suite/<checkpoint name>).")
-@click.option("--skip", default=None, help="Comma-separated steps to leave out: knn, linear, semisup, cifar, coco, "
-                                           "consistency, tsne, mad, report.")
-def suite(checkpoint: Path, out_dir: Path | None, skip: str | None, **kwargs: Any) -> None:
+@click.option("--skip", default=None, help="Comma-separated steps to leave out: knn, linear, semisup1, semisup10, "
+                                           "cifar10, cifar100, coco, consistency, tsne, mad, report.")
+@click.option("--epochs", type=int, default=None, callback=_positive("--epochs"),
+              help="Epochs of every training protocol (linear, semisup, cifar); default: each protocol's preset.")
+@click.option("--cifar-data", default=None, help="Folder of the CIFAR python pickles (the cifar steps need it).")
+@click.option("--coco-data", default=None, help="COCO root or shapes-coco[:N] (the coco step needs it).")
+@click.option("--coco-iters", type=int, default=None, callback=_positive("--coco-iters"),
+              help="Detector training iterations (default: the 1x schedule).")
+def suite(checkpoint: Path, out_dir: Path | None, skip: str | None, epochs: int | None, cifar_data: str | None,
+          coco_data: str | None, coco_iters: int | None, **kwargs: Any) -> None:
     """The whole paper for one checkpoint (pair): every protocol and analysis, resumable, then the report."""
     from analysis.suite import SuiteContext, parse_skip, run_suite, suite_table
 
+    from mokd_eval.distributed import setup, teardown
     from mokd_eval.validation import check_output_dir, check_output_file
 
     skipped = parse_skip(skip)
     directory = out_dir or check_output_dir(Path("results") / "suite" / checkpoint.stem, option="--out-dir")
     out = kwargs["out"] or check_output_file(directory / "suite" / f"{checkpoint.stem}.json")
-    context = SuiteContext(checkpoint=checkpoint, out_dir=directory, data=kwargs["data"],
-                           features=_feature_settings(kwargs), model=kwargs["model"], key=kwargs["key"],
-                           trust=kwargs["trust"], image_size=kwargs["image_size"], seed=kwargs["seed"], echo=click.echo)
-    payload = run_suite(context, skip=skipped)
+    features = _feature_settings(kwargs)
+    dist = setup(kwargs["device"])
+    context = SuiteContext(checkpoint=checkpoint, out_dir=directory, data=kwargs["data"], features=features,
+                           model=kwargs["model"], key=kwargs["key"], trust=kwargs["trust"],
+                           image_size=kwargs["image_size"], seed=kwargs["seed"], echo=click.echo, dist=dist,
+                           epochs=epochs, cifar_data=cifar_data, coco_data=coco_data, coco_iters=coco_iters)
+    try:
+        payload = run_suite(context, skip=skipped)
+    finally:
+        teardown(dist)
     click.echo(suite_table(payload))
     _write(payload, out)
     failed = [step["step"] for step in payload["steps"] if step["status"] == "failed"]

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mokd_eval.checkpoints import file_sha256
+from mokd_eval.checkpoints import file_sha256, read_checkpoint
+from mokd_eval.distributed import DistContext
 from mokd_eval.errors import MokdError
 from mokd_eval.pipeline import FeatureOptions
+from mokd_eval.protocols import TrainOptions
 from mokd_eval.results import build_results, write_results
 
 REPORT_STEP = "report"
@@ -37,6 +39,11 @@ class SuiteContext:
     image_size: int | None
     seed: int
     echo: Callable[[str], None]
+    dist: DistContext | None = None  # process placement (torchrun or one process), for the training steps
+    epochs: int | None = None  # overrides every training protocol's epochs (a short smoke run)
+    cifar_data: str | None = None  # folder of the CIFAR python pickles
+    coco_data: str | None = None  # COCO root or shapes-coco[:N]
+    coco_iters: int | None = None
     sha256: str = ""
 
     def result_path(self, step: str) -> Path:
@@ -53,7 +60,11 @@ class SuiteContext:
         """What must match for a stored result to be reused."""
         return {"step": step, "checkpoint_sha256": self.sha256, "data": self.data, "model": self.model,
                 "key": self.key, "image_size": self.image_size, "seed": self.seed,
-                "feature": self.features.kind.describe()}
+                "feature": self.features.kind.describe(), "epochs": self.epochs, "cifar_data": self.cifar_data,
+                "coco_data": self.coco_data, "coco_iters": self.coco_iters}
+
+    def train_options(self) -> TrainOptions:
+        return TrainOptions(epochs=self.epochs, num_workers=self.features.num_workers, seed=self.seed)
 
 
 def _checkpoint_list(context: SuiteContext) -> dict[str, Any]:
@@ -67,11 +78,46 @@ def _consistency_args(context: SuiteContext) -> dict[str, Any]:
 
 def _needs_a_pair(context: SuiteContext) -> str | None:
     """Consistency compares the two models of a pair checkpoint; a single model has nothing to compare."""
-    from mokd_eval.checkpoints import read_checkpoint
-
     if context.key is None and len(read_checkpoint(context.checkpoint, trust=context.trust).default_keys) == 2:
         return None
     return "needs a pair checkpoint evaluated without --key (run mokd-eval consistency with a second checkpoint)"
+
+
+def _training(**protocol: Any) -> Callable[[SuiteContext], dict[str, Any]]:
+    """Arguments of a supervised protocol (linear, semisup, cifar): its own settings plus the suite's."""
+    return lambda context: {**protocol, "options": context.train_options(), "context": context.dist}
+
+
+def _needs_cifar(context: SuiteContext) -> str | None:
+    return None if context.cifar_data else "needs --cifar-data PATH (the folder of the CIFAR python pickles)"
+
+
+def _coco_backbone(context: SuiteContext) -> str | None:
+    """The detector backbone name (r18/r34/r50/r101) of the checkpoint's ResNet, if it has a standard one."""
+    from mokd_eval.detection.coco_eval import BACKBONES
+
+    ckpt = read_checkpoint(context.checkpoint, trust=context.trust)
+    keys = [context.key] if context.key else ckpt.default_keys
+    names = {ckpt.entries[key].spec.name for key in keys if key in ckpt.entries and ckpt.entries[key].spec}
+    return next((name for name in BACKBONES if name in names), None)
+
+
+def _needs_coco(context: SuiteContext) -> str | None:
+    if not context.coco_data:
+        return "needs --coco-data ROOT (COCO layout, or shapes-coco for a smoke run)"
+    if _coco_backbone(context) is None:
+        return "no standard ResNet (r18, r34, r50, r101) in the checkpoint: Table 6 transfers ResNets only"
+    return None
+
+
+def _coco_args(context: SuiteContext) -> dict[str, Any]:
+    from mokd_eval.detection.coco_eval import CocoSettings
+
+    iters = {"iters": context.coco_iters} if context.coco_iters else {}
+    settings = CocoSettings(backbone=_coco_backbone(context), data=context.coco_data, key=context.key,
+                            trust=context.trust, num_workers=context.features.num_workers, seed=context.seed,
+                            output_dir=context.out_dir / "coco" / f"{context.checkpoint.stem}-detector", **iters)
+    return {"settings": settings, "context": context.dist}
 
 
 @dataclass(frozen=True)
@@ -84,10 +130,14 @@ class Step:
 
 STEPS: tuple[Step, ...] = (
     Step("knn", "mokd_eval.knn_eval:run_knn", lambda c: {"ks": (10, 20, 100, 200), "temperature": 0.07}),
-    Step("linear", "mokd_eval.linear_eval:run_linear"),
-    Step("semisup", "mokd_eval.semisup_eval:run_semisup"),
-    Step("cifar", "mokd_eval.cifar_eval:run_cifar"),
-    Step("coco", "mokd_eval.coco_eval:run_coco"),
+    Step("linear", "mokd_eval.linear_eval:run_linear", _training(mode="protocol", feature_given=False)),
+    Step("semisup1", "mokd_eval.semisup_eval:run_semisup", _training(percent=1, split_file=None, mode="finetune")),
+    Step("semisup10", "mokd_eval.semisup_eval:run_semisup", _training(percent=10, split_file=None, mode="finetune")),
+    Step("cifar10", "mokd_eval.cifar_eval:run_cifar",
+         lambda c: {**_training(dataset="cifar10")(c), "data": c.cifar_data}, _needs_cifar),
+    Step("cifar100", "mokd_eval.cifar_eval:run_cifar",
+         lambda c: {**_training(dataset="cifar100")(c), "data": c.cifar_data}, _needs_cifar),
+    Step("coco", "mokd_eval.detection.coco_eval:run_coco", _coco_args, _needs_coco),
     Step("consistency", "analysis.consistency:run_consistency", _consistency_args, _needs_a_pair),
     Step("tsne", "analysis.tsne:run_tsne", _checkpoint_list),
     Step("mad", "analysis.mad_eval:run_mad", _checkpoint_list),

@@ -66,7 +66,7 @@ def protocol_feature(spec: ArchSpec) -> FeatureKind:
         return FeatureKind()
     if spec.embed_dim >= 768:
         return FeatureKind("last_cls", 1, True)
-    return FeatureKind("last_cls", 4)
+    return FeatureKind("last_cls", min(4, spec.depth))  # a ViT shallower than 4 blocks uses all of them
 
 
 def sweep_source_feature(spec: ArchSpec) -> FeatureKind:
@@ -74,7 +74,7 @@ def sweep_source_feature(spec: ArchSpec) -> FeatureKind:
     CLS tokens of the last 4 blocks plus the mean patch token (`last_cls:4+avgpool`)."""
     if not spec.is_vit:
         return FeatureKind()
-    return FeatureKind("last_cls", max(VIT_SWEEP_BLOCKS), True)
+    return FeatureKind("last_cls", min(max(VIT_SWEEP_BLOCKS), spec.depth), True)
 
 
 def variant_columns(spec: ArchSpec, source: FeatureKind, variant: FeatureKind) -> np.ndarray:
@@ -99,7 +99,7 @@ def sweep_variants(spec: ArchSpec, requested: FeatureKind | None) -> list[Featur
         return [requested]
     if not spec.is_vit:
         return [FeatureKind()]
-    return [FeatureKind("last_cls", n, pool) for n in VIT_SWEEP_BLOCKS for pool in (False, True)]
+    return [FeatureKind("last_cls", n, pool) for n in VIT_SWEEP_BLOCKS if n <= spec.depth for pool in (False, True)]
 
 
 @dataclass

@@ -12,7 +12,8 @@ from mokd_eval.registry import ALIASES
 
 
 def test_every_paper_step_is_in_the_table_in_order():
-    assert STEP_NAMES == ("knn", "linear", "semisup", "cifar", "coco", "consistency", "tsne", "mad", "report")
+    assert STEP_NAMES == ("knn", "linear", "semisup1", "semisup10", "cifar10", "cifar100", "coco", "consistency",
+                          "tsne", "mad", "report")
     assert all(":" in step.target for step in STEPS)
 
 
@@ -57,18 +58,19 @@ def test_suite_runs_every_available_step_then_reuses_them(checkpoint_factory, tm
                               patch_size=8, img_size=32)
     path, _ = checkpoint_factory.mokd_native(ALIASES["r_tiny"], vit, name="pair.pth")
     args = ["suite", str(path), "--data", "shapes:100", "--out-dir", str(tmp_path / "suite"), "--skip", "tsne",
-            "--cache-dir", str(tmp_path / "cache"), "--num-workers", "0"]
+            "--cache-dir", str(tmp_path / "cache"), "--num-workers", "0", "--epochs", "1", "--batch-size", "32"]
     first = CliRunner().invoke(mokd_eval, args)
     assert first.exit_code == 0, first.output
     payload = json.loads((tmp_path / "suite" / "suite" / "pair.json").read_text())
     status = {step["step"]: step for step in payload["steps"]}
     assert {name: status[name]["status"] for name in STEP_NAMES} == {
-        "knn": "done", "linear": "skipped", "semisup": "skipped", "cifar": "skipped", "coco": "skipped",
-        "consistency": "done", "tsne": "skipped", "mad": "done", "report": "done"}
+        "knn": "done", "linear": "done", "semisup1": "done", "semisup10": "done", "cifar10": "skipped",
+        "cifar100": "skipped", "coco": "skipped", "consistency": "done", "tsne": "skipped", "mad": "done",
+        "report": "done"}
     assert status["tsne"]["reason"] == "--skip"
-    assert "not available in this build" in status["coco"]["reason"]
-    for step in ("linear", "semisup", "cifar"):  # built, but their training options are not wired into the suite
-        assert "which the suite does not provide yet" in status[step]["reason"], status[step]
+    assert "needs --coco-data" in status["coco"]["reason"] and "needs --cifar-data" in status["cifar10"]["reason"]
+    semisup = json.loads((tmp_path / "suite" / "semisup1" / "pair.json").read_text())
+    assert semisup["results"][0]["metrics"]["semisup"]["top1"] >= 0 and semisup["protocol"]["percent"] == 1
     knn = json.loads((tmp_path / "suite" / "knn" / "pair.json").read_text())
     assert knn["command"] == "knn" and knn["suite"]["settings"]["checkpoint_sha256"] == knn["results"][0][
         "checkpoint"]["sha256"]
@@ -78,7 +80,7 @@ def test_suite_runs_every_available_step_then_reuses_them(checkpoint_factory, tm
     assert second.exit_code == 0, second.output
     again = {step["step"]: step["status"]
              for step in json.loads((tmp_path / "suite" / "suite" / "pair.json").read_text())["steps"]}
-    assert again["knn"] == again["consistency"] == again["mad"] == "reused"
+    assert again["knn"] == again["linear"] == again["consistency"] == again["mad"] == "reused"
 
     changed = CliRunner().invoke(mokd_eval, [*args, "--seed", "1"])  # other settings: nothing is reused
     assert changed.exit_code == 0, changed.output
@@ -98,3 +100,16 @@ def test_consistency_is_skipped_for_a_single_model_checkpoint(checkpoint_factory
                            image_size=None, seed=0, echo=lambda message: None)
     status = run_step(next(step for step in STEPS if step.name == "consistency"), context)
     assert status["status"] == "skipped" and "needs a pair checkpoint" in status["reason"]
+
+
+def test_coco_is_skipped_without_data_or_without_a_standard_resnet(checkpoint_factory, tiny_cnn_spec, tmp_path):
+    from analysis.suite import SuiteContext
+    from mokd_eval.features import FeatureCache
+    from mokd_eval.pipeline import FeatureOptions
+
+    path, _ = checkpoint_factory.dino(tiny_cnn_spec)
+    context = SuiteContext(checkpoint=path, out_dir=tmp_path, data="shapes:50",
+                           features=FeatureOptions(cache=FeatureCache(None)), model=None, key=None, trust=False,
+                           image_size=None, seed=0, echo=lambda message: None, coco_data="shapes-coco:8")
+    status = run_step(next(step for step in STEPS if step.name == "coco"), context)
+    assert status["status"] == "skipped" and "no standard ResNet" in status["reason"]
