@@ -17,7 +17,7 @@ no_grad, and its T-Head tokens of global crop 1 (index 0) are reused for the sea
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -183,6 +183,14 @@ def frozen_copy_without_drop_path(student: Network) -> Network:
     return teacher.requires_grad_(False)
 
 
+@torch.no_grad()
+def ema_update(students: Sequence[nn.Module], teachers: Sequence[nn.Module], momentum: float) -> None:
+    """teacher <- m * teacher + (1 - m) * student for every parameter; BN statistics are not averaged."""
+    for student, teacher in zip(students, teachers):
+        for student_param, teacher_param in zip(student.parameters(), teacher.parameters(), strict=True):
+            teacher_param.mul_(momentum).add_(student_param.detach(), alpha=1 - momentum)
+
+
 def non_finite_everywhere(values: torch.Tensor) -> int | None:
     """Index of the first non-finite value on any process (the same answer on every rank), else None.
 
@@ -343,12 +351,8 @@ class MokdPair(nn.Module):
             batch_centers["st"] = batch_center(step.teacher_thead)
         return losses, batch_centers
 
-    @torch.no_grad()
     def update_teachers(self, momentum: float) -> None:
-        """teacher ← m·teacher + (1−m)·student for every parameter; BN statistics are not averaged."""
-        for student, teacher in zip(self.students, self.teachers):
-            for student_param, teacher_param in zip(student.parameters(), teacher.parameters(), strict=True):
-                teacher_param.mul_(momentum).add_(student_param.detach(), alpha=1 - momentum)
+        ema_update(self.students, self.teachers, momentum)
 
     def param_groups(self, index: int) -> list[dict]:
         """Optimizer groups of student `index`: backbone+MLP-Head ("main") and T-Head ("thead"), each split

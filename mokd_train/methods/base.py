@@ -24,8 +24,7 @@ from mokd_eval.errors import MokdError
 from mokd_eval.registry import ArchSpec, build_backbone, forward_tokens
 from mokd_train.heads import MLPHead
 from mokd_train.losses import Centers, NonFiniteLossError, batch_center, distillation_loss
-from mokd_train.pair import non_finite_everywhere
-from mokd_train.pair import frozen_copy_without_drop_path
+from mokd_train.pair import ema_update, frozen_copy_without_drop_path, non_finite_everywhere
 from mokd_train.schedules import teacher_temperature_schedule
 
 if TYPE_CHECKING:
@@ -212,12 +211,8 @@ class PeerPair(nn.Module):
             return {}
         return {f"sm{i + 1}": float(self._self_temps[i][epoch]) for i in (0, 1)}
 
-    @torch.no_grad()
     def update_teachers(self, momentum: float) -> None:
-        """teacher ← m·teacher + (1−m)·student for every parameter (BN statistics are not averaged)."""
-        for student, teacher in zip(self.students, self.teachers):
-            for student_param, teacher_param in zip(student.parameters(), teacher.parameters(), strict=True):
-                teacher_param.mul_(momentum).add_(student_param.detach(), alpha=1 - momentum)
+        ema_update(self.students, self.teachers, momentum)
 
     def param_groups(self, index: int) -> list[dict]:
         """Weights (regularized) and biases/norms (ndim <= 1) of student `index`, all in part "main"."""
