@@ -27,6 +27,7 @@ bench: install
 	$(PY) benchmarks/bench_train_step.py
 	$(PY) benchmarks/bench_linear.py
 	$(PY) benchmarks/bench_analysis.py
+	$(PY) benchmarks/bench_detection.py
 
 clean:
 	rm -rf demo-output results .pytest_cache
