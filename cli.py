@@ -6,7 +6,6 @@ User mistakes (`MokdError`) print one line and exit with status 2; `--debug` sho
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 from pathlib import Path

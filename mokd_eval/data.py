@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split

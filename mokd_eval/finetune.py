@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ from mokd_eval.distributed import DistContext
 from mokd_eval.errors import MokdError
 from mokd_eval.features import FeatureKind, feature_function
 from mokd_eval.registry import ArchSpec
+from mokd_eval.resources import apply_resources
 from mokd_eval.schedules import cosine_schedule
 
 CHECKPOINT_NAME = "checkpoint.pth"
@@ -116,14 +116,6 @@ class FitResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def default_workers(requested: int | None) -> int:
-    """Loader workers sized to the machine: at most 4, and none beyond the cores this process may use."""
-    if requested is not None:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(4, max(cores - 1, 0))
-
-
 def clamp_batch(batch_size: int, train_size: int, what: str) -> tuple[int, list[str]]:
     """A batch larger than the training set becomes the training set, with a warning."""
     if batch_size < 1:
@@ -199,7 +191,7 @@ def fit(model: Classifier, train_set: Dataset, settings: FitSettings, *, run_dir
     accum, micro = _micro_batching(settings, context.world_size)
     sampler = DistributedSampler(train_set, num_replicas=context.world_size, rank=context.rank, shuffle=True,
                                  seed=settings.seed, drop_last=False)
-    workers = default_workers(settings.num_workers)
+    workers = apply_resources(device.type, settings.num_workers).workers
     loader = DataLoader(train_set, batch_size=micro, sampler=sampler, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=False, drop_last=False)
     steps_per_epoch = math.ceil(len(loader) / accum)
@@ -309,7 +301,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int, num_workers
              context: DistContext, desc: str = "eval") -> dict[str, float]:
     """Top-1 and top-5 accuracy (percent) of `model` on `dataset`; under DDP each rank scores a strided shard."""
     shard = Subset(dataset, range(context.rank, len(dataset), context.world_size)) if context.distributed else dataset
-    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=default_workers(num_workers),
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=apply_resources(context.device.type, num_workers).workers,
                         pin_memory=context.device.type == "cuda")
     model.eval()
     memory_format = torch.channels_last if getattr(model, "channels_last", False) else torch.contiguous_format

@@ -43,8 +43,8 @@ from mokd_train.monitor import MONITORED, diagnose
 from mokd_train.methods import CONSTANT_EMA, build_peer_pair
 from mokd_train.methods.base import PeerPair
 from mokd_train.pair import MokdPair, PairConfig
-from mokd_train.resources import apply_resources
-from mokd_train.schedules import cosine_schedule
+from mokd_eval.resources import apply_resources
+from mokd_eval.schedules import cosine_schedule
 
 SGD_MOMENTUM = 0.9
 LR_REFERENCE_BATCH = 256

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from mokd_eval.schedules import cosine_schedule  # noqa: F401  (re-exported: one definition)
 
 
 def teacher_temperature_schedule(warmup_temp: float, final_temp: float, warmup_epochs: int,

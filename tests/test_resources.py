@@ -2,7 +2,7 @@
 
 import pytest
 
-from mokd_train.resources import size_resources
+from mokd_eval.resources import size_resources
 
 
 @pytest.mark.parametrize("cores,processes,device,workers,expected", [

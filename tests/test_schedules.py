@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from mokd_eval.errors import MokdError
-from mokd_train.schedules import cosine_schedule, teacher_temperature_schedule
+from mokd_eval.schedules import cosine_schedule
+from mokd_train.schedules import teacher_temperature_schedule
 
 
 def test_cosine_schedule_warmup_then_cosine_closed_form():

@@ -17,12 +17,13 @@ from torch import nn
 from mokd_eval.detection import evaluation
 from mokd_eval.detection.coco_data import CocoData, DetectionDataset, open_coco
 from mokd_eval.detection.model import DetectorConfig, build_detector
-from mokd_eval.detection.train import (FINAL_WEIGHTS, Solver, check_categories, default_workers, evaluate_detector,
+from mokd_eval.detection.train import (FINAL_WEIGHTS, Solver, check_categories, evaluate_detector,
                                        load_detector_file, precise_bn, train_detector)
 from mokd_eval.distributed import DistContext
 from mokd_eval.errors import MokdError
 from mokd_eval.pipeline import load_models
 from mokd_eval.registry import ArchSpec, build_backbone, resolve_arch
+from mokd_eval.resources import apply_resources
 from mokd_eval.results import StageTimer, build_results, format_table
 
 BACKBONES = ("r18", "r34", "r50", "r101")
@@ -173,7 +174,7 @@ def _torchvision_run(candidate: Candidate, data: CocoData, settings: CocoSetting
         raise MokdError(f"{candidate.key}: only {report.trunk_loaded}/{report.trunk_total} trunk tensors came from "
                         "the checkpoint; this is a bug, please report it")
     out_dir = _output_dir(settings, checkpoint, candidate.key)
-    workers = default_workers() if settings.num_workers is None else settings.num_workers
+    workers = apply_resources(context.device.type, settings.num_workers).workers
     solver = Solver(iters=settings.iters, batch_size=settings.batch_size, lr=settings.lr,
                     warmup_iters=settings.warmup_iters, checkpoint_period=settings.checkpoint_period,
                     precise_bn_iters=settings.precise_bn_iters)

@@ -202,7 +202,8 @@ def run_detectron2(candidate: Any, data: CocoData, settings: Any, context: Any, 
     from detectron2.utils.logger import setup_logger
 
     from mokd_eval.detection.coco_eval import detector_config
-    from mokd_eval.detection.train import Solver, default_workers
+    from mokd_eval.detection.train import Solver
+    from mokd_eval.resources import apply_resources
 
     if candidate.spec.stem != "imagenet" or candidate.spec.widths != (64, 128, 256, 512):
         raise MokdError(f"{candidate.key}: detectron2's ResNet needs a standard-width ImageNet-stem ResNet")
@@ -218,7 +219,7 @@ def run_detectron2(candidate: Any, data: CocoData, settings: Any, context: Any, 
     weights = out_dir / "backbone_detectron2.pkl"
     atomic.write_bytes(weights, pickle.dumps({"model": exported, "__author__": "mokd", "matching_heuristics": True}))
     train_set, val_set = _register_data(data, out_dir)
-    workers = default_workers() if settings.num_workers is None else settings.num_workers
+    workers = apply_resources(context.device.type, settings.num_workers).workers
     cfg = build_config(depth=depth, num_classes=len(data.category_ids), res5_head=settings.res5_head,
                        norm=settings.norm, world_size=context.world_size, weights=str(weights),
                        train_sets=(train_set,), test_sets=(val_set,), detector=detector, solver=solver,

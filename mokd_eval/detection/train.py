@@ -8,7 +8,6 @@ AMP on CUDA, DDP under torchrun, periodic checkpoints and resume, precise BN bef
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -97,11 +96,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 def _to(device: torch.device, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]):
     return ([image.to(device, non_blocking=True) for image in images],
             [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets])
-
-
-def default_workers() -> int:
-    """Loader workers sized to the machine: the main process already uses the cores for the model."""
-    return min(4, max(0, (os.cpu_count() or 1) // 2 - 1))
 
 
 def _loader(dataset: Dataset, batch_size: int, samples: int, seed: int, workers: int) -> DataLoader:
