@@ -17,7 +17,7 @@ from scipy.linalg import orthogonal_procrustes
 
 from mokd_eval import atomic
 from mokd_eval.errors import MokdError
-from mokd_eval.pipeline import FeatureOptions, load_models, model_features, model_record, open_eval_data
+from mokd_eval.pipeline import FeatureOptions, load_models, model_record, open_eval_data, split_features
 from mokd_eval.results import StageTimer, build_results, format_table
 
 PERPLEXITY = 30.0
@@ -121,8 +121,7 @@ def run_tsne(checkpoints: Sequence[Path], *, data: str | None, features: Feature
                   for entry in load_models(checkpoint, model=model, key=key, trust=trust, echo=echo)]
     embeddings, labels, results = [], None, []
     for entry in models:
-        train, val = model_features(entry, eval_data, features, timer)
-        chosen = val if split == "val" else train
+        chosen = split_features(entry, eval_data, split, features, timer, echo)
         mask = np.isin(chosen.labels, drawn)
         if labels is not None and not np.array_equal(labels, chosen.labels[mask]):
             raise MokdError("the models' feature sets hold different images; re-extract with the same --data")

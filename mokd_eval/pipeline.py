@@ -62,21 +62,26 @@ def load_models(checkpoint: str | Path, *, model: str | None, key: str | None, t
 def model_features(loaded: LoadedBackbone, data: EvalData, options: FeatureOptions, timer: StageTimer,
                    echo: Callable[[str], None] = print) -> tuple[FeatureSet, FeatureSet]:
     """Train and val features of one model, from the cache when possible; skipped images are reported."""
-    sets = []
-    for split, dataset in (("train", data.train), ("val", data.val)):
-        identity = {"checkpoint_sha256": loaded.checkpoint.sha256, "model_key": loaded.key,
-                    "dataset": data.spec.text, "split": split, "fingerprint": dataset.fingerprint,
-                    "transform": data.transform}
-        feature_set = cached_features(loaded.module, loaded.spec, dataset, identity=identity, cache=options.cache,
-                                      kind=options.kind, batch_size=options.batch_size,
-                                      num_workers=options.num_workers, device=options.device,
-                                      desc=f"{loaded.key} {split}")
-        timer.add("extract" if not feature_set.from_cache else "cache_read", feature_set.seconds)
-        if feature_set.skipped:
-            echo(f"warning: {loaded.key} {split}: skipped {feature_set.skipped} unreadable images "
-                 f"(--skip-bad-images); {len(feature_set.labels)} of {len(dataset)} used")
-        sets.append(feature_set)
-    return sets[0], sets[1]
+    return (split_features(loaded, data, "train", options, timer, echo),
+            split_features(loaded, data, "val", options, timer, echo))
+
+
+def split_features(loaded: LoadedBackbone, data: EvalData, split: str, options: FeatureOptions, timer: StageTimer,
+                   echo: Callable[[str], None] = print) -> FeatureSet:
+    """Features of one split (for analyses that need only one: no train pass for a val t-SNE)."""
+    dataset = data.train if split == "train" else data.val
+    identity = {"checkpoint_sha256": loaded.checkpoint.sha256, "model_key": loaded.key,
+                "dataset": data.spec.text, "split": split, "fingerprint": dataset.fingerprint,
+                "transform": data.transform}
+    feature_set = cached_features(loaded.module, loaded.spec, dataset, identity=identity, cache=options.cache,
+                                  kind=options.kind, batch_size=options.batch_size,
+                                  num_workers=options.num_workers, device=options.device,
+                                  desc=f"{loaded.key} {split}")
+    timer.add("extract" if not feature_set.from_cache else "cache_read", feature_set.seconds)
+    if feature_set.skipped:
+        echo(f"warning: {loaded.key} {split}: skipped {feature_set.skipped} unreadable images "
+             f"(--skip-bad-images); {len(feature_set.labels)} of {len(dataset)} used")
+    return feature_set
 
 
 def model_record(loaded: LoadedBackbone) -> dict[str, Any]:
