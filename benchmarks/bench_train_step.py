@@ -9,7 +9,8 @@ two global crops only (their recipes have no local crops), the dino+ adaptations
 "Alone" uses the same engine pieces with one model: its student network (backbone + MLP-Head, no
 T-Head), its EMA teacher, DINO's self-distillation loss `sm` with its center, the same optimizer
 (SGD for a ResNet, AdamW for a ViT), per-tensor clipping and EMA update. The pair step is the
-engine's: all 8 terms, one combined backward, two optimizer steps, two EMA updates. Crops are
+engine's: all 8 terms, each model's loss back-propagated before the other student runs, two optimizer
+steps, two EMA updates. Crops are
 random tensors (data loading is the same for both and excluded).
 
 Each measurement runs in its own spawned process and reports the fastest of its timed steps (the
@@ -86,6 +87,11 @@ def random_crops(config: TrainConfig, device: torch.device) -> list[torch.Tensor
     return [torch.randn(config.batch_size, 3, size, size, generator=generator).to(device) for size in sizes]
 
 
+def backward_each(losses: dict[int, torch.Tensor]) -> None:
+    """The engine's backward callback without GradScalers: the pair calls it as soon as losses exist."""
+    sum(losses.values()).backward()
+
+
 def pair_step(config: TrainConfig, device: torch.device):
     """The engine's optimisation step for the pair (all terms)."""
     pair = MokdPair(*arch_specs(config), pair_config(config)).to(device)
@@ -95,10 +101,9 @@ def pair_step(config: TrainConfig, device: torch.device):
             group["lr"] = 1e-4
 
     def step(crops: list[torch.Tensor]) -> None:
-        loss1, loss2, _ = pair.compute_losses(crops, epoch=0)
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
-        (loss1 + loss2).backward()
+        pair.compute_losses(crops, epoch=0, backward=backward_each)
         for index, optimizer in enumerate(optimizers):
             clip_gradients_per_tensor(list(pair.students[index].parameters()), config.clip_grad)
             optimizer.step()
@@ -124,10 +129,9 @@ def peer_step(config: TrainConfig, device: torch.device):
             group["lr"] = 1e-4
 
     def step(crops: list[torch.Tensor]) -> None:
-        loss1, loss2, _ = pair.compute_losses(crops[:2 + config.n_local], epoch=0)
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
-        (loss1 + loss2).backward()
+        pair.compute_losses(crops[:2 + config.n_local], epoch=0, backward=backward_each)
         for index, optimizer in enumerate(optimizers):
             if config.clip_grad > 0:
                 clip_gradients_per_tensor(list(pair.students[index].parameters()), config.clip_grad)

@@ -1,8 +1,9 @@
 """The MOKD training loop: data, optimisation, schedules, logging and checkpoints around a `MokdPair`.
 
-Per step (official recipe): per-iteration lr / weight decay, one forward of the pair, one combined
-backward of L1 + L2 (exact, since nothing crossing models carries gradient; with fp16 each loss is
-scaled by its own model's GradScaler), per-tensor gradient clipping, last layers frozen during the
+Per step (official recipe): per-iteration lr / weight decay, the pair's forward with the backward of each
+model's loss as soon as it exists (MOKD: L1, then L2, so one model's activations are alive at a time; equal
+to one backward of L1 + L2 since nothing crossing models carries gradient; with fp16 each loss is scaled by
+its own model's GradScaler), per-tensor gradient clipping, last layers frozen during the
 first epoch(s), one optimizer step per model (SGD for a ResNet, AdamW for a ViT), then the EMA update
 of both teachers.
 
@@ -405,17 +406,14 @@ class Trainer:
         iteration = epoch * self.steps_per_epoch + progress.step_in_epoch
         self._set_hyperparameters(iteration)
         crops = [crop.to(self.device, non_blocking=True) for crop in crops]
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             try:
-                loss1, loss2, stats = pair.compute_losses(crops, epoch)
+                _, _, stats = pair.compute_losses(crops, epoch, backward=self._backward)
             except NonFiniteLossError as error:
                 raise self._diverged(f"loss term {error.term} became non-finite at step {progress.global_step + 1} "
                                      f"(epoch {epoch + 1})") from None
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        losses = [loss1, loss2]
-        scaled = [scaler.scale(loss) if scaler is not None else loss for scaler, loss in zip(self.scalers, losses)]
-        (scaled[0] + scaled[1]).backward()
         for index, (optimizer, scaler) in enumerate(zip(self.optimizers, self.scalers)):
             if scaler is not None:
                 scaler.unscale_(optimizer)
@@ -439,6 +437,14 @@ class Trainer:
         self.last_stats = stats
         self.last_monitor = monitor
         return stats
+
+    def _backward(self, losses: dict[int, torch.Tensor]) -> None:
+        """Back-propagate the given models' losses, each scaled by its own model's GradScaler (fp16), outside
+        autocast (the pair calls this once per model, or once for both)."""
+        scaled = [loss if self.scalers[index] is None else self.scalers[index].scale(loss)
+                  for index, loss in losses.items()]
+        with torch.autocast(self.device.type, enabled=False):
+            sum(scaled).backward()
 
     def _report_step(self, bar: tqdm, stats: dict[str, float], images_per_s: float) -> None:
         cfg, progress = self.cfg, self.progress

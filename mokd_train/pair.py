@@ -10,8 +10,10 @@ its own 1×1-projected local-crop map), a ViT student's CLS token (through its o
 its width differs from D).
 
 Efficiency: each student backbone runs once on the stacked globals and once on the stacked locals (a single
-forward call per student, so DDP sees one forward per backward); each teacher runs once on the globals, under
-no_grad, and its T-Head tokens of global crop 1 (index 0) are reused for the search.
+forward call per student, so DDP sees one forward per backward), and each T-Head's last layer once for both
+crop sizes; each teacher runs once on the globals, under no_grad, and its T-Head tokens of global crop 1
+(index 0) are reused for the search. The engine back-propagates each model's loss before the other student
+runs (`compute_losses(backward=...)`), so the pair's activation peak is one model's, not the sum.
 """
 
 from __future__ import annotations
@@ -143,22 +145,27 @@ class Network(nn.Module):
         """
         result: dict[str, torch.Tensor] = {}
         pooled = []
+        thead_pooled = {}  # T-Head encodings before the last layer, which then runs once for both crop sizes
         if outputs & {"mlp", "thead_global"}:
             global_pooled, global_map = self.features(global_crops)
             pooled.append(global_pooled)
             result["features"] = global_pooled.detach()
             if "thead_global" in outputs:
-                result["thead_global"] = self.transhead(global_map)
+                thead_pooled["thead_global"] = self.transhead.pooled(self.transhead.tokens(global_map)[0])
         if local_crops is not None and outputs & {"mlp", "thead_local", "query"}:
             local_pooled, local_map = self.features(local_crops)
             pooled.append(local_pooled)
             if outputs & {"thead_local", "query"}:
                 tokens, projected_mean = self.transhead.tokens(local_map)
                 if "thead_local" in outputs:
-                    result["thead_local"] = self.transhead.encode(tokens)
+                    thead_pooled["thead_local"] = self.transhead.pooled(tokens)
                 if "query" in outputs:
                     query = self.transhead.project(local_pooled) if self.spec.is_vit else projected_mean
                     result["query"] = query.detach()
+        if thead_pooled:
+            logits = self.transhead.last_layer(torch.cat(list(thead_pooled.values())))
+            sizes = [encoded.shape[0] for encoded in thead_pooled.values()]
+            result.update(zip(thead_pooled, logits.split(sizes)))
         if "mlp" in outputs:
             result["mlp"] = self.head(torch.cat(pooled))
         return result
@@ -264,20 +271,25 @@ class MokdPair(nn.Module):
         """`(self-term τt, cross-term τt)` of model `index`."""
         return float(self._self_temps[index][epoch]), float(self._cross_temps[epoch])
 
-    def compute_losses(self, crops: list[torch.Tensor],
-                       epoch: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    def compute_losses(self, crops: list[torch.Tensor], epoch: int,
+                       backward: Callable[[dict[int, torch.Tensor]], None] | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """`(L1, L2, stats)` for one batch of crops: 2 globals then `n_local` locals, each B×3×H×W.
 
-        L_i = sm_i + st_i + λ_i·(cross terms of model i), only enabled terms. Centers are updated after all
-        terms are computed and known to be finite.
+        L_i = sm_i + st_i + λ_i·(cross terms of model i), only enabled terms. Both teachers run first; then,
+        one model at a time, its student, the peer teacher's search with its queries, and its loss. With
+        `backward`, `backward({i: L_i})` is called as soon as L_i exists, before the other student runs: only
+        one student's graph is ever alive (peak memory holds one model's activations, not both), and the
+        gradients equal those of backward(L1 + L2) because no term of L_i depends on the other student.
+        Centers move only after both losses are computed and known to be finite (a diverged step raises
+        before the caller's optimizers step, whatever `backward` already did).
         """
         if len(crops) != 2 + self.cfg.n_local:
             raise ValueError(f"expected 2 global + {self.cfg.n_local} local crops, got {len(crops)} crops")
         global_crops = torch.cat(crops[:2])
         local_crops = torch.cat(crops[2:]) if self.cfg.n_local else None
-        steps = [self._student_step(i, global_crops, local_crops) for i in (0, 1)]
-        for i in (0, 1):
-            self._teacher_step(i, global_crops, steps[i], peer_query=steps[1 - i].student_query)
+        steps = [ModelStep(), ModelStep()]
+        search_tokens = [self._teacher_step(i, global_crops, steps[i]) for i in (0, 1)]
 
         terms: dict[str, torch.Tensor] = {}
         monitor: dict[str, float] = {}
@@ -285,6 +297,9 @@ class MokdPair(nn.Module):
         totals = []
         for i in (0, 1):
             own, peer, suffix = steps[i], steps[1 - i], str(i + 1)
+            self._student_step(i, global_crops, local_crops, own)
+            if search_tokens[1 - i] is not None:
+                peer.teacher_search = self._search(1 - i, search_tokens[1 - i], own.student_query)
             self_temp, cross_temp = self._temperatures(i, epoch)
             self_losses, self_centers = self._self_terms(own, suffix, self_temp)
             cross_losses, cross_centers = self.cross(
@@ -296,6 +311,8 @@ class MokdPair(nn.Module):
             totals.append(sum(self_losses.values()) + self.lambdas[i] * sum(cross_losses.values()))
             terms.update({name + suffix: loss for name, loss in {**self_losses, **cross_losses}.items()})
             batch_centers.update({name + suffix: c for name, c in {**self_centers, **cross_centers}.items()})
+            if backward is not None:
+                backward({i: totals[i]})
 
         names = [name for term in self.cfg.enabled_terms for name in (term + "1", term + "2")]
         stacked = torch.stack([terms[name].detach() for name in names] + [t.detach() for t in totals])
@@ -316,25 +333,32 @@ class MokdPair(nn.Module):
             values["student_cos"] = mean_pairwise_cosine(step.student_features[: step.student_features.shape[0] // 2])
         return {name + suffix: value for name, value in values.items()}
 
-    def _student_step(self, index: int, global_crops: torch.Tensor, local_crops: torch.Tensor | None) -> ModelStep:
+    def _student_step(self, index: int, global_crops: torch.Tensor, local_crops: torch.Tensor | None,
+                      step: ModelStep) -> None:
+        """Fill the student fields of `step` (one forward call: DDP sees one forward per backward)."""
         outputs = self._student_forwards[index](global_crops, local_crops, outputs=self._student_outputs)
-        return ModelStep(**{f"student_{name}": value for name, value in outputs.items()})
+        for name, value in outputs.items():
+            setattr(step, f"student_{name}", value)
 
     @torch.no_grad()
-    def _teacher_step(self, index: int, global_crops: torch.Tensor, step: ModelStep,
-                      peer_query: torch.Tensor | None) -> None:
-        """Fill the teacher fields of `step`; the search attends over global crop 1's tokens of each image."""
+    def _teacher_step(self, index: int, global_crops: torch.Tensor, step: ModelStep) -> torch.Tensor | None:
+        """Fill the teacher fields of `step`; return the T-Head tokens of global crop 1 of each image (what the
+        peer's search attends over), or None when the search term is off."""
         teacher = self.teachers[index]
         pooled, feature_map = teacher.features(global_crops)
         if "teacher_mlp" in self._needed:
             step.teacher_mlp = teacher.head(pooled)
-        if self._needed & {"teacher_thead", "teacher_search"}:
-            tokens, _ = teacher.transhead.tokens(feature_map)
-            if "teacher_thead" in self._needed:
-                step.teacher_thead = teacher.transhead.encode(tokens)
-            if "teacher_search" in self._needed:
-                first_crop = tokens[: tokens.shape[0] // 2]
-                step.teacher_search = teacher.transhead.search(first_crop, peer_query)
+        if not self._needed & {"teacher_thead", "teacher_search"}:
+            return None
+        tokens, _ = teacher.transhead.tokens(feature_map)
+        if "teacher_thead" in self._needed:
+            step.teacher_thead = teacher.transhead.encode(tokens)
+        return tokens[: tokens.shape[0] // 2] if "teacher_search" in self._needed else None
+
+    @torch.no_grad()
+    def _search(self, index: int, tokens: torch.Tensor, peer_query: torch.Tensor) -> torch.Tensor:
+        """Teacher `index`'s T-Head over `tokens` (its global crop 1), searched with the peer student's queries."""
+        return self.teachers[index].transhead.search(tokens, peer_query)
 
     def _self_terms(self, step: ModelStep, suffix: str,
                     teacher_temp: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

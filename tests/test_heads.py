@@ -92,6 +92,44 @@ def test_thead_tokens_resize_pos_embed_officially_for_smaller_grids():
         assert torch.allclose(x_pool, projected.mean(dim=1), atol=1e-5)  # query taken before the pos embed
 
 
+def test_weight_norm_linear_gradients_equal_autograd_of_the_closed_form():
+    """The hand-written backward against autograd through g * v / ||v|| written out here (float64), with g
+    trainable (ViT heads) and frozen (CNN MLP-Heads), inputs with extra leading dimensions."""
+    torch.manual_seed(0)
+    for trainable_g in (True, False):
+        layer = WeightNormLinear(5, 7).double()
+        with torch.no_grad():
+            layer.weight_g.uniform_(0.5, 2.0)
+        layer.weight_g.requires_grad_(trainable_g)
+        x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+        upstream = torch.randn(2, 3, 7, dtype=torch.float64)
+        v = layer.weight_v.detach().clone().requires_grad_(True)
+        g = layer.weight_g.detach().clone().requires_grad_(trainable_g)
+        x_ref = x.detach().clone().requires_grad_(True)
+        reference = x_ref @ (g * v / (v * v).sum(dim=1, keepdim=True).sqrt()).T
+        (reference * upstream).sum().backward()
+        output = layer(x)
+        (output * upstream).sum().backward()
+        torch.testing.assert_close(output, reference, rtol=0, atol=1e-12)
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-12)
+        torch.testing.assert_close(layer.weight_v.grad, v.grad, rtol=0, atol=1e-12)
+        if trainable_g:
+            torch.testing.assert_close(layer.weight_g.grad, g.grad, rtol=0, atol=1e-12)
+        else:
+            assert layer.weight_g.grad is None
+
+
+def test_weight_norm_linear_runs_under_autocast():
+    torch.manual_seed(0)
+    layer = WeightNormLinear(16, 32)
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = layer(x)
+        output.float().sum().backward()
+    torch.testing.assert_close(output.float(), x @ layer.weight.detach().T, rtol=2e-2, atol=2e-2)
+    assert layer.weight_v.grad.dtype == torch.float32 and torch.isfinite(layer.weight_v.grad).all()
+
+
 def test_thead_query_joins_attention_but_not_pooling():
     torch.manual_seed(0)
     head = THead(in_dim=6, dim=6, out_dim=5, grid=2, conv_input=False, depth=2, num_heads=2).eval()

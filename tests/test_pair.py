@@ -275,6 +275,38 @@ def test_losses_never_reach_the_other_model_nor_the_teachers(pair):
         assert all(torch.equal(p, q) for p, q in zip(teacher.parameters(), old))
 
 
+def test_backward_per_model_runs_before_the_other_student_and_equals_one_combined_backward(base_pair):
+    """compute_losses(backward=...) back-propagates L1 before student 2 runs (one graph alive at a time) and
+    leaves exactly the gradients of backward(L1 + L2)."""
+    crops = make_crops()
+    combined = variant(base_pair)
+    torch.manual_seed(5)  # the same drop-path draws in both runs
+    loss1, loss2, stats_combined = combined.compute_losses(crops, 0)
+    (loss1 + loss2).backward()
+
+    sequential = variant(base_pair)
+    events = []
+    for index, student in enumerate(sequential.students):
+        student.register_forward_pre_hook(lambda module, args, index=index: events.append(("forward", index)))
+
+    def backward(losses):
+        events.append(("backward", *losses))
+        sum(losses.values()).backward()
+
+    torch.manual_seed(5)
+    _, _, stats_sequential = sequential.compute_losses(crops, 0, backward=backward)
+    assert events == [("forward", 0), ("backward", 0), ("forward", 1), ("backward", 1)]
+    assert stats_sequential == pytest.approx(stats_combined, rel=1e-6)
+    for index in (0, 1):
+        for (name, expected), param in zip(trainable_named(combined.students[index]),
+                                           trainable(sequential.students[index])):
+            torch.testing.assert_close(param.grad, expected.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def trainable_named(network: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(name, p) for name, p in network.named_parameters() if p.requires_grad]
+
+
 def test_zero_lambda_removes_cross_gradients(base_pair):
     crops = make_crops()
     gradients, cross_values = [], []

@@ -173,13 +173,19 @@ class PeerPair(nn.Module):
         return distillation_loss(student_logits, teacher_logits, self.centers[name],
                                  float(self._self_temps[index][epoch]), 0.1)
 
-    def compute_losses(self, crops: list[torch.Tensor],
-                       epoch: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """`(L1, L2, stats)`; raises NonFiniteLossError before any state moves if a term diverged."""
+    def compute_losses(self, crops: list[torch.Tensor], epoch: int,
+                       backward: Callable[[dict[int, torch.Tensor]], None] | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """`(L1, L2, stats)`; raises NonFiniteLossError before any state moves if a term diverged.
+
+        `backward`, when given, is called once with both losses: the peer terms read the other *student's*
+        outputs, so both students run before either loss exists (MOKD's cross terms read only teachers)."""
         if len(crops) != 2 + self.cfg.n_local:
             raise ValueError(f"expected 2 global + {self.cfg.n_local} local crops, got {len(crops)} crops")
         self._pending_centers: dict[str, torch.Tensor] = {}
         terms, totals = self._terms(crops, epoch)
+        if backward is not None:
+            backward({0: totals[0], 1: totals[1]})
         names = [f"{name}{index + 1}" for index in (0, 1) for name in terms[index]]
         tensors = [value for index in (0, 1) for value in terms[index].values()]
         stacked = torch.stack([t.detach().float() for t in tensors + totals])
