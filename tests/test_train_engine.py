@@ -367,7 +367,8 @@ def test_init_from_an_official_checkpoint_with_a_224px_grid_at_another_crop_size
 
 
 def test_stored_position_size_reads_the_grids_and_refuses_mixed_ones(tmp_path):
-    specs = arch_specs(small_config(tmp_path, arch1="r18", arch2="vit_t", patch_size=16))
+    specs = arch_specs(small_config(tmp_path, arch1="r18", arch2="vit_t", patch_size=16, img_size=64, local_size=32))
+
     def source(vit_side: int, cnn_side: int) -> checkpointing.InitSource:
         networks = {}
         for name in checkpointing.NETWORKS:
