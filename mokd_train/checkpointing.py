@@ -251,9 +251,11 @@ def check_compatible(state: dict[str, Any], path: Path, specs: tuple[ArchSpec, A
         def run(which: str, run_mode: str) -> str:
             return run_mode if which == "mokd" else f"{which} {run_mode}"
 
+        grids = ("" if [s.img_size for s in saved] == [s.img_size for s in specs] else
+                 f" (position grids for {saved[0].img_size} px, not {specs[0].img_size}: see position_size)")
         raise MokdError(f"{path} holds a {run(saved_method, state['mode'])} run of {saved[0].name} + {saved[1].name}, "
-                        f"but the config asks for {run(method, mode)} with {specs[0].name} + {specs[1].name}: use "
-                        f"another --output-dir or --no-resume")
+                        f"but the config asks for {run(method, mode)} with {specs[0].name} + {specs[1].name}{grids}: "
+                        f"use another --output-dir or --no-resume")
 
 
 def restore(state: dict[str, Any], path: Path, pair: MokdPair, optimizers: list[torch.optim.Optimizer],

@@ -210,6 +210,8 @@ def test_resume_refuses_other_archs_or_mode(tmp_path, reference_run):
         train(small_config(reference_run, mode="independent", max_steps=8))
     with pytest.raises(MokdError, match="holds a mokd run of r_tiny \\+ test_vit.*vit_t"):
         train(small_config(reference_run, arch2="vit_t", max_steps=8))
+    with pytest.raises(MokdError, match="position grids for 16 px, not 32: see position_size"):
+        train(small_config(reference_run, position_size=32, max_steps=8))
 
 
 # --- independence -----------------------------------------------------------------------------------
