@@ -327,7 +327,7 @@ def test_augmentation_probabilities_reach_the_multicrop_recipe(tmp_path):
         small_config(tmp_path, solarize_p=1.5)
 
 
-def test_init_from_an_official_checkpoint_with_a_224px_grid_at_another_crop_size(tmp_path):
+def test_init_from_an_official_checkpoint_with_a_224px_grid_at_another_crop_size(tmp_path, capsys):
     """The official code keeps the ViT (and T-Head) grids of 224 px whatever the crop size: such a file is taken
     at 64 px crops with every tensor as stored (14x14 / 7x7 grids, resized at every forward), position_size = 224
     is recorded, and a resume without --init-from rebuilds the same shapes."""
@@ -350,6 +350,7 @@ def test_init_from_an_official_checkpoint_with_a_224px_grid_at_another_crop_size
     config = small_config(run, img_size=64, local_size=32, init_from=str(path), **settings)
     assert config.position_size is None
     initial = load(save_initial_checkpoint(config))
+    assert f"position_size = 224: the position grids stored in {path} are built for 224 px" in capsys.readouterr().out
     assert initial["config"]["position_size"] == 224
     assert [initial["archs"][key]["img_size"] for key in ("1", "2")] == [224, 224]
     for network in checkpointing.NETWORKS:
