@@ -25,9 +25,8 @@ from torch import nn
 from mokd_eval.atomic import save_torch
 from mokd_eval.checkpoints import load_object
 from mokd_eval.errors import MokdError
-from mokd_eval.posembed import resize_with_prefix
 from mokd_eval.registry import ALIASES, TIMM_NAMES, ArchSpec
-from mokd_train.pair import MokdPair
+from mokd_train.pair import MokdPair, feature_stride
 
 FORMAT_VERSION = 1
 LATEST = "checkpoint.pth"
@@ -252,9 +251,11 @@ def check_compatible(state: dict[str, Any], path: Path, specs: tuple[ArchSpec, A
         def run(which: str, run_mode: str) -> str:
             return run_mode if which == "mokd" else f"{which} {run_mode}"
 
+        grids = ("" if [s.img_size for s in saved] == [s.img_size for s in specs] else
+                 f" (position grids for {saved[0].img_size} px, not {specs[0].img_size}: see position_size)")
         raise MokdError(f"{path} holds a {run(saved_method, state['mode'])} run of {saved[0].name} + {saved[1].name}, "
-                        f"but the config asks for {run(method, mode)} with {specs[0].name} + {specs[1].name}: use "
-                        f"another --output-dir or --no-resume")
+                        f"but the config asks for {run(method, mode)} with {specs[0].name} + {specs[1].name}{grids}: "
+                        f"use another --output-dir or --no-resume")
 
 
 def restore(state: dict[str, Any], path: Path, pair: MokdPair, optimizers: list[torch.optim.Optimizer],
@@ -377,29 +378,51 @@ def _networks_and_centers(raw: Any, path: Path,
     return networks, centers
 
 
-# Position embeddings that may hold another square grid than the configured crop size gives, and how many
-# leading entries are not grid cells (the ViT's class token).
+# Position embeddings of a network, and how many leading entries are not grid cells (the ViT's class token).
 POSITION_EMBEDDINGS = {"backbone.pos_embed": 1, "transhead.pos_embed": 0}
 
 
-def _fit_position_grids(module: nn.Module, state: dict[str, torch.Tensor], name: str, log: Log) -> dict:
-    """Resize position embeddings stored for another grid (the official code keeps a ViT's 14x14 grid whatever
-    the crop size) to the configured grid, with the official resize rule; everything else is left to the
-    strict check."""
-    expected = module.state_dict()
-    fitted = dict(state)
-    for key, prefix in POSITION_EMBEDDINGS.items():
-        if key not in state or key not in expected or state[key].shape == expected[key].shape:
-            continue
-        stored, wanted = state[key], expected[key]
-        old_side, new_side = (math.isqrt(t.shape[1] - prefix) for t in (stored, wanted))
-        if (stored.ndim != 3 or stored.shape[2] != wanted.shape[2] or old_side ** 2 != stored.shape[1] - prefix
-                or new_side ** 2 != wanted.shape[1] - prefix):
-            continue
-        fitted[key] = resize_with_prefix(stored.float(), prefix, new_side, new_side).to(stored.dtype)
-        log(f"{name}.{key}: resized the stored {old_side}x{old_side} grid to the configured {new_side}x{new_side} "
-            f"(official bicubic rule)")
-    return fitted
+@dataclass
+class InitSource:
+    """The networks (our names, no `module.` prefix) and centers of an --init-from checkpoint, read once."""
+
+    path: Path
+    networks: dict[str, dict[str, torch.Tensor]]
+    centers: dict[str, torch.Tensor]
+
+
+def read_init_source(path: Path, specs: tuple[ArchSpec, ArchSpec]) -> InitSource:
+    """Read a native or official MOKD checkpoint for --init-from (the architectures are checked, not the shapes)."""
+    raw, _ = load_object(path)
+    networks, centers = _networks_and_centers(raw, path, specs)
+    return InitSource(path, networks, centers)
+
+
+def stored_position_size(source: InitSource, specs: tuple[ArchSpec, ArchSpec]) -> int | None:
+    """The image size whose position grids are the ones stored (the official code keeps 224 px grids, 14x14 /
+    7x7, whatever the crop size), so the networks can be built with exactly those grids. None: no grid stored."""
+    grids: dict[str, tuple[int, int]] = {}  # "network.key" -> (side, pixels per cell)
+    for name in NETWORKS:
+        spec = specs[int(name[-1]) - 1]
+        for key, prefix in POSITION_EMBEDDINGS.items():
+            tensor = source.networks[name].get(key)
+            if tensor is None:
+                continue
+            cells = tensor.shape[1] - prefix if tensor.ndim == 3 else 0
+            side = math.isqrt(max(cells, 0))
+            if side == 0 or side * side != cells:
+                raise MokdError(f"--init-from {source.path}: {name}.{key} of shape {list(tensor.shape)} is not a "
+                                f"square position grid")
+            grids[f"{name}.{key}"] = (side, feature_stride(spec))
+    if not grids:
+        return None
+    finest_side, finest_stride = min(grids.values(), key=lambda grid: grid[1])
+    size = finest_side * finest_stride
+    if any(size // stride != side for side, stride in grids.values()):
+        found = ", ".join(f"{where} {side}x{side}" for where, (side, _) in grids.items())
+        raise MokdError(f"--init-from {source.path}: its position grids ({found}) do not all come from one image "
+                        f"size, so no position_size builds them")
+    return size
 
 
 def _load_network_strictly(module: nn.Module, state: dict[str, torch.Tensor], name: str, path: Path) -> int:
@@ -412,20 +435,20 @@ def _load_network_strictly(module: nn.Module, state: dict[str, torch.Tensor], na
         details = "; ".join(f"{label} {keys[:3]}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
                             for label, keys in (("missing", missing), ("unexpected", unexpected),
                                                 ("wrong shape", reshaped)) if keys)
-        raise MokdError(f"--init-from {path}: {name} does not match the configured model: {details}")
+        hint = ("; its position grids differ from the configured ones: leave position_size unset to build them as "
+                "stored" if any(key.endswith("pos_embed") for key in reshaped) else "")
+        raise MokdError(f"--init-from {path}: {name} does not match the configured model: {details}{hint}")
     module.load_state_dict(state)
     return len(state)
 
 
-def initialise_from(path: Path, pair: MokdPair, log: Log) -> None:
-    """Start all four networks and the centers from a checkpoint (strict; optimizers and epoch are not restored)."""
-    raw, _ = load_object(path)
-    networks, centers = _networks_and_centers(raw, path, pair.specs)
+def initialise_from(source: InitSource, pair: MokdPair, log: Log) -> None:
+    """Start all four networks and the centers from a checkpoint (strict; optimizers and epoch are not restored).
+    Position grids are loaded as stored: build the pair with `stored_position_size` to take grids of another size."""
     modules = {"student1": pair.students[0], "teacher1": pair.teachers[0],
                "student2": pair.students[1], "teacher2": pair.teachers[1]}
     for name in NETWORKS:
-        state = _fit_position_grids(modules[name], networks[name], name, log)
-        count = _load_network_strictly(modules[name], state, name, path)
-        log(f"loaded {count} tensors into {name} ({pair.specs[int(name[-1]) - 1].name}) from {path}")
-    pair.load_centers_state_dict(centers)
-    log(f"loaded {len(centers)} centers from {path}")
+        count = _load_network_strictly(modules[name], source.networks[name], name, source.path)
+        log(f"loaded {count} tensors into {name} ({pair.specs[int(name[-1]) - 1].name}) from {source.path}")
+    pair.load_centers_state_dict(source.centers)
+    log(f"loaded {len(source.centers)} centers from {source.path}")

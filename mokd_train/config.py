@@ -42,7 +42,10 @@ class TrainConfig:
     mode: str = "mokd"  # "mokd" | "independent" (each model trained alone with DINO's loss)
     arch1: str = "r50"
     arch2: str = "vit_s"
-    img_size: int = 224  # global crop size = the backbones' img_size
+    img_size: int = 224  # global crop size
+    # image size the position grids (ViT backbone, both T-Heads) are built for, resized at every forward for
+    # crops of other sizes; None = img_size; 224 = the official code at any crop size; --init-from sets it
+    position_size: int | None = None
     patch_size: int | None = None  # ViT patch override (applies to the ViT members only)
     stem: str | None = None  # ResNet stem override (applies to the ResNet members only)
     data: str | None = None  # dataset spec; None = $MOKD_DATA or digits (mokd_eval.data)
@@ -126,7 +129,10 @@ FIELD_HELP: dict[str, str] = {
             "DINO, SimCLR or MoCo v1)",
     "arch1": "model 1 backbone: r18 r34 r50 r101 vit_t vit_s vit_b r_tiny or a timm name",
     "arch2": "model 2 backbone (same choices as --arch1)",
-    "img_size": "global crop size = the backbones' image size",
+    "img_size": "global crop size",
+    "position_size": "image size the position grids are built for (ViT backbone and both T-Heads), resized at every "
+                     "forward for other crop sizes; default: img_size, or the grids stored in --init-from; 224 = "
+                     "the official code (14x14 ViT grid) at any crop size",
     "patch_size": "ViT patch size override (ViT members only)",
     "stem": "ResNet stem override: imagenet or cifar (ResNet members only)",
     "data": "dataset spec: imagefolder:PATH, cifar10:PATH, cifar100:PATH, digits, shapes[:N]",
@@ -369,17 +375,19 @@ def validate(config: TrainConfig) -> None:
     check_device(config.device, option="setting 'device'")
     for spec in arch_specs(config):
         check_image_size(config.img_size, spec, option="setting 'img_size'")
+        check_image_size(config.position_size, spec, option="setting 'position_size'")
         if spec.is_vit:
             check_image_size(config.local_size, spec, option="setting 'local_size'")
 
 
 def arch_specs(config: TrainConfig) -> tuple[ArchSpec, ArchSpec]:
-    """Both backbones. The patch override reaches only the ViT members and the stem override only the
-    ResNet members (so a preset's patch size survives swapping its ViT for a ResNet)."""
+    """Both backbones, built for `position_size` (else `img_size`): a spec's image size sets its position grids.
+    The patch override reaches only the ViT members and the stem override only the ResNet members (so a
+    preset's patch size survives swapping its ViT for a ResNet)."""
     names = (config.arch1, config.arch2)
     plain = [resolve_arch(name) for name in names]
     return tuple(
-        resolve_arch(name, img_size=config.img_size,
+        resolve_arch(name, img_size=config.position_size or config.img_size,
                      patch_size=config.patch_size if spec.is_vit else None,
                      stem=None if spec.is_vit else config.stem)
         for name, spec in zip(names, plain)

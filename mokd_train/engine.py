@@ -249,7 +249,13 @@ class Trainer:
                             f"{context.world_size} processes: choose a multiple of {context.world_size}")
         self.rank_batch = cfg.batch_size // context.world_size
         self.resources = apply_resources(self.device.type, cfg.num_workers)
-        self.specs = arch_specs(cfg)
+        found = self._find_resume_state()
+        init_source = (checkpointing.read_init_source(Path(cfg.init_from), arch_specs(cfg))
+                       if cfg.init_from and found is None else None)
+        self.cfg = dataclasses.replace(self.cfg, position_size=self._position_size(found, init_source))
+        self.specs = arch_specs(self.cfg)
+        if found is not None:
+            checkpointing.check_compatible(found[0], found[1], self.specs, self.cfg.mode, self.cfg.method)
         _seed_everything(cfg.seed)
 
         data_spec = parse_data_spec(cfg.data)
@@ -263,10 +269,9 @@ class Trainer:
         self.schedules = build_schedules(self.cfg, self.steps_per_epoch)
 
         self.pair = build_pair(self.specs, self.cfg)
-        found = self._find_resume_state()
         self.resumed_from = found[1] if found is not None else None
-        if cfg.init_from and found is None:
-            checkpointing.initialise_from(Path(cfg.init_from), self.pair, self.log)
+        if init_source is not None:
+            checkpointing.initialise_from(init_source, self.pair, self.log)
         elif cfg.init_from:
             self.log(f"--init-from {cfg.init_from} ignored: resuming the run in {self.output_dir}")
         self.pair.to(self.device)
@@ -304,12 +309,24 @@ class Trainer:
             tqdm.write(message)
 
     def _find_resume_state(self) -> tuple[dict[str, Any], Path] | None:
-        if not self.cfg.resume:
-            return None
-        found = checkpointing.find_resume_state(self.output_dir, self.log)
+        return checkpointing.find_resume_state(self.output_dir, self.log) if self.cfg.resume else None
+
+    def _position_size(self, found: tuple[dict[str, Any], Path] | None,
+                       init_source: checkpointing.InitSource | None) -> int | None:
+        """The configured position_size; else the resumed run's (same shapes again); else the size of the grids
+        stored in --init-from (an official checkpoint: 224 px, resized at every forward); else None (img_size)."""
+        if self.cfg.position_size is not None:
+            return self.cfg.position_size
         if found is not None:
-            checkpointing.check_compatible(found[0], found[1], self.specs, self.cfg.mode, self.cfg.method)
-        return found
+            return found[0]["config"].get("position_size")
+        if init_source is None:
+            return None
+        size = checkpointing.stored_position_size(init_source, arch_specs(self.cfg))
+        if size is not None:
+            self.log(f"position_size = {size}: the position grids stored in {init_source.path} are built for {size} px "
+                     f"images; they are kept at that size and resized at every forward for {self.cfg.img_size} / "
+                     f"{self.cfg.local_size} px crops, as the official code does")
+        return size
 
     def _autocast(self) -> ContextManager:
         if self.dtype is None:

@@ -2,8 +2,10 @@
 
 T-Head width rule: D = `thead_dim` if set, else the largest ViT embed dim in the pair, else 384 (CNN-CNN
 pairs, the official ViT-S width); heads = `thead_heads` if set, else 6 when D divides by 6 (the official
-count), else D // 64. Position-embedding grid at the global crop size: CNN img_size // 32 (ImageNet stem) or
-// 8 (CIFAR stem); ViT img_size // patch_size.
+count), else D // 64. Position grids (the ViT backbone's and both T-Heads') are built for the spec's img_size
+(the run's `position_size`, by default its global crop size): T-Head grid CNN img_size // 32 (ImageNet stem) or
+// 8 (CIFAR stem), ViT img_size // patch_size. They stay at that size and are resized at every forward for crops
+of any other size, as the official code does with its 224 px grids (ViT 14x14, T-Heads 14x14 / 7x7).
 
 Search query of model i into model j's teacher T-Head (always detached): a CNN student's `x_pool` (mean of
 its own 1×1-projected local-crop map), a ViT student's CLS token (through its own T-Head `input_proj` when
@@ -29,6 +31,7 @@ from torch import nn
 
 from mokd_eval.errors import MokdError
 from mokd_eval.registry import ArchSpec, build_backbone, forward_tokens
+from mokd_eval.validation import resnet_stride
 from mokd_train.heads import MLPHead, THead
 from mokd_train.losses import (
     Centers,
@@ -110,11 +113,14 @@ def thead_width(spec1: ArchSpec, spec2: ArchSpec, cfg: PairConfig) -> tuple[int,
     return dim, heads
 
 
+def feature_stride(spec: ArchSpec) -> int:
+    """Pixels per cell of the backbone's local-feature grid: the ViT's patch, the ResNet's output stride."""
+    return spec.patch_size if spec.is_vit else resnet_stride(spec)
+
+
 def thead_grid(spec: ArchSpec) -> int:
-    """Side of the local-feature grid at the global crop size."""
-    if spec.is_vit:
-        return spec.img_size // spec.patch_size
-    return spec.img_size // (8 if spec.stem == "cifar" else 32)
+    """Side of the T-Head's stored position grid: the feature grid of a `spec.img_size` image."""
+    return spec.img_size // feature_stride(spec)
 
 
 class Network(nn.Module):

@@ -6,6 +6,7 @@ where the ViT's size does not matter, timm's 6-block 64-d `test_vit`, so each ru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -18,7 +19,7 @@ from mokd_eval.errors import MokdError
 from mokd_eval.registry import build_backbone
 from mokd_train import checkpointing, losses
 from mokd_train.config import PRESETS, TrainConfig, arch_specs, resolve_config
-from mokd_train.engine import pair_config, train
+from mokd_train.engine import pair_config, save_initial_checkpoint, train
 from mokd_train.pair import MokdPair
 
 STEPS_PER_EPOCH = 5  # shapes:50 has 40 train images; batch 8
@@ -209,6 +210,8 @@ def test_resume_refuses_other_archs_or_mode(tmp_path, reference_run):
         train(small_config(reference_run, mode="independent", max_steps=8))
     with pytest.raises(MokdError, match="holds a mokd run of r_tiny \\+ test_vit.*vit_t"):
         train(small_config(reference_run, arch2="vit_t", max_steps=8))
+    with pytest.raises(MokdError, match="position grids for 16 px, not 32: see position_size"):
+        train(small_config(reference_run, position_size=32, max_steps=8))
 
 
 # --- independence -----------------------------------------------------------------------------------
@@ -270,7 +273,7 @@ def test_export_official_layout_and_init_from_reproduce_every_tensor(tmp_path):
         torch.manual_seed(123)
         pair = MokdPair(*arch_specs(config), pair_config(config))
         messages = []
-        checkpointing.initialise_from(source, pair, messages.append)
+        checkpointing.initialise_from(checkpointing.read_init_source(source, pair.specs), pair, messages.append)
         assert messages[0].startswith(f"loaded {len(native['student1'])} tensors into student1 (r18)")
         modules = (pair.students[0], pair.teachers[0], pair.students[1], pair.teachers[1])
         for module, network in zip(modules, checkpointing.NETWORKS):
@@ -288,7 +291,8 @@ def test_export_and_init_from_refuse_what_the_layout_cannot_hold(tmp_path, refer
     config = small_config(tmp_path, arch2="vit_t")
     pair = MokdPair(*arch_specs(config), pair_config(config))
     with pytest.raises(MokdError, match=r"student1 does not match.*wrong shape"):
-        checkpointing.initialise_from(reference_run / "checkpoint.pth", pair, print)
+        checkpointing.initialise_from(checkpointing.read_init_source(reference_run / "checkpoint.pth", pair.specs),
+                                      pair, print)
 
 
 # --- divergence ---------------------------------------------------------------------------------------
@@ -323,11 +327,10 @@ def test_augmentation_probabilities_reach_the_multicrop_recipe(tmp_path):
         small_config(tmp_path, solarize_p=1.5)
 
 
-def test_init_from_an_official_checkpoint_with_a_224px_grid_at_another_crop_size(tmp_path):
-    """The official code keeps the ViT (and T-Head) grids of 224 px whatever the crop size: such a file is
-    accepted at 64 px, its position embeddings resized by the official rule, every other tensor as stored."""
-    from mokd_eval.posembed import resize_with_prefix
-
+def test_init_from_an_official_checkpoint_with_a_224px_grid_at_another_crop_size(tmp_path, capsys):
+    """The official code keeps the ViT (and T-Head) grids of 224 px whatever the crop size: such a file is taken
+    at 64 px crops with every tensor as stored (14x14 / 7x7 grids, resized at every forward), position_size = 224
+    is recorded, and a resume without --init-from rebuilds the same shapes."""
     settings = dict(arch1="r18", arch2="vit_t", patch_size=16, out_dim=32, mlp_hidden_dim=16,
                     mlp_bottleneck_dim=8)
     stored_config = small_config(tmp_path / "a", img_size=224, local_size=96, **settings)
@@ -340,24 +343,48 @@ def test_init_from_an_official_checkpoint_with_a_224px_grid_at_another_crop_size
         native[f"teacher{index + 1}"] = stored.teachers[index].state_dict()
     path = tmp_path / "official.pth"
     torch.save(checkpointing.official_state(native, stored.specs), path)
+    assert native["student2"]["backbone.pos_embed"].shape == (1, 1 + 14 * 14, 192)
+    assert native["student1"]["transhead.pos_embed"].shape == (1, 7 * 7, 192)
 
-    config = small_config(tmp_path / "b", img_size=64, local_size=32, **settings)
-    pair = MokdPair(*arch_specs(config), pair_config(config))
-    messages = []
-    checkpointing.initialise_from(path, pair, messages.append)
-    assert "student2.backbone.pos_embed: resized the stored 14x14 grid to the configured 4x4" in "\n".join(messages)
-    resized = {"backbone.pos_embed": 1, "transhead.pos_embed": 0}
-    for network, module in zip(checkpointing.NETWORKS, (pair.students[0], pair.teachers[0], pair.students[1],
-                                                        pair.teachers[1])):
-        source = native[network]
-        for key, value in module.state_dict().items():
-            if key in resized:
-                side = math.isqrt(value.shape[1] - resized[key])
-                expected = resize_with_prefix(source[key], resized[key], side, side)
-                assert source[key].shape != value.shape  # 14x14 / 7x7 grids stored, 4x4 / 2x2 configured
-            else:
-                expected = source[key]
-            assert torch.equal(value, expected), f"{network}.{key}"
+    run = tmp_path / "b"
+    config = small_config(run, img_size=64, local_size=32, init_from=str(path), **settings)
+    assert config.position_size is None
+    initial = load(save_initial_checkpoint(config))
+    assert f"position_size = 224: the position grids stored in {path} are built for 224 px" in capsys.readouterr().out
+    assert initial["config"]["position_size"] == 224
+    assert [initial["archs"][key]["img_size"] for key in ("1", "2")] == [224, 224]
+    for network in checkpointing.NETWORKS:
+        assert initial[network].keys() == native[network].keys()
+        for key, value in initial[network].items():
+            assert torch.equal(value, native[network][key]), f"{network}.{key}"
+
+    summary = train(dataclasses.replace(config, init_from=None, max_steps=1, warmup_epochs=0))  # resumes it
+    assert summary["resumed_from"] == str(run / "checkpoint.pth") and summary["global_step"] == 1
+    assert json.loads((run / "config.json").read_text())["position_size"] == 224
+    trained = load(run / "checkpoint.pth")
+    assert trained["student2"]["backbone.pos_embed"].shape == (1, 1 + 14 * 14, 192)
+    assert not torch.equal(trained["student2"]["transhead.pos_embed"], native["student2"]["transhead.pos_embed"])
+
+    with pytest.raises(MokdError, match=r"student1 does not match.*transhead.pos_embed.*leave position_size unset"):
+        save_initial_checkpoint(dataclasses.replace(config, output_dir=str(tmp_path / "c"), position_size=64))
+
+
+def test_stored_position_size_reads_the_grids_and_refuses_mixed_ones(tmp_path):
+    specs = arch_specs(small_config(tmp_path, arch1="r18", arch2="vit_t", patch_size=16, img_size=64, local_size=32))
+
+    def source(vit_side: int, cnn_side: int) -> checkpointing.InitSource:
+        networks = {}
+        for name in checkpointing.NETWORKS:
+            grid = {"transhead.pos_embed": torch.zeros(1, (vit_side if name.endswith("2") else cnn_side) ** 2, 4)}
+            if name.endswith("2"):
+                grid["backbone.pos_embed"] = torch.zeros(1, 1 + vit_side ** 2, 4)
+            networks[name] = grid
+        return checkpointing.InitSource(tmp_path / "x.pth", networks, {})
+
+    assert checkpointing.stored_position_size(source(14, 7), specs) == 224
+    assert checkpointing.stored_position_size(source(6, 3), specs) == 96
+    with pytest.raises(MokdError, match=r"student1.transhead.pos_embed 4x4.*do not all come from one image size"):
+        checkpointing.stored_position_size(source(14, 4), specs)
 
 
 def test_lr_floors_are_scaled_by_batch_like_the_peaks(tmp_path):

@@ -52,3 +52,26 @@ def test_every_training_setting_is_a_documented_flag():
         if field.name != "preset":
             assert "--" + field.name.replace("_", "-") in help_text
     assert set(FIELD_HELP) <= {field.name for field in dataclasses.fields(TrainConfig)}
+
+
+def test_a_run_with_official_224px_grids_evaluates_at_any_image_size(tmp_path):
+    """--position-size 224 keeps the official grids (ViT 14x14) while training on 32 px crops; mokd-eval builds
+    the ViT with that grid from either layout and resizes it for every --image-size."""
+    runner = CliRunner()
+    trained = runner.invoke(mokd_train, [*TRAIN_ARGS, "--max-steps", "1", "--position-size", "224",
+                                         "--output-dir", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["position_size"] == 224
+    official = next((tmp_path / "run" / "official").glob("*_temp.pth"))
+    metrics = {}
+    for layout, path in (("native", tmp_path / "run" / "checkpoint.pth"), ("official", official)):
+        for size in ("32", "64"):
+            out = tmp_path / f"{layout}_{size}.json"
+            result = runner.invoke(mokd_eval, ["knn", str(path), "--data", "shapes:50", "--image-size", size,
+                                               "--k", "5", "--no-cache", "--num-workers", "0", "--out", str(out)])
+            assert result.exit_code == 0, result.output
+            assert f"position embedding kept at 224px, resampled on the fly for {size}px inputs" in result.output
+            metrics[layout, size] = [entry["metrics"] for entry in json.loads(out.read_text())["results"]]
+    for size in ("32", "64"):
+        assert len(metrics["native", size]) == 2
+        assert metrics["native", size] == metrics["official", size]  # same teachers, two layouts
