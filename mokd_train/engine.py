@@ -141,10 +141,16 @@ def build_optimizer(pair: MokdPair | PeerPair, index: int) -> torch.optim.Optimi
     A method with its own recipe (dogo, mcl) builds its own optimizer."""
     if isinstance(pair, PeerPair) and pair.own_recipe:
         return pair.build_optimizer(index)
-    groups = pair.param_groups(index)
-    if pair.specs[index].is_vit:
-        return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0)
-    return torch.optim.SGD(groups, lr=0.0, momentum=SGD_MOMENTUM, weight_decay=0.0)
+    return make_optimizer(pair.param_groups(index), vit=pair.specs[index].is_vit)
+
+
+def make_optimizer(groups: list[dict] | list[torch.nn.Parameter], *, vit: bool) -> torch.optim.Optimizer:
+    """The official choice, AdamW for a ViT and SGD (momentum 0.9) for a ResNet, in torch's fused form: one pass
+    over each parameter instead of several with full-size temporaries (AdamW over 54 M parameters on one CPU
+    thread: 0.05 s fused against 0.37 s for the loop). lr and weight decay are set every step."""
+    if vit:
+        return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, fused=True)
+    return torch.optim.SGD(groups, lr=0.0, momentum=SGD_MOMENTUM, weight_decay=0.0, fused=True)
 
 
 @dataclasses.dataclass

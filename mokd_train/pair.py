@@ -200,8 +200,11 @@ def frozen_copy_without_drop_path(student: Network) -> Network:
 def ema_update(students: Sequence[nn.Module], teachers: Sequence[nn.Module], momentum: float) -> None:
     """teacher <- m * teacher + (1 - m) * student for every parameter; BN statistics are not averaged."""
     for student, teacher in zip(students, teachers):
-        for student_param, teacher_param in zip(student.parameters(), teacher.parameters(), strict=True):
-            teacher_param.mul_(momentum).add_(student_param.detach(), alpha=1 - momentum)
+        student_params, teacher_params = list(student.parameters()), list(teacher.parameters())
+        if len(student_params) != len(teacher_params):
+            raise ValueError(f"student has {len(student_params)} parameters, teacher {len(teacher_params)}")
+        # lerp: teacher + (1 - m) * (student - teacher), one pass per tensor, all tensors in one call
+        torch._foreach_lerp_(teacher_params, [param.detach() for param in student_params], 1 - momentum)
 
 
 def non_finite_everywhere(values: torch.Tensor) -> int | None:
