@@ -16,7 +16,11 @@ random tensors (data loading is the same for both and excluded).
 Each measurement runs in its own spawned process and reports the fastest of its timed steps (the
 least disturbed by other processes on a shared machine; the median is printed too) and the peak
 resident memory above the resident size just before the models are built (`ru_maxrss`, which sees
-every torch allocation on CPU; on CUDA the peak of `torch.cuda.max_memory_allocated`).
+every torch allocation on CPU; on CUDA the peak of `torch.cuda.max_memory_allocated`). The peak is split into
+the state held between steps, counted tensor by tensor (parameters, gradients, buffers, optimizer states:
+MOKD's T-Heads add theirs by design), and the rest ("act.": activations and temporaries of a step). The
+GFLOP column counts one step's matmul/conv/attention work with torch's FlopCounterMode: its ratio is the
+cost MOKD adds by construction, the floor of the time ratio.
 Paper Table S3 (8 V100, 100 ImageNet epochs): DINO R50 97 h + DINO ViT-S 94 h = 191 h vs MOKD
 R50-ViT-S 122 h (0.64x the sum); memory 6.4 + 6.3 = 12.7 GB vs 13.5 GB (1.06x the sum).
 """
@@ -39,7 +43,7 @@ from mokd_train.config import TrainConfig, arch_specs, resolve_config
 from mokd_train.engine import build_optimizer, clip_gradients_per_tensor, make_optimizer, pair_config
 from mokd_train.methods import FAITHFUL_PEERS, METHODS, build_peer_pair, method_label
 from mokd_train.losses import Centers, batch_center, distillation_loss
-from mokd_train.pair import MokdPair, build_network, thead_width
+from mokd_train.pair import MokdPair, build_network, ema_update, thead_width
 
 # name -> (preset, overrides, batch size). The second is the paper's recipe (8 locals, K = 65536, 2048-wide
 # MLP) at 64 px with ImageNet-stem R18 and 16 px-patch ViT-T; the third is the paper's pair at the paper's crop
@@ -80,7 +84,7 @@ class Measurement:
     step_seconds: float  # fastest timed step
     median_seconds: float
     peak_mb: float
-    static_mb: float  # held between steps: parameters, gradients, optimizer states, teachers, centers
+    static_mb: float  # held between steps (`state_mb`): parameters, gradients, buffers, optimizer states
     gflop: float  # matmul/conv/attention FLOPs of one step, forward and backward (torch's FlopCounterMode)
 
     @property
@@ -117,7 +121,7 @@ def pair_step(config: TrainConfig, device: torch.device):
             optimizer.step()
         pair.update_teachers(0.996)
 
-    return step
+    return step, [pair], optimizers
 
 
 def peer_config(setup: str, method: str, batch_size: int | None) -> TrainConfig:
@@ -146,7 +150,7 @@ def peer_step(config: TrainConfig, device: torch.device):
             optimizer.step()
         pair.update_teachers(0.996)
 
-    return step
+    return step, [pair], optimizers
 
 
 def single_step(config: TrainConfig, index: int, device: torch.device):
@@ -177,11 +181,20 @@ def single_step(config: TrainConfig, index: int, device: torch.device):
         clip_gradients_per_tensor(params, config.clip_grad)
         optimizer.step()
         centers.update({"sm": batch_center(teacher_logits)})
-        with torch.no_grad():
-            for student_param, teacher_param in zip(student.parameters(), teacher.parameters()):
-                teacher_param.mul_(0.996).add_(student_param.detach(), alpha=0.004)
+        ema_update([student], [teacher], 0.996)
 
-    return step
+    return step, [student, teacher, centers], [optimizer]
+
+
+def state_mb(modules: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer]) -> float:
+    """Memory held between steps, counted tensor by tensor: parameters, their gradients, buffers (teachers and
+    centers included) and optimizer states. What a step adds on top of it is activations and temporaries."""
+    tensors = [tensor for module in modules for tensor in (*module.parameters(), *module.buffers())]
+    tensors += [param.grad for module in modules for param in module.parameters() if param.grad is not None]
+    tensors += [value for optimizer in optimizers for state in optimizer.state.values()
+                for value in state.values() if isinstance(value, torch.Tensor)]
+    storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in tensors}
+    return sum(storages.values()) / 2**20
 
 
 def resident_mb() -> float:
@@ -199,11 +212,11 @@ def measure(setup: str, variant: str, args: argparse.Namespace) -> Measurement:
     crops = random_crops(config, device)
     baseline = resident_mb()
     if variant == "mokd":
-        step = pair_step(config, device)
+        step, modules, optimizers = pair_step(config, device)
     elif variant in METHODS:
-        step = peer_step(peer_config(setup, variant, args.batch_size), device)
+        step, modules, optimizers = peer_step(peer_config(setup, variant, args.batch_size), device)
     else:
-        step = single_step(config, int(variant[-1]) - 1, device)
+        step, modules, optimizers = single_step(config, int(variant[-1]) - 1, device)
     with FlopCounterMode(display=False) as flops:  # an extra untimed step, counted
         step(crops)
     times = []
@@ -215,11 +228,11 @@ def measure(setup: str, variant: str, args: argparse.Namespace) -> Measurement:
         if iteration >= args.warmup:
             times.append(time.perf_counter() - start)
     if device.type == "cuda":
-        peak, static = torch.cuda.max_memory_allocated() / 2**20, torch.cuda.memory_allocated() / 2**20
+        peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
-        static = resident_mb() - baseline
-    return Measurement(min(times), statistics.median(times), peak, static, flops.get_total_flops() / 1e9)
+    return Measurement(min(times), statistics.median(times), peak, state_mb(modules, optimizers),
+                       flops.get_total_flops() / 1e9)
 
 
 def main() -> None:
@@ -227,7 +240,7 @@ def main() -> None:
     context = get_context("spawn")
     print(f"{args.batch_size or 'per-setup'} images per step, {args.warmup} warm-up + {args.steps} timed steps, "
           f"{args.threads} threads, {args.device}")
-    print(f"{'setup':<14} {'step':<30} {'s/step':>8} {'median':>8} {'peak MB':>9} {'static MB':>9} "
+    print(f"{'setup':<14} {'step':<30} {'s/step':>8} {'median':>8} {'peak MB':>9} {'state MB':>9} "
           f"{'act. MB':>8} {'GFLOP':>8}")
     for setup in args.setups:
         config = setup_config(setup, args.batch_size)
