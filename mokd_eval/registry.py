@@ -78,7 +78,8 @@ class ArchSpec:
         """One line a researcher can check at a glance."""
         if self.is_vit:
             return (f"{self.name} (ViT, dim {self.embed_dim}, depth {self.depth}, heads {self.num_heads}, "
-                    f"patch {self.patch_size}, {self.img_size}px)")
+                    f"patch {self.patch_size}, position grid {self.img_size // self.patch_size}x"
+                    f"{self.img_size // self.patch_size} = {self.img_size}px)")
         block = "Bottleneck" if self.bottleneck else "BasicBlock"
         widths = "" if self.widths == STANDARD_WIDTHS else f", widths {list(self.widths)}"
         return (f"{self.name} (ResNet, {block} {list(self.layers)}{widths}, {self.stem} stem)")
