@@ -186,7 +186,7 @@ class DetectionDataset(Dataset):
         masks = (torch.from_numpy(np.stack([self.split.coco.annToMask(a) for a in anns]))
                  if anns else torch.zeros((0, height, width), dtype=torch.uint8))
         labels = torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.int64)
-        image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255)
+        image = torch.as_tensor(np.array(pixels, copy=True)).permute(2, 0, 1).float().div_(255)  # PIL arrays are read-only
         if self.train and torch.rand(()) < 0.5:
             image, masks = image.flip(-1), masks.flip(-1)
             boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)

@@ -183,8 +183,8 @@ def train_detector(model: nn.Module, dataset: DetectionDataset, solver: Solver, 
             with torch.autocast(device.type, enabled=scaler is not None):
                 losses = net(images, targets)
             total = sum(losses.values())
-            if not math.isfinite(float(total)):
-                raise MokdError(f"loss became {float(total)} at iteration {state.iteration}: lower --lr or use "
+            if not math.isfinite(value := float(total.detach())):
+                raise MokdError(f"loss became {value} at iteration {state.iteration}: lower --lr or use "
                                 "--norm syncbn (random-init ResNets diverge with frozen BN)")
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -195,9 +195,9 @@ def train_detector(model: nn.Module, dataset: DetectionDataset, solver: Solver, 
                 total.backward()
                 optimizer.step()
             state.iteration += 1
-            record = {k: round(float(v), 4) for k, v in losses.items()}
-            history.append({"iteration": state.iteration, "lr": lr, "loss": round(float(total), 4), **record})
-            bar.set_postfix(loss=f"{float(total):.3f}", lr=f"{lr:.2g}")
+            record = {k: round(float(v.detach()), 4) for k, v in losses.items()}
+            history.append({"iteration": state.iteration, "lr": lr, "loss": round(value, 4), **record})
+            bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2g}")
             if context.is_main and (state.iteration % solver.checkpoint_period == 0 or state.iteration == solver.iters):
                 save_checkpoint(last, model, optimizer, scaler, state, extra)
         bar.close()
