@@ -83,7 +83,7 @@ class TrainConfig:
     min_lr_vit: float = 1e-5
     weight_decay_vit: float = 0.04
     weight_decay_end_vit: float = 0.4
-    warmup_epochs: int = 10
+    warmup_epochs: float = 10  # lr warm-up; a fraction of an epoch is allowed (short runs)
     clip_grad: float = 3.0  # per parameter tensor; 0 disables
     freeze_last_layer: int = 1  # epochs during which the heads' last layers get no update
     momentum_teacher: float = 0.996
@@ -138,6 +138,7 @@ FIELD_HELP: dict[str, str] = {
     "lambda1": "weight of model 1's cross terms (default: 1 for the larger model, 0.1 for the smaller)",
     "lambda2": "weight of model 2's cross terms",
     "out_dim": "K, output dimension of both heads",
+    "warmup_epochs": "linear lr warm-up in epochs; fractions allowed (0.5 = half an epoch of steps)",
     "n_local": "number of local crops",
     "local_size": "local crop size",
     "global_scale": "RandomResizedCrop scale range of the global crops, e.g. 0.25,1.0",
