@@ -90,9 +90,9 @@ def _resnet(name: str, depth: int, **overrides: Any) -> ArchSpec:
     return ArchSpec(name=name, family="resnet", layers=layers, bottleneck=bottleneck, **overrides)
 
 
-def _vit(name: str, size: str, **overrides: Any) -> ArchSpec:
+def _vit(name: str, size: str, depth: int = 12, **overrides: Any) -> ArchSpec:
     dim, heads = VIT_SIZES[size]
-    return ArchSpec(name=name, family="vit", embed_dim=dim, depth=12, num_heads=heads, **overrides)
+    return ArchSpec(name=name, family="vit", embed_dim=dim, depth=depth, num_heads=heads, **overrides)
 
 
 ALIASES: dict[str, ArchSpec] = {
@@ -106,6 +106,9 @@ ALIASES: dict[str, ArchSpec] = {
     "vit_b": _vit("vit_b", "base"),
     # A CPU-sized ResNet for tests and the demo: one BasicBlock per stage, quarter widths, CIFAR stem.
     "r_tiny": _resnet("r_tiny", 10, widths=(16, 32, 64, 128), stem="cifar", img_size=32),
+    # The `tiny` recipe's ViT: ViT-T's width and heads with 4 blocks instead of 12, a third of the compute, so a
+    # CPU demo affords the steps a ViT needs to learn anything (mokd_train/config.py, TINY_PRESET).
+    "vit_mini": _vit("vit_mini", "tiny", depth=4, img_size=32, patch_size=4),
 }
 TIMM_NAMES = {
     "resnet18": "r18", "resnet34": "r34", "resnet50": "r50", "resnet101": "r101", "resnet152": "r152",

@@ -9,11 +9,12 @@ from mokd_eval.errors import MokdError
 
 
 def cosine_schedule(base_value: float, final_value: float, epochs: int, iters_per_epoch: int,
-                    warmup_epochs: int = 0, start_warmup_value: float = 0.0) -> np.ndarray:
+                    warmup_epochs: float = 0, start_warmup_value: float = 0.0) -> np.ndarray:
     """One value per iteration: linear warm-up from `start_warmup_value` to `base_value` over
     `warmup_epochs`, then a half cosine from `base_value` down (or up) to `final_value`.
 
-    Used for learning rates, weight decay and the EMA momentum.
+    Used for learning rates, weight decay and the EMA momentum. A fractional `warmup_epochs` warms up over
+    that share of the iterations (rounded): a run of a few hundred steps needs a warm-up of tens of steps.
     """
     if epochs < 1 or iters_per_epoch < 1:
         raise MokdError(f"a schedule needs at least one epoch and one iteration per epoch "
@@ -21,7 +22,7 @@ def cosine_schedule(base_value: float, final_value: float, epochs: int, iters_pe
     if not 0 <= warmup_epochs <= epochs:
         raise MokdError(f"warm-up of {warmup_epochs} epochs does not fit in {epochs} training epochs: "
                         f"lower the warm-up epochs")
-    warmup_iters = warmup_epochs * iters_per_epoch
+    warmup_iters = round(warmup_epochs * iters_per_epoch)
     warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
     steps = np.arange(epochs * iters_per_epoch - warmup_iters)
     cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))

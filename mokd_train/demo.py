@@ -1,8 +1,8 @@
 """`mokd-eval demo` (what `make demo` runs): the paper's Table 1 in miniature, on CPU, in minutes.
 
-For each seed: the `tiny` pair (r_tiny + ViT-tiny with 4-px patches) at random initialisation, trained on
-scikit-learn's digits with `independent` (each model alone with DINO's loss) and with `mokd` (self + cross
-distillation), same seed and data stream. All models are k-NN-evaluated; the table prints random init,
+For each seed: the `tiny` pair (r_tiny + vit_mini, a 4-block ViT-T with 4-px patches) at random initialisation,
+trained on scikit-learn's digits with `independent` (each model alone with DINO's loss) and with `mokd` (self +
+cross distillation), same seed and data stream. All models are k-NN-evaluated; the table prints random init,
 Independent, MOKD and MOKD - Independent per net (mean +/- std over seeds when there are several), next to a
 raw-pixel k-NN for scale. Numbers are what they are: a few CPU epochs on 1,437 images are not ImageNet.
 """

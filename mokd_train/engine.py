@@ -164,7 +164,7 @@ class Schedules:
 
 def build_schedules(cfg: TrainConfig, steps_per_epoch: int) -> Schedules:
     """Official schedules: lr with linear warm-up then cosine to its floor; ViT weight decay cosine 0.04 -> 0.4,
-    CNN constant; EMA momentum cosine to 1.
+    CNN constant; EMA momentum cosine to `momentum_teacher_end` (1 in the official recipe).
 
     Peak and floor are both per 256 images and scaled by batch/256 (the official code scales only the peak,
     so a small batch got a cosine rising to a floor above its peak; identical at batch 256)."""
@@ -175,7 +175,8 @@ def build_schedules(cfg: TrainConfig, steps_per_epoch: int) -> Schedules:
             "vit": cosine_schedule(cfg.lr_vit * scale, cfg.min_lr_vit * scale, epochs, steps_per_epoch, warmup)},
         weight_decay={"resnet": np.full(epochs * steps_per_epoch, cfg.weight_decay_cnn),
                       "vit": cosine_schedule(cfg.weight_decay_vit, cfg.weight_decay_end_vit, epochs, steps_per_epoch)},
-        momentum=cosine_schedule(cfg.momentum_teacher, cfg.momentum_teacher if cfg.method in CONSTANT_EMA else 1.0,
+        momentum=cosine_schedule(cfg.momentum_teacher,
+                                 cfg.momentum_teacher if cfg.method in CONSTANT_EMA else cfg.momentum_teacher_end,
                                  epochs, steps_per_epoch),
     )
 

@@ -74,7 +74,8 @@ def test_random_init_is_the_trained_runs_starting_point(tmp_path):
 
     settings = dict(data="shapes:60", img_size=16, local_size=8, batch_size=8, max_steps=1, out_dim=64,
                     mlp_hidden_dim=32, mlp_bottleneck_dim=16, num_workers=0, warmup_epochs=0, lr_cnn=0.0,
-                    min_lr_cnn=0.0, lr_vit=0.0, min_lr_vit=0.0, momentum_teacher=1.0)
+                    min_lr_cnn=0.0, lr_vit=0.0, min_lr_vit=0.0, momentum_teacher=1.0,
+                    momentum_teacher_end=1.0)
     initial = save_initial_checkpoint(resolve_config("tiny", None, {**settings, "output_dir": str(tmp_path / "a")}))
     trained = train(resolve_config("tiny", None, {**settings, "output_dir": str(tmp_path / "b")}))["checkpoint"]
     before, after = (torch.load(path, weights_only=True) for path in (initial, trained))

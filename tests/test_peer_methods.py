@@ -153,11 +153,11 @@ def test_mcl_key_encoders_are_a_constant_momentum_ema_of_the_query_encoders():
     for teacher, student, old in zip(pair.teachers, pair.students, before):
         for new, s, o in zip(teacher.parameters(), student.parameters(), old):
             torch.testing.assert_close(new, 0.999 * o + 0.001 * s)
-    # the engine holds MCL's momentum constant; the adaptation follows DINO's cosine from the configured start
-    # (the tiny preset's 0.99) to 1
-    mcl_schedule = build_schedules(make_cfg("mcl"), steps_per_epoch=5).momentum
+    # the engine holds MCL's momentum constant (whatever momentum_teacher_end says); the adaptation follows DINO's
+    # cosine from the configured start (the tiny preset's 0.99) to momentum_teacher_end (DINO's 1 here)
+    mcl_schedule = build_schedules(make_cfg("mcl", momentum_teacher_end=1.0), steps_per_epoch=5).momentum
     assert mcl_schedule.min() == mcl_schedule.max() == pytest.approx(0.999)
-    dino_cfg = make_cfg("dino+mcl")
+    dino_cfg = make_cfg("dino+mcl", momentum_teacher_end=1.0)
     dino_schedule = build_schedules(dino_cfg, steps_per_epoch=5).momentum
     assert dino_schedule[0] == pytest.approx(dino_cfg.momentum_teacher) and dino_schedule[-1] > 0.9999
 

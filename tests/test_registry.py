@@ -63,3 +63,16 @@ def test_vit_global_feature_equals_the_timm_forward():
     images = torch.randn(2, 3, 32, 32)
     cls, _ = forward_tokens(model, vit, images)
     assert torch.allclose(cls, model(images), atol=1e-6)
+
+
+def test_vit_mini_is_vit_t_with_four_blocks():
+    """The tiny recipe's ViT: ViT-T's width (192) and heads (3), 4 blocks; its parameter count against the
+    closed form of a timm ViT without classifier at 32 px with 4-px patches (64 patches + CLS)."""
+    spec = resolve_arch("vit_mini")
+    assert (spec.embed_dim, spec.num_heads, spec.depth, spec.patch_size, spec.img_size) == (192, 3, 4, 4, 32)
+    dim, hidden, patches = 192, 4 * 192, (32 // 4) ** 2
+    block = 2 * dim + (dim * 3 * dim + 3 * dim) + (dim * dim + dim) + 2 * dim + (dim * hidden + hidden) + (hidden * dim + dim)
+    embed = (3 * 4 * 4 * dim + dim) + dim + (patches + 1) * dim
+    model = build_backbone(spec)
+    assert sum(p.numel() for p in model.parameters()) == embed + 4 * block + 2 * dim
+    assert len(model.blocks) == 4

@@ -56,3 +56,13 @@ def test_teacher_temperature_warmup_longer_than_training_is_truncated():
 
 def test_teacher_temperature_without_warmup_is_constant():
     assert np.all(teacher_temperature_schedule(0.04, 0.07, 0, 4) == 0.07)
+
+
+def test_cosine_schedule_fractional_warmup_counts_rounded_iterations():
+    """A warm-up of 0.5 epochs of 44 iterations is 22 iterations: linspace(0, base, 22), then the cosine."""
+    values = cosine_schedule(0.5, 0.0, 4, 44, warmup_epochs=0.5)
+    assert values[:22] == pytest.approx(np.linspace(0.0, 0.5, 22))
+    cosine_iters = 4 * 44 - 22
+    assert values[22:] == pytest.approx(0.25 * (1 + np.cos(np.pi * np.arange(cosine_iters) / cosine_iters)))
+    assert np.array_equal(cosine_schedule(0.5, 0.0, 4, 44, warmup_epochs=1),
+                          cosine_schedule(0.5, 0.0, 4, 44, warmup_epochs=1.0))

@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ from mokd_eval.checkpoints import load_backbones
 from mokd_eval.errors import MokdError
 from mokd_eval.registry import build_backbone
 from mokd_train import checkpointing, losses
-from mokd_train.config import PRESETS, TrainConfig, arch_specs, resolve_config
+from mokd_train.config import PRESETS, TrainConfig, arch_specs, resolve_config, resolved_lambdas
 from mokd_train.engine import pair_config, save_initial_checkpoint, train
 from mokd_train.pair import MokdPair
 
@@ -99,8 +100,10 @@ def test_default_lambdas_favour_the_larger_backbone(tmp_path):
     assert lambdas("vit_s-vit_s") == (1.0, 1.0)
     assert lambdas("r50-vit_s", lambda2=0.5) == (1.0, 0.5)
     tiny = resolve_config("tiny", None, {"output_dir": str(tmp_path)})
+    assert (tiny.lambda1, tiny.lambda2) == (0.1, 0.1)  # the tiny recipe sets both (README, demo section)
     counts = [sum(p.numel() for p in build_backbone(spec).parameters()) for spec in arch_specs(tiny)]
-    assert counts[0] < counts[1] and (tiny.lambda1, tiny.lambda2) == (0.1, 1.0)
+    assert counts[0] < counts[1]
+    assert resolved_lambdas(dataclasses.replace(tiny, lambda1=None, lambda2=None)) == (0.1, 1.0)  # the rule
 
 
 def test_bad_settings_are_one_line_errors_naming_key_and_file(tmp_path):
@@ -399,6 +402,31 @@ def test_lr_floors_are_scaled_by_batch_like_the_peaks(tmp_path):
                                                         * (1 + math.cos(math.pi * 9 / 10)))
     assert schedules.lr["vit"][10] == pytest.approx(3e-4 * scale)  # first step after warm-up
     assert schedules.lr["vit"].min() >= 0.0 and schedules.lr["vit"][10:].min() >= 1e-5 * scale
+
+
+def test_paper_presets_keep_dino_schedules_and_tiny_sizes_them_to_its_steps(tmp_path):
+    """Paper presets: 10 warm-up epochs and an EMA cosine from 0.996 to 1 (DINO). The tiny recipe: a warm-up of half
+    an epoch (22 of 44 steps) and a constant EMA momentum, against closed forms."""
+    from mokd_train.engine import build_schedules
+
+    paper = resolve_config("r50-vit_s", None, {"output_dir": str(tmp_path)})
+    assert (paper.warmup_epochs, paper.momentum_teacher, paper.momentum_teacher_end) == (10, 0.996, 1.0)
+    schedules = build_schedules(paper, steps_per_epoch=3)
+    iterations = np.arange(300)
+    assert schedules.momentum == pytest.approx(1.0 - 0.5 * 0.004 * (1 + np.cos(np.pi * iterations / 300)))
+    assert schedules.lr["vit"][:30] == pytest.approx(np.linspace(0.0, 3e-4, 30))
+
+    tiny = resolve_config("tiny", None, {"output_dir": str(tmp_path)})
+    schedules = build_schedules(tiny, steps_per_epoch=44)
+    peak = tiny.lr_vit * tiny.batch_size / 256
+    assert schedules.lr["vit"][:22] == pytest.approx(np.linspace(0.0, peak, 22))
+    assert schedules.lr["vit"][22] == pytest.approx(peak) and schedules.lr["vit"][23] < peak
+    assert np.all(schedules.momentum == tiny.momentum_teacher)
+    rising = build_schedules(dataclasses.replace(tiny, momentum_teacher=0.98), steps_per_epoch=44).momentum
+    steps = np.arange(len(rising))
+    assert rising == pytest.approx(0.99 + 0.5 * (0.98 - 0.99) * (1 + np.cos(np.pi * steps / len(rising))))
+    with pytest.raises(MokdError, match="momentum_teacher_end"):
+        resolve_config("tiny", None, {"output_dir": str(tmp_path), "momentum_teacher_end": 1.5})
 
 
 def test_tuple_settings_parse_on_the_command_line(tmp_path, monkeypatch):

@@ -38,6 +38,9 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 CONSTANT_EMA = frozenset({"mcl"})
 # Queue length of the MCL methods on the CPU-sized `tiny` preset (digits has 1,437 training images).
 TINY_QUEUE_SIZE = 1024
+# MOKD's cross-term weights in the `tiny` recipe (why: TINY_PRESET in mokd_train/config.py). A method setting, not
+# a preset one, so that DoGo and MCL keep their own weights (DEFAULT_LAMBDAS) on `tiny`.
+TINY_MOKD_LAMBDAS = {"lambda1": 0.1, "lambda2": 0.1}
 
 
 def method_label(method: str) -> str:
@@ -50,6 +53,8 @@ def method_defaults(method: str, preset: str | None) -> dict[str, Any]:
     defaults = dict(METHOD_DEFAULTS.get(method, {}))
     if preset == "tiny" and method in ("mcl", "dino+mcl"):
         defaults["queue_size"] = TINY_QUEUE_SIZE
+    if preset == "tiny" and method == "mokd":
+        defaults.update(TINY_MOKD_LAMBDAS)
     return defaults
 
 
