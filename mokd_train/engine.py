@@ -122,7 +122,8 @@ def pair_config(cfg: TrainConfig) -> PairConfig:
     return PairConfig(
         out_dim=cfg.out_dim, mlp_hidden_dim=cfg.mlp_hidden_dim, mlp_bottleneck_dim=cfg.mlp_bottleneck_dim,
         mlp_bn=cfg.mlp_bn,
-        thead_depth=cfg.thead_depth, thead_dim=cfg.thead_dim, thead_heads=cfg.thead_heads, mode=cfg.mode,
+        thead_depth=cfg.thead_depth, thead_dim=cfg.thead_dim, thead_heads=cfg.thead_heads,
+        thead_l2norm=cfg.thead_l2norm, mode=cfg.mode,
         losses=cfg.losses, lambda1=lambda1, lambda2=lambda2, n_local=cfg.n_local,
         warmup_teacher_temp=cfg.warmup_teacher_temp, teacher_temp=cfg.teacher_temp,
         warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs,

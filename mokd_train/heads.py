@@ -120,12 +120,16 @@ class THead(nn.Module):
     local crops, exactly as the official code does (bicubic by scale factor with the +0.1 offset,
     `mokd_eval.posembed`). An optional query token is prepended without
     position embedding and dropped after the final norm: that is the cross-attention feature search.
+    `l2_normalize` normalises the pooled tokens before the last layer, as the MLP-Head does with its bottleneck;
+    the official T-Head does not (off by default). In the `tiny` recipe the unnormalised self term `st` collapsed a
+    4-block ViT's patch tokens (README, demo section).
     """
 
     def __init__(self, in_dim: int, dim: int, out_dim: int, grid: int, *, conv_input: bool,
-                 depth: int = 3, num_heads: int = 6) -> None:
+                 depth: int = 3, num_heads: int = 6, l2_normalize: bool = False) -> None:
         super().__init__()
         self.grid = grid
+        self.l2_normalize = l2_normalize
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, dim))
         nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
         self.patch_embed = nn.Conv2d(in_dim, dim, kernel_size=1) if conv_input else None
@@ -182,7 +186,8 @@ class THead(nn.Module):
         x = self.norm(x)
         if has_query:
             x = x[:, 1:]
-        return x.mean(dim=1)
+        pooled = x.mean(dim=1)
+        return F.normalize(pooled, dim=-1) if self.l2_normalize else pooled
 
     def forward(self, feature_map: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
         return self.encode(self.tokens(feature_map)[0], query)

@@ -65,6 +65,7 @@ class PairConfig:
     mlp_bottleneck_dim: int = 256
     mlp_bn: bool = False
     thead_depth: int = 3
+    thead_l2norm: bool = False
     thead_dim: int | None = None
     thead_heads: int | None = None
     mode: str = "mokd"  # "mokd" | "independent" (each model alone with Lsm only: DINO)
@@ -183,7 +184,7 @@ def build_network(spec: ArchSpec, cfg: PairConfig, thead_dim: int, thead_heads: 
     head = MLPHead(spec.feature_dim, cfg.out_dim, cfg.mlp_hidden_dim, cfg.mlp_bottleneck_dim,
                    norm_last_layer=not spec.is_vit, use_bn=cfg.mlp_bn)
     transhead = THead(spec.feature_dim, thead_dim, cfg.out_dim, thead_grid(spec), conv_input=not spec.is_vit,
-                      depth=cfg.thead_depth, num_heads=thead_heads)
+                      depth=cfg.thead_depth, num_heads=thead_heads, l2_normalize=cfg.thead_l2norm)
     return Network(spec, build_backbone(spec, drop_path_rate=drop_path_rate), head, transhead)
 
 

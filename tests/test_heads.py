@@ -171,3 +171,16 @@ def test_mlp_head_with_batchnorm_standardises_hidden_features_over_the_batch():
     h = F.gelu(standardise(h @ head.mlp[3].weight.T))
     z = F.normalize(head.mlp[6](h), dim=-1)
     torch.testing.assert_close(head(x), z @ head.last_layer.weight.T, rtol=1e-5, atol=1e-5)
+
+
+def test_thead_l2_normalize_feeds_unit_pooled_tokens_to_the_last_layer():
+    torch.manual_seed(0)
+    plain = THead(in_dim=6, dim=6, out_dim=5, grid=2, conv_input=False, depth=1, num_heads=2).eval()
+    normalised = THead(in_dim=6, dim=6, out_dim=5, grid=2, conv_input=False, depth=1, num_heads=2,
+                       l2_normalize=True).eval()
+    normalised.load_state_dict(plain.state_dict())
+    tokens, query = torch.randn(3, 4, 6), torch.randn(3, 6)
+    pooled = plain.pooled(tokens, query)
+    torch.testing.assert_close(normalised.pooled(tokens, query), pooled / pooled.norm(dim=-1, keepdim=True))
+    torch.testing.assert_close(normalised.encode(tokens, query), plain.last_layer(F.normalize(pooled, dim=-1)))
+    torch.testing.assert_close(normalised.search_pooled(tokens, query).norm(dim=-1), torch.ones(3))

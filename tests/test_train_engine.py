@@ -123,6 +123,8 @@ def test_bad_settings_are_one_line_errors_naming_key_and_file(tmp_path):
     with pytest.raises(MokdError, match="'global_scale'") as caught:
         resolve_config("tiny", None, {"output_dir": "x", "global_scale": "0.5,0.2"})
     assert "\n" not in str(caught.value)
+    with pytest.raises(MokdError, match="thead_l2norm has no official equivalent"):
+        resolve_config("r50-vit_s", None, {"output_dir": "x", "thead_l2norm": True, "export_official": True})
 
 
 # --- a run and its files ----------------------------------------------------------------------------
