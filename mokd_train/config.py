@@ -370,7 +370,7 @@ def validate(config: TrainConfig) -> None:
     for key in ("lambda1", "lambda2", "thead_dim", "thead_heads", "patch_size"):
         if getattr(config, key) is not None and getattr(config, key) < 0:
             raise MokdError(f"setting {key!r} must be >= 0, got {getattr(config, key)}")
-    if config.export_official and config.thead_l2norm:
+    if config.method == "mokd" and config.export_official and config.thead_l2norm:
         raise MokdError("--export-official writes the official layout, whose T-Head does not normalise its pooled "
                         "tokens: a run with thead_l2norm has no official equivalent; drop one of the two")
     if config.method != "mokd":
