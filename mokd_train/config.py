@@ -31,6 +31,7 @@ AUGMENTATION_PROBABILITIES = ("flip_p", "jitter_p", "grayscale_p", "global1_blur
                               "local_blur_p", "solarize_p")
 # Paper §4.5: the larger model learns fully from its partner, the smaller one only a little.
 LAMBDA_LARGER, LAMBDA_SMALLER = 1.0, 0.1
+OFFICIAL_THEAD_DEPTH = 3  # blocks in the official T-Head (`transhead.blocks.0-2`)
 
 
 @dataclass
@@ -63,7 +64,7 @@ class TrainConfig:
     mlp_bn: bool = False  # BatchNorm in the MLP-Head's hidden layers (DINO's use_bn; off in the paper recipe)
     thead_dim: int | None = None
     thead_heads: int | None = None
-    thead_depth: int = 3
+    thead_depth: int = OFFICIAL_THEAD_DEPTH
     thead_l2norm: bool = False  # L2-normalise the T-Head's pooled tokens before its last layer (not official)
     drop_path: float = 0.1  # ViT students only
     # multi-crop
@@ -376,6 +377,10 @@ def validate(config: TrainConfig) -> None:
     if config.method == "mokd" and config.export_official and config.thead_l2norm:
         raise MokdError("--export-official writes the official layout, whose T-Head does not normalise its pooled "
                         "tokens: a run with thead_l2norm has no official equivalent; drop one of the two")
+    if config.method == "mokd" and config.export_official and config.thead_depth != OFFICIAL_THEAD_DEPTH:
+        raise MokdError(f"--export-official writes the official layout, whose T-Heads have {OFFICIAL_THEAD_DEPTH} "
+                        f"blocks: a run with thead_depth {config.thead_depth} has no official equivalent; "
+                        f"set --thead-depth {OFFICIAL_THEAD_DEPTH} or drop --export-official")
     if config.method != "mokd":
         if config.export_official or config.init_from:
             raise MokdError(f"--export-official and --init-from hold MOKD pairs only, not --method {config.method}")

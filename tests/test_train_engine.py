@@ -125,6 +125,8 @@ def test_bad_settings_are_one_line_errors_naming_key_and_file(tmp_path):
     assert "\n" not in str(caught.value)
     with pytest.raises(MokdError, match="thead_l2norm has no official equivalent"):
         resolve_config("r50-vit_s", None, {"output_dir": "x", "thead_l2norm": True, "export_official": True})
+    with pytest.raises(MokdError, match="thead_depth 1 has no official equivalent; set --thead-depth 3"):
+        resolve_config("tiny", None, {"output_dir": "x", "thead_l2norm": False, "export_official": True})
 
 
 # --- a run and its files ----------------------------------------------------------------------------
@@ -249,7 +251,7 @@ def test_independent_mode_shares_nothing_between_the_models(tmp_path):
 def test_export_official_layout_and_init_from_reproduce_every_tensor(tmp_path):
     config = small_config(tmp_path / "run", arch1="r18", arch2="vit_t", patch_size=16, img_size=64, local_size=32,
                           batch_size=16, epochs=1, warmup_epochs=0, export_official=True, losses="sm,st,cm,ct",
-                          thead_l2norm=False)
+                          thead_l2norm=False, thead_depth=3)
     train(config)
     official_dir = tmp_path / "run" / "official"
     assert sorted(path.name for path in official_dir.iterdir()) == [

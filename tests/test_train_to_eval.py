@@ -9,7 +9,8 @@ from cli import mokd_eval, mokd_train
 TRAIN_ARGS = ["--preset", "tiny", "--arch1", "r18", "--arch2", "vit_t", "--data", "shapes:50", "--img-size", "32",
               "--local-size", "16", "--n-local", "2", "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0",
               "--out-dim", "64", "--mlp-hidden-dim", "32", "--mlp-bottleneck-dim", "16", "--num-workers", "0",
-              "--max-steps", "2", "--export-official", "--no-thead-l2norm"]  # the official T-Head: unnormalised
+              "--max-steps", "2", "--export-official", "--no-thead-l2norm",
+              "--thead-depth", "3"]  # the official T-Head: 3 blocks, unnormalised
 
 
 def test_native_and_official_checkpoints_evaluate_both_models_identically(tmp_path):
