@@ -107,7 +107,7 @@ def backward_each(losses: dict[int, torch.Tensor]) -> None:
 def pair_step(config: TrainConfig, device: torch.device):
     """The engine's optimisation step for the pair (all terms)."""
     pair = MokdPair(*arch_specs(config), pair_config(config)).to(device)
-    optimizers = [build_optimizer(pair, index) for index in (0, 1)]
+    optimizers = [build_optimizer(pair, index, cnn_optimizer=config.cnn_optimizer) for index in (0, 1)]
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["lr"] = 1e-4
@@ -135,7 +135,7 @@ def peer_config(setup: str, method: str, batch_size: int | None) -> TrainConfig:
 def peer_step(config: TrainConfig, device: torch.device):
     """The engine's step for another method: its losses, one combined backward, its optimizers, its EMA."""
     pair = build_peer_pair(arch_specs(config), config).to(device)
-    optimizers = [build_optimizer(pair, index) for index in (0, 1)]
+    optimizers = [build_optimizer(pair, index, cnn_optimizer=config.cnn_optimizer) for index in (0, 1)]
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["lr"] = 1e-4
@@ -164,7 +164,7 @@ def single_step(config: TrainConfig, index: int, device: torch.device):
     teacher = copy.deepcopy(student).requires_grad_(False)
     centers = Centers(["sm"], settings.out_dim, settings.center_momentum).to(device)
     params = [param for param in student.parameters() if param.requires_grad]
-    optimizer = make_optimizer(params, vit=spec.is_vit)
+    optimizer = make_optimizer(params, adamw=spec.is_vit or config.cnn_optimizer == "adamw")
     for group in optimizer.param_groups:
         group["lr"] = 1e-4
     only_mlp = frozenset({"mlp"})

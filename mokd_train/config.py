@@ -27,6 +27,7 @@ from mokd_train.methods import DEFAULT_LAMBDAS, FAITHFUL_PEERS, METHODS, method_
 MODES = ("mokd", "independent")
 LOSS_TERMS = ("sm", "st", "cm", "ct")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
+CNN_OPTIMIZERS = ("sgd", "adamw")  # sgd: the official choice for a ResNet
 AUGMENTATION_PROBABILITIES = ("flip_p", "jitter_p", "grayscale_p", "global1_blur_p", "global2_blur_p",
                               "local_blur_p", "solarize_p")
 # Paper §4.5: the larger model learns fully from its partner, the smaller one only a little.
@@ -81,6 +82,7 @@ class TrainConfig:
     local_blur_p: float | None = None
     solarize_p: float | None = None  # second global crop only
     # optimisation: learning rates (peaks and floors) are per 256 images and scaled by batch_size / 256
+    cnn_optimizer: str = "sgd"  # sgd (official, momentum 0.9) | adamw (as the ViT; the tiny recipe)
     lr_cnn: float = 0.1
     min_lr_cnn: float = 0.0048
     weight_decay_cnn: float = 1e-4
@@ -159,6 +161,8 @@ FIELD_HELP: dict[str, str] = {
     "device": "auto, cpu or cuda",
     "num_workers": "DataLoader workers per process (default: sized to the machine's cores; torch threads take "
                    "the rest unless OMP_NUM_THREADS is set)",
+    "cnn_optimizer": "the ResNet's optimizer: sgd (official, momentum 0.9) or adamw (as a ViT's; the tiny recipe, "
+                     "where SGD left r_tiny near its initialisation)",
     "mlp_bn": "BatchNorm in the MLP-Head's hidden layers (DINO's use_bn; the tiny recipe's guard against collapse)",
     "thead_l2norm": "L2-normalise the T-Head's pooled tokens before its last layer, as the MLP-Head does (not in "
                     "the official code; on in tiny, where the unnormalised T-Head self term collapsed the ViT)",
@@ -196,8 +200,12 @@ PAPER_PAIRS = {
 # - teacher temperature 0.04 falling linearly to 0.02 over the 8 epochs (both warm-up settings = 8): at a
 #   constant 0.04 the targets drift towards uniform (the monitor warns from epoch 4); at a constant 0.02 they
 #   stay sharp but k-NN is 4 points lower; the falling schedule sharpens as the centring flattens.
-# - lrs per 256 images: CNN 0.2 (0.1-1.0 tried; 1.0 was 2 points worse), ViT 1.6e-2 (= 2e-3 at batch 32;
-#   4e-3 left the ViT below its initialisation, 4e-2 collapsed it), warm-up over half an epoch (22 steps).
+# - AdamW for r_tiny too, not the official SGD: with SGD (lr 0.1-1.0 per 256 tried) r_tiny's k-NN plateaued at
+#   70-77 % whatever its initialisation (61-73 %), or fell into uniform collapse; AdamW at the ViT's lr reached
+#   82-86 % (two r_tiny trained side by side, Independent, seeds 0-1; 8e-3 per 256 was 3-7 points lower).
+# - lrs per 256 images: 1.6e-2 for both (= 2e-3 at batch 32; for vit_mini 4e-3 left it below its
+#   initialisation, 4e-2 collapsed it), warm-up over half an epoch (22 steps); floors as the defaults (the
+#   CNN's 4.8e-3 per 256, as probed).
 # - EMA momentum constant 0.99: the teacher must follow a student that moves for only 352 steps.
 # - no last-layer freeze; augmentation sized to 8x8 scans: crops keep 50-100 % (globals) / 20-50 % (locals) of
 #   a digit (30-100 / 10-30 and 70-100 / 30-60 were worse), no flip (digits are not mirror images), no solarize.
@@ -213,7 +221,7 @@ TINY_PRESET: dict[str, Any] = {
     "global_scale": (0.5, 1.0), "local_scale": (0.2, 0.5), "flip_p": 0.0, "solarize_p": 0.0,
     "out_dim": 256, "mlp_hidden_dim": 256, "mlp_bottleneck_dim": 64, "mlp_bn": True,
     "thead_l2norm": True, "thead_depth": 1,
-    "lr_cnn": 0.2, "lr_vit": 1.6e-2, "warmup_epochs": 0.5,
+    "cnn_optimizer": "adamw", "lr_cnn": 1.6e-2, "lr_vit": 1.6e-2, "warmup_epochs": 0.5,
     "momentum_teacher": 0.99, "momentum_teacher_end": 0.99, "freeze_last_layer": 0,
     "warmup_teacher_temp": 0.04, "teacher_temp": 0.02,
     "warmup_teacher_temp_epochs": 8, "cnn_self_warmup_teacher_temp_epochs": 8,
@@ -343,7 +351,7 @@ def _coerce_item(key: str, item: Any, kind: type, bad) -> Any:
 
 def validate(config: TrainConfig) -> None:
     """Reject values that cannot train, naming the setting; also resolves both architectures."""
-    choices = {"method": METHODS, "mode": MODES, "amp": AMP_MODES}
+    choices = {"method": METHODS, "mode": MODES, "amp": AMP_MODES, "cnn_optimizer": CNN_OPTIMIZERS}
     for key, allowed in choices.items():
         if getattr(config, key) not in allowed:
             raise MokdError(f"setting {key!r} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
@@ -478,7 +486,8 @@ def describe(config: TrainConfig) -> str:
         lines.append(f"  optimisation: the method's own recipe (peer_lr {config.peer_lr}, peer_weight_decay "
                      f"{config.peer_weight_decay}; None = the method's default)")
     else:
-        lines.append(f"  lr: cnn {config.lr_cnn * scale:g} -> {config.min_lr_cnn * scale:g}, "
+        lines.append(f"  lr: cnn ({config.cnn_optimizer}) {config.lr_cnn * scale:g} -> "
+                     f"{config.min_lr_cnn * scale:g}, "
                      f"vit {config.lr_vit * scale:g} -> {config.min_lr_vit * scale:g} "
                      f"(peak -> floor, base x batch {config.batch_size} / 256)")
     lines.append("  settings:")

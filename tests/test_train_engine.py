@@ -434,6 +434,28 @@ def test_paper_presets_keep_dino_schedules_and_tiny_sizes_them_to_its_steps(tmp_
         resolve_config("tiny", None, {"output_dir": str(tmp_path), "momentum_teacher_end": 1.5})
 
 
+def test_cnn_optimizer_is_sgd_in_paper_presets_and_adamw_when_chosen(tmp_path):
+    """The official recipe trains a ResNet with SGD (momentum 0.9); `cnn_optimizer: adamw` (the tiny recipe) gives
+    it AdamW like the ViT, T-Head group included; anything else is a one-line error."""
+    from mokd_train.engine import build_optimizer
+
+    def optimizers(config: TrainConfig) -> list[torch.optim.Optimizer]:
+        pair = MokdPair(*arch_specs(config), pair_config(config))
+        return [build_optimizer(pair, index, cnn_optimizer=config.cnn_optimizer) for index in (0, 1)]
+
+    paper = small_config(tmp_path, cnn_optimizer="sgd")
+    assert resolve_config("r50-vit_s", None, {"output_dir": str(tmp_path)}).cnn_optimizer == "sgd"
+    cnn, vit = optimizers(paper)
+    assert type(cnn) is torch.optim.SGD and cnn.defaults["momentum"] == 0.9 and type(vit) is torch.optim.AdamW
+    tiny = small_config(tmp_path)
+    assert tiny.cnn_optimizer == "adamw"
+    cnn, vit = optimizers(tiny)
+    assert type(cnn) is torch.optim.AdamW and type(vit) is torch.optim.AdamW
+    assert len(cnn.param_groups) == len(optimizers(paper)[0].param_groups)  # same groups (T-Head's own lr kept)
+    with pytest.raises(MokdError, match="'cnn_optimizer' must be one of sgd, adamw, got 'lars'"):
+        small_config(tmp_path, cnn_optimizer="lars")
+
+
 def test_tuple_settings_parse_on_the_command_line(tmp_path, monkeypatch):
     import cli
     from click.testing import CliRunner
