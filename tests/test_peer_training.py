@@ -22,8 +22,9 @@ def digits_args(method: str, output_dir: Path) -> list[str]:
             "--local-size", "8", "--batch-size", "32", "--epochs", "1", "--max-steps", str(STEPS),
             "--warmup-epochs", "0", "--out-dim", "128", "--mlp-hidden-dim", "64", "--mlp-bottleneck-dim", "32",
             "--queue-size", "64", "--num-workers", "0", "--log-every", "1", "--output-dir", str(output_dir),
-            # the lrs these 12-step checks were calibrated with (the tiny recipe's ViT lr 1.6e-2 is sized to 352 steps)
-            "--lr-cnn", "0.5", "--lr-vit", "5e-4"]
+            # the optimizers and lrs these 12-step checks were calibrated with (the tiny recipe's AdamW at 1.6e-2 is
+            # sized to 352 steps)
+            "--cnn-optimizer", "sgd", "--lr-cnn", "0.5", "--lr-vit", "5e-4"]
 
 
 def step_losses(output_dir: Path) -> list[dict[str, float]]:
