@@ -164,7 +164,7 @@ def single_step(config: TrainConfig, index: int, device: torch.device):
     teacher = copy.deepcopy(student).requires_grad_(False)
     centers = Centers(["sm"], settings.out_dim, settings.center_momentum).to(device)
     params = [param for param in student.parameters() if param.requires_grad]
-    optimizer = make_optimizer(params, adamw=spec.is_vit or config.cnn_optimizer == "adamw")
+    optimizer = make_optimizer(params, vit=spec.is_vit, cnn_optimizer=config.cnn_optimizer)
     for group in optimizer.param_groups:
         group["lr"] = 1e-4
     only_mlp = frozenset({"mlp"})

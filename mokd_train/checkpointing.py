@@ -258,6 +258,20 @@ def check_compatible(state: dict[str, Any], path: Path, specs: tuple[ArchSpec, A
                         f"use another --output-dir or --no-resume")
 
 
+def _check_same_optimizer_kind(saved: dict[str, Any], optimizer: torch.optim.Optimizer, path: Path,
+                               index: int) -> None:
+    """torch loads an SGD state into AdamW (and back) without complaint and fails at the first step; the
+    hyperparameters of the first group tell the two families apart (`betas` only in Adam-type optimizers)."""
+    def family(group: dict[str, Any]) -> str:
+        return "Adam-type" if "betas" in group else "SGD"
+
+    saved_family, built_family = family(saved["param_groups"][0]), family(optimizer.param_groups[0])
+    if saved_family != built_family:
+        raise MokdError(f"{path} trained model {index + 1} with {saved_family} but the config builds "
+                        f"{built_family} (see --cnn-optimizer): resume with the original settings or use another "
+                        f"--output-dir")
+
+
 def restore(state: dict[str, Any], path: Path, pair: MokdPair, optimizers: list[torch.optim.Optimizer],
             scalers: list[Any]) -> Progress:
     """Load weights, teachers, centers, optimizers, scalers and RNG from a native checkpoint."""
@@ -266,6 +280,7 @@ def restore(state: dict[str, Any], path: Path, pair: MokdPair, optimizers: list[
             pair.students[index].load_state_dict(state[f"student{index + 1}"])
             if index < len(pair.teachers):
                 pair.teachers[index].load_state_dict(state[f"teacher{index + 1}"])
+            _check_same_optimizer_kind(state[f"optimizer{index + 1}"], optimizers[index], path, index)
             optimizers[index].load_state_dict(state[f"optimizer{index + 1}"])
             if scalers[index] is not None:
                 if state[f"scaler{index + 1}"] is None:

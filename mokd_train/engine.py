@@ -143,14 +143,16 @@ def build_optimizer(pair: MokdPair | PeerPair, index: int, *,
     set every step. A method with its own recipe (dogo, mcl) builds its own optimizer."""
     if isinstance(pair, PeerPair) and pair.own_recipe:
         return pair.build_optimizer(index)
-    return make_optimizer(pair.param_groups(index), adamw=pair.specs[index].is_vit or cnn_optimizer == "adamw")
+    return make_optimizer(pair.param_groups(index), vit=pair.specs[index].is_vit, cnn_optimizer=cnn_optimizer)
 
 
-def make_optimizer(groups: list[dict] | list[torch.nn.Parameter], *, adamw: bool) -> torch.optim.Optimizer:
-    """AdamW (the official choice for a ViT) or SGD with momentum 0.9 (for a ResNet), in torch's fused form: one
-    pass over each parameter instead of several with full-size temporaries (AdamW over 54 M parameters on one CPU
-    thread: 0.05 s fused against 0.37 s for the loop). lr and weight decay are set every step."""
-    if adamw:
+def make_optimizer(groups: list[dict] | list[torch.nn.Parameter], *, vit: bool,
+                   cnn_optimizer: str = "sgd") -> torch.optim.Optimizer:
+    """AdamW for a ViT (official); for a ResNet SGD with momentum 0.9 (official) or AdamW (`cnn_optimizer`). In
+    torch's fused form: one pass over each parameter instead of several with full-size temporaries (AdamW over 54 M
+    parameters on one CPU thread: 0.05 s fused against 0.37 s for the loop). lr and weight decay are set every
+    step."""
+    if vit or cnn_optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, fused=True)
     return torch.optim.SGD(groups, lr=0.0, momentum=SGD_MOMENTUM, weight_decay=0.0, fused=True)
 

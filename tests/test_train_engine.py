@@ -219,6 +219,8 @@ def test_resume_refuses_other_archs_or_mode(tmp_path, reference_run):
         train(small_config(reference_run, arch2="vit_t", max_steps=8))
     with pytest.raises(MokdError, match="position grids for 16 px, not 32: see position_size"):
         train(small_config(reference_run, position_size=32, max_steps=8))
+    with pytest.raises(MokdError, match="trained model 1 with Adam-type but the config builds SGD .see --cnn-optim"):
+        train(small_config(reference_run, cnn_optimizer="sgd", max_steps=8))
 
 
 # --- independence -----------------------------------------------------------------------------------
