@@ -9,8 +9,8 @@ two global crops only (their recipes have no local crops), the dino+ adaptations
 "Alone" uses the same engine pieces with one model: its student network (backbone + MLP-Head, no
 T-Head), its EMA teacher, DINO's self-distillation loss `sm` with its center, the same optimizer
 (SGD for a ResNet, AdamW for a ViT), per-tensor clipping and EMA update. The pair step is the
-engine's: all 8 terms, each model's loss back-propagated before the other student runs, two optimizer
-steps, two EMA updates. Crops are
+engine's: all 8 terms, each model's loss back-propagated and its optimizer stepped before the other
+student runs, two EMA updates. Crops are
 random tensors (data loading is the same for both and excluded).
 
 Each measurement runs in its own spawned process and reports the fastest of its timed steps (the
@@ -40,7 +40,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mokd_train.config import TrainConfig, arch_specs, resolve_config
-from mokd_train.engine import build_optimizer, clip_gradients_per_tensor, make_optimizer, pair_config
+from mokd_train.engine import build_optimizer, clip_gradients_per_tensor, make_optimizer, pair_config, update_model
 from mokd_train.methods import FAITHFUL_PEERS, METHODS, build_peer_pair, method_label
 from mokd_train.losses import Centers, batch_center, distillation_loss
 from mokd_train.pair import MokdPair, build_network, ema_update, thead_width
@@ -99,9 +99,22 @@ def random_crops(config: TrainConfig, device: torch.device) -> list[torch.Tensor
     return [torch.randn(config.batch_size, 3, size, size, generator=generator).to(device) for size in sizes]
 
 
-def backward_each(losses: dict[int, torch.Tensor]) -> None:
-    """The engine's backward callback without GradScalers: the pair calls it as soon as losses exist."""
-    sum(losses.values()).backward()
+def engine_step(pair: MokdPair | PeerPair, optimizers: list[torch.optim.Optimizer], config: TrainConfig):
+    """The engine's optimisation step without GradScalers: each model's backward and update as soon as its
+    loss exists (MOKD: model 1 before student 2 runs; peer methods: both at once), then the EMA update."""
+
+    def backward_and_step(losses: dict[int, torch.Tensor]) -> None:
+        sum(losses.values()).backward()
+        for index in losses:
+            update_model(pair, index, optimizers[index], clip_grad=config.clip_grad, hold_last_layers=False)
+
+    def step(crops: list[torch.Tensor]) -> None:
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        pair.compute_losses(crops[:2 + config.n_local], epoch=0, backward=backward_and_step)
+        pair.update_teachers(0.996)
+
+    return step
 
 
 def pair_step(config: TrainConfig, device: torch.device):
@@ -111,17 +124,7 @@ def pair_step(config: TrainConfig, device: torch.device):
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["lr"] = 1e-4
-
-    def step(crops: list[torch.Tensor]) -> None:
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        pair.compute_losses(crops, epoch=0, backward=backward_each)
-        for index, optimizer in enumerate(optimizers):
-            clip_gradients_per_tensor(list(pair.students[index].parameters()), config.clip_grad)
-            optimizer.step()
-        pair.update_teachers(0.996)
-
-    return step, [pair], optimizers
+    return engine_step(pair, optimizers, config), [pair], optimizers
 
 
 def peer_config(setup: str, method: str, batch_size: int | None) -> TrainConfig:
@@ -139,18 +142,7 @@ def peer_step(config: TrainConfig, device: torch.device):
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["lr"] = 1e-4
-
-    def step(crops: list[torch.Tensor]) -> None:
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        pair.compute_losses(crops[:2 + config.n_local], epoch=0, backward=backward_each)
-        for index, optimizer in enumerate(optimizers):
-            if config.clip_grad > 0:
-                clip_gradients_per_tensor(list(pair.students[index].parameters()), config.clip_grad)
-            optimizer.step()
-        pair.update_teachers(0.996)
-
-    return step, [pair], optimizers
+    return engine_step(pair, optimizers, config), [pair], optimizers
 
 
 def single_step(config: TrainConfig, index: int, device: torch.device):

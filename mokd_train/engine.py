@@ -1,11 +1,12 @@
 """The MOKD training loop: data, optimisation, schedules, logging and checkpoints around a `MokdPair`.
 
 Per step (official recipe): per-iteration lr / weight decay, the pair's forward with the backward of each
-model's loss as soon as it exists (MOKD: L1, then L2, so one model's activations are alive at a time; equal
-to one backward of L1 + L2 since nothing crossing models carries gradient; with fp16 each loss is scaled by
-its own model's GradScaler), per-tensor gradient clipping, last layers frozen during the
-first epoch(s), one optimizer step per model (SGD for a ResNet, AdamW for a ViT), then the EMA update
-of both teachers.
+model's loss as soon as it exists and is finite, followed at once by that model's update (MOKD: L1, then L2,
+so one model's activations and one model's gradients are alive at a time; equal to one backward of L1 + L2
+and two optimizer steps at the end, since L2 reads teacher 1 but never student 1; with fp16 each loss is
+scaled by its own model's GradScaler): per-tensor gradient clipping, last layers frozen during the first
+epoch(s), one optimizer step per model (SGD for a ResNet, AdamW for a ViT). Then the EMA update of both
+teachers.
 
 Reproducibility: each sample's crops are drawn from an RNG seeded by (seed, epoch, index) and the
 order comes from a sampler seeded by seed + epoch, so a run resumed mid-epoch on CPU reproduces the
@@ -202,6 +203,25 @@ def clip_gradients_per_tensor(parameters: list[torch.nn.Parameter], max_norm: fl
     for param in parameters:
         if param.grad is not None:
             torch.nn.utils.clip_grad_norm_(param, max_norm, foreach=False)
+
+
+def update_model(pair: MokdPair | PeerPair, index: int, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler | None = None, *, clip_grad: float, hold_last_layers: bool) -> None:
+    """Model `index`'s update from its gradients, which are then freed: unscale (fp16), per-tensor clipping,
+    the heads' last layers held (`hold_last_layers`: the first epoch(s) of the recipe), the optimizer step."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_grad > 0:
+        clip_gradients_per_tensor(list(pair.students[index].parameters()), clip_grad)
+    if hold_last_layers:
+        for param in pair.last_layer_parameters(index):
+            param.grad = None
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -430,7 +450,7 @@ class Trainer:
                 group["weight_decay"] = decay if group["regularized"] else 0.0
 
     def _step(self, crops: list[torch.Tensor]) -> dict[str, float]:
-        cfg, progress, pair = self.cfg, self.progress, self.pair
+        progress, pair = self.progress, self.pair
         epoch = progress.epoch
         iteration = epoch * self.steps_per_epoch + progress.step_in_epoch
         self._set_hyperparameters(iteration)
@@ -439,23 +459,10 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             try:
-                _, _, stats = pair.compute_losses(crops, epoch, backward=self._backward)
+                _, _, stats = pair.compute_losses(crops, epoch, backward=self._backward_and_step)
             except NonFiniteLossError as error:
                 raise self._diverged(f"loss term {error.term} became non-finite at step {progress.global_step + 1} "
                                      f"(epoch {epoch + 1})") from None
-        for index, (optimizer, scaler) in enumerate(zip(self.optimizers, self.scalers)):
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if cfg.clip_grad > 0:
-                clip_gradients_per_tensor(list(pair.students[index].parameters()), cfg.clip_grad)
-            if epoch < cfg.freeze_last_layer:
-                for param in pair.last_layer_parameters(index):
-                    param.grad = None
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
         pair.update_teachers(float(self.schedules.momentum[iteration]))
         monitor = getattr(pair, "monitor", {})  # the collapse monitor is MOKD's (peer methods log none)
         if self.context.distributed:  # one all-reduce for the losses and the monitor
@@ -467,13 +474,18 @@ class Trainer:
         self.last_monitor = monitor
         return stats
 
-    def _backward(self, losses: dict[int, torch.Tensor]) -> None:
-        """Back-propagate the given models' losses, each scaled by its own model's GradScaler (fp16), outside
-        autocast (the pair calls this once per model, or once for both)."""
+    def _backward_and_step(self, losses: dict[int, torch.Tensor]) -> None:
+        """Back-propagate the given models' (finite) losses, each scaled by its own model's GradScaler (fp16),
+        outside autocast, then step those models. The pair calls this once per model (MOKD: L1 before student 2
+        runs, which reads only teacher 1, so the update is the same as stepping both at the end, and model 1's
+        gradients are freed before model 2's are allocated) or once for both (peer methods)."""
         scaled = [loss if self.scalers[index] is None else self.scalers[index].scale(loss)
                   for index, loss in losses.items()]
         with torch.autocast(self.device.type, enabled=False):
             sum(scaled).backward()
+        for index in losses:
+            update_model(self.pair, index, self.optimizers[index], self.scalers[index], clip_grad=self.cfg.clip_grad,
+                         hold_last_layers=self.progress.epoch < self.cfg.freeze_last_layer)
 
     def _report_step(self, bar: tqdm, stats: dict[str, float], images_per_s: float) -> None:
         cfg, progress = self.cfg, self.progress

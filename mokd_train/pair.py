@@ -222,6 +222,17 @@ def non_finite_everywhere(values: torch.Tensor) -> int | None:
     return failed[0] if failed else None
 
 
+def finite_values(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The terms' values, after checking on every rank that all are finite (NonFiniteLossError names the
+    first that is not, on every rank alike)."""
+    names = list(terms)
+    stacked = torch.stack([terms[name].detach().float() for name in names])
+    failed = non_finite_everywhere(stacked)
+    if failed is not None:
+        raise NonFiniteLossError(names[failed])
+    return dict(zip(names, stacked.tolist()))
+
+
 class MokdPair(nn.Module):
     """Two students, their EMA teachers, the centers, and the per-step loss computation."""
 
@@ -287,12 +298,14 @@ class MokdPair(nn.Module):
         """`(L1, L2, stats)` for one batch of crops: 2 globals then `n_local` locals, each B×3×H×W.
 
         L_i = sm_i + st_i + λ_i·(cross terms of model i), only enabled terms. Both teachers run first; then,
-        one model at a time, its student, the peer teacher's search with its queries, and its loss. With
-        `backward`, `backward({i: L_i})` is called as soon as L_i exists, before the other student runs: only
-        one student's graph is ever alive (peak memory holds one model's activations, not both), and the
-        gradients equal those of backward(L1 + L2) because no term of L_i depends on the other student.
-        Centers move only after both losses are computed and known to be finite (a diverged step raises
-        before the caller's optimizers step, whatever `backward` already did).
+        one model at a time, its student, the peer teacher's search with its queries, and its loss. Each
+        model's terms are checked to be finite on every rank (NonFiniteLossError) as soon as they exist. With
+        `backward`, `backward({i: L_i})` is then called at once, before the other student runs: only one
+        student's graph is ever alive (peak memory holds one model's activations, not both), and the gradients
+        equal those of backward(L1 + L2) because no term of L_i reads the other *student*, only its teacher.
+        For the same reason the caller may step model i's optimizer inside `backward` (the engine does, so
+        model 1's gradients are freed before model 2's exist): L2 does not change. Centers move only after
+        both losses are computed and finite.
         """
         if len(crops) != 2 + self.cfg.n_local:
             raise ValueError(f"expected 2 global + {self.cfg.n_local} local crops, got {len(crops)} crops")
@@ -301,7 +314,7 @@ class MokdPair(nn.Module):
         steps = [ModelStep(), ModelStep()]
         search_tokens = [self._teacher_step(i, global_crops, steps[i]) for i in (0, 1)]
 
-        terms: dict[str, torch.Tensor] = {}
+        values: dict[str, float] = {}
         monitor: dict[str, float] = {}
         batch_centers: dict[str, torch.Tensor] = {}
         totals = []
@@ -319,20 +332,17 @@ class MokdPair(nn.Module):
             if "sm" in self_losses:
                 monitor.update(self._monitor(own, suffix, self_temp, self_losses["sm"]))
             totals.append(sum(self_losses.values()) + self.lambdas[i] * sum(cross_losses.values()))
-            terms.update({name + suffix: loss for name, loss in {**self_losses, **cross_losses}.items()})
+            terms = {name + suffix: loss for name, loss in {**self_losses, **cross_losses}.items()}
+            values.update(finite_values(terms))
             batch_centers.update({name + suffix: c for name, c in {**self_centers, **cross_centers}.items()})
             if backward is not None:
                 backward({i: totals[i]})
 
         names = [name for term in self.cfg.enabled_terms for name in (term + "1", term + "2")]
-        stacked = torch.stack([terms[name].detach() for name in names] + [t.detach() for t in totals])
-        failed = non_finite_everywhere(stacked[: len(names)])
-        if failed is not None:
-            raise NonFiniteLossError(names[failed])
-        values = stacked.tolist()
         self.centers.update(batch_centers)
         self.monitor = monitor
-        stats = dict(zip(names + ["loss1", "loss2"], values))
+        stats = {name: values[name] for name in names}
+        stats.update(loss1=float(totals[0].detach()), loss2=float(totals[1].detach()))
         return totals[0], totals[1], stats
 
     def _monitor(self, step: ModelStep, suffix: str, teacher_temp: float, sm: torch.Tensor) -> dict[str, float]:

@@ -303,6 +303,50 @@ def test_backward_per_model_runs_before_the_other_student_and_equals_one_combine
             torch.testing.assert_close(param.grad, expected.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_each_model_updated_inside_its_backward_equals_both_updated_at_the_end(base_pair):
+    """The engine steps model 1 as soon as L1 is back-propagated, so its gradients are freed before student 2
+    runs. L2 reads teacher 1, never student 1, so the losses and both updated students equal one backward of
+    L1 + L2 followed by the two optimizer steps."""
+    from mokd_train.engine import build_optimizer, update_model
+
+    def optimizers_of(pair):
+        optimizers = [build_optimizer(pair, index) for index in (0, 1)]
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group.update(lr=0.05, weight_decay=0.04 if group["regularized"] else 0.0)
+        return optimizers
+
+    crops = make_crops()
+    at_end, early = variant(base_pair), variant(base_pair)
+    end_optimizers, early_optimizers = optimizers_of(at_end), optimizers_of(early)
+    torch.manual_seed(5)
+    loss1, loss2, stats_at_end = at_end.compute_losses(crops, 0)
+    (loss1 + loss2).backward()
+    for index in (0, 1):
+        update_model(at_end, index, end_optimizers[index], clip_grad=3.0, hold_last_layers=False)
+
+    grads_when_student2_runs = []
+    early.students[1].register_forward_pre_hook(
+        lambda module, args: grads_when_student2_runs.append([p.grad for p in trainable(early.students[0])]))
+
+    def backward_and_step(losses):
+        sum(losses.values()).backward()
+        for index in losses:
+            update_model(early, index, early_optimizers[index], clip_grad=3.0, hold_last_layers=False)
+
+    torch.manual_seed(5)
+    _, _, stats_early = early.compute_losses(crops, 0, backward=backward_and_step)
+    assert stats_early == pytest.approx(stats_at_end, rel=1e-6)
+    assert grads_when_student2_runs and all(grad is None for grad in grads_when_student2_runs[0])
+    for index in (0, 1):
+        moved = [not torch.equal(p, q) for p, q in zip(trainable(early.students[index]),
+                                                        trainable(base_pair.students[index]))]
+        assert sum(moved) > len(moved) // 2  # the step really updated the student
+        for (name, expected), param in zip(trainable_named(at_end.students[index]), trainable(early.students[index])):
+            torch.testing.assert_close(param, expected, rtol=1e-5, atol=1e-6, msg=name)
+            assert param.grad is None  # freed after the step
+
+
 def trainable_named(network: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(name, p) for name, p in network.named_parameters() if p.requires_grad]
 
@@ -413,13 +457,15 @@ def test_each_backbone_runs_once_per_crop_size(pair):
     assert calls["teacher"] == [(2 * B, 32)] * 2
 
 
-def test_non_finite_term_raises_before_centers_move(pair):
+def test_non_finite_term_raises_before_centers_move_and_before_its_backward(pair):
     with torch.no_grad():
         pair.students[1].head.mlp[0].weight.fill_(float("nan"))
     before = pair.centers_state_dict()
+    backward_calls = []
     with pytest.raises(NonFiniteLossError) as error:
-        pair.compute_losses(make_crops(), 0)
+        pair.compute_losses(make_crops(), 0, backward=lambda losses: backward_calls.append(list(losses)))
     assert error.value.term == "sm2"
+    assert backward_calls == [[0]]  # model 1 (finite) was back-propagated, diverged model 2 never is
     after = pair.centers_state_dict()
     assert all(torch.equal(after[name], before[name]) for name in before)
 

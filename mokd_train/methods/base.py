@@ -23,8 +23,8 @@ from torch import nn
 from mokd_eval.errors import MokdError
 from mokd_eval.registry import ArchSpec, build_backbone, forward_tokens
 from mokd_train.heads import MLPHead
-from mokd_train.losses import Centers, NonFiniteLossError, batch_center, distillation_loss
-from mokd_train.pair import ema_update, frozen_copy_without_drop_path, non_finite_everywhere
+from mokd_train.losses import Centers, batch_center, distillation_loss
+from mokd_train.pair import ema_update, finite_values, frozen_copy_without_drop_path
 from mokd_train.schedules import teacher_temperature_schedule
 
 if TYPE_CHECKING:
@@ -176,7 +176,8 @@ class PeerPair(nn.Module):
     def compute_losses(self, crops: list[torch.Tensor], epoch: int,
                        backward: Callable[[dict[int, torch.Tensor]], None] | None = None,
                        ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """`(L1, L2, stats)`; raises NonFiniteLossError before any state moves if a term diverged.
+        """`(L1, L2, stats)`; raises NonFiniteLossError before any state moves (and before `backward`) if a
+        term diverged.
 
         `backward`, when given, is called once with both losses: the peer terms read the other *student's*
         outputs, so both students run before either loss exists (MOKD's cross terms read only teachers)."""
@@ -184,19 +185,14 @@ class PeerPair(nn.Module):
             raise ValueError(f"expected 2 global + {self.cfg.n_local} local crops, got {len(crops)} crops")
         self._pending_centers: dict[str, torch.Tensor] = {}
         terms, totals = self._terms(crops, epoch)
+        named = {f"{name}{index + 1}": value for index in (0, 1) for name, value in terms[index].items()}
+        stats = finite_values({**named, "loss1": totals[0], "loss2": totals[1]})
         if backward is not None:
             backward({0: totals[0], 1: totals[1]})
-        names = [f"{name}{index + 1}" for index in (0, 1) for name in terms[index]]
-        tensors = [value for index in (0, 1) for value in terms[index].values()]
-        stacked = torch.stack([t.detach().float() for t in tensors + totals])
-        failed = non_finite_everywhere(stacked)  # all-reduced: under DDP every rank stops in the same step
-        if failed is not None:
-            raise NonFiniteLossError((names + ["loss1", "loss2"])[failed])
-        values = stacked.tolist()
         if self.dino:
             self.centers.update(self._pending_centers)
         self._after_step()
-        return totals[0], totals[1], dict(zip(names + ["loss1", "loss2"], values))
+        return totals[0], totals[1], stats
 
     # -- the engine's interface --
 
