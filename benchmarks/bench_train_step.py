@@ -1,7 +1,8 @@
 """Benchmark: one MOKD pair step against one step of each model trained alone (DINO) and one step of
 each other online-distillation method (DoGo, MCL and the dino+ adaptations), same pair and batch.
 
-Usage: python benchmarks/bench_train_step.py [--steps 5 --warmup 2 --setups tiny r18-vit_t@64 r50-vit_s@224 --methods ...]
+Usage: python benchmarks/bench_train_step.py [--steps 5 --warmup 2 --setups tiny tiny@16 r18-vit_t@64 r50-vit_s@224
+       --batch-size N --rounds R --methods ...]
 
 The other methods run the engine's step on their own pair module (`mokd_train.methods`): DoGo and MCL on the
 two global crops only (their recipes have no local crops), the dino+ adaptations on all crops like MOKD.
@@ -17,8 +18,10 @@ Each measurement runs in its own spawned process and reports the fastest of its 
 least disturbed by other processes on a shared machine; the median is printed too) and the peak
 resident memory above the resident size just before the models are built (`ru_maxrss`, which sees
 every torch allocation on CPU; on CUDA the peak of `torch.cuda.max_memory_allocated`). The peak is split into
-the state held between steps, counted tensor by tensor (parameters, gradients, buffers, optimizer states:
-MOKD's T-Heads add theirs by design), and the rest ("act.": activations and temporaries of a step). The
+the state held between steps, counted tensor by tensor (parameters, buffers, optimizer states, and gradients
+where a step leaves them: the DINO steps keep theirs until the next step, as DINO does, while the engine frees
+each model's right after its update; MOKD's T-Heads add their state by design), and the rest ("act.":
+activations, temporaries and, for MOKD, the gradients of the model being updated). The
 GFLOP column counts one step's matmul/conv/attention work with torch's FlopCounterMode: its ratio is the
 cost MOKD adds by construction, the floor of the time ratio.
 Paper Table S3 (8 V100, 100 ImageNet epochs): DINO R50 97 h + DINO ViT-S 94 h = 191 h vs MOKD
@@ -45,11 +48,13 @@ from mokd_train.methods import FAITHFUL_PEERS, METHODS, build_peer_pair, method_
 from mokd_train.losses import Centers, batch_center, distillation_loss
 from mokd_train.pair import MokdPair, build_network, ema_update, thead_width
 
-# name -> (preset, overrides, batch size). The second is the paper's recipe (8 locals, K = 65536, 2048-wide
-# MLP) at 64 px with ImageNet-stem R18 and 16 px-patch ViT-T; the third is the paper's pair at the paper's crop
-# sizes (224/96 px, 8 locals), where the backbones dominate the step as they do on GPU (batch 2 on CPU).
+# name -> (preset, overrides, batch size). `tiny` is the preset (32 px), `tiny@16` the crops `mokd-eval demo`
+# trains on; then the paper's recipe (8 locals, K = 65536, 2048-wide MLP) at 64 px with ImageNet-stem R18 and
+# 16 px-patch ViT-T; last the paper's pair at the paper's crop sizes (224/96 px, 8 locals), where the backbones
+# dominate the step as they do on GPU (batch 2 on CPU by default; --batch-size 4 fits too).
 SETUPS = {
     "tiny": ("tiny", {}, 32),
+    "tiny@16": ("tiny", {"img_size": 16, "local_size": 8}, 32),
     "r18-vit_t@64": ("tiny", {"arch1": "r18", "arch2": "vit_t", "patch_size": 16, "img_size": 64, "local_size": 32,
                               "n_local": 8, "out_dim": 65536, "mlp_hidden_dim": 2048, "mlp_bottleneck_dim": 256,
                               "mlp_bn": False}, 32),
@@ -66,7 +71,7 @@ def setup_config(setup: str, batch_size: int | None) -> TrainConfig:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
-    parser.add_argument("--batch-size", type=int, default=None, help="default: per setup (32, 32, 2)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: per setup (32, 32, 32, 2)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (fastest and median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--rounds", type=int, default=1,
@@ -179,8 +184,9 @@ def single_step(config: TrainConfig, index: int, device: torch.device):
 
 
 def state_mb(modules: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer]) -> float:
-    """Memory held between steps, counted tensor by tensor: parameters, their gradients, buffers (teachers and
-    centers included) and optimizer states. What a step adds on top of it is activations and temporaries."""
+    """Memory held between steps, counted tensor by tensor: parameters, the gradients a step leaves, buffers
+    (teachers and centers included) and optimizer states. What a step adds on top of it is activations,
+    temporaries and any gradients freed before the step ends."""
     tensors = [tensor for module in modules for tensor in (*module.parameters(), *module.buffers())]
     tensors += [param.grad for module in modules for param in module.parameters() if param.grad is not None]
     tensors += [value for optimizer in optimizers for state in optimizer.state.values()

@@ -333,7 +333,7 @@ class MokdPair(nn.Module):
                 monitor.update(self._monitor(own, suffix, self_temp, self_losses["sm"]))
             totals.append(sum(self_losses.values()) + self.lambdas[i] * sum(cross_losses.values()))
             terms = {name + suffix: loss for name, loss in {**self_losses, **cross_losses}.items()}
-            values.update(finite_values(terms))
+            values.update(finite_values({**terms, "loss" + suffix: totals[i]}))
             batch_centers.update({name + suffix: c for name, c in {**self_centers, **cross_centers}.items()})
             if backward is not None:
                 backward({i: totals[i]})
@@ -341,8 +341,7 @@ class MokdPair(nn.Module):
         names = [name for term in self.cfg.enabled_terms for name in (term + "1", term + "2")]
         self.centers.update(batch_centers)
         self.monitor = monitor
-        stats = {name: values[name] for name in names}
-        stats.update(loss1=float(totals[0].detach()), loss2=float(totals[1].detach()))
+        stats = {name: values[name] for name in names + ["loss1", "loss2"]}
         return totals[0], totals[1], stats
 
     def _monitor(self, step: ModelStep, suffix: str, teacher_temp: float, sm: torch.Tensor) -> dict[str, float]:

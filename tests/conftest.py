@@ -163,6 +163,15 @@ class CheckpointFactory:
         return self.save(ckpt, name), models
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Commands size torch's threads to the machine's load (`mokd_eval.resources.apply_resources`): no test may
+    leave that choice to the tests after it, whose numbers would then depend on the order and load of the run."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def checkpoint_factory(tmp_path: Path) -> CheckpointFactory:
     """Builds checkpoints of every supported layout in the test's tmp_path."""
