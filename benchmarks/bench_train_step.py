@@ -45,6 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mokd_train.config import TrainConfig, arch_specs, resolve_config
 from mokd_train.engine import build_optimizer, clip_gradients_per_tensor, make_optimizer, pair_config, update_model
 from mokd_train.methods import FAITHFUL_PEERS, METHODS, build_peer_pair, method_label
+from mokd_train.methods.base import PeerPair
 from mokd_train.losses import Centers, batch_center, distillation_loss
 from mokd_train.pair import MokdPair, build_network, ema_update, thead_width
 
