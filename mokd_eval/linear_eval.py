@@ -15,7 +15,7 @@ import torch
 
 from mokd_eval import atomic
 from mokd_eval.checkpoints import LoadedBackbone
-from mokd_eval.data import image_side, train_transform
+from mokd_eval.data import train_transform
 from mokd_eval.distributed import DistContext
 from mokd_eval.errors import MokdError
 from mokd_eval.features import FeatureKind
@@ -23,19 +23,33 @@ from mokd_eval.finetune import Classifier
 from mokd_eval.linear import (LINEAR_BASE_LR, SWEEP_FACTORS, evaluate_head, protocol_feature, save_head, snapshot,
                               sweep_source_feature, sweep_variants, train_head_sweep, variant_columns,
                               verify_unchanged)
-from mokd_eval.pipeline import EvalData, FeatureOptions, load_models, model_features, model_record, open_eval_data
-from mokd_eval.protocols import Preset, TrainOptions, resolve_settings, run_root, train_with_search
+from mokd_eval.pipeline import (EvalData, FeatureOptions, Resolution, evaluation_resolution, load_models,
+                                model_features, model_record, open_eval_data, paper_resolution)
+from mokd_eval.protocols import (AUGMENT_NONE, AUGMENT_RESIZED, PAPER_PRECISION, Preset, TrainOptions,
+                                 overall_verdict, paper_verdict, resolve_settings, run_root, train_with_search,
+                                 training_record)
 from mokd_eval.results import StageTimer, build_results, format_table
 from mokd_eval.splits import heldout_split
 from mokd_eval.validation import check_image_size
 
 MODES = ("protocol", "cached")
-LINEAR_EPOCHS, LINEAR_BATCH, LINEAR_WARMUP = 100, 2048, 10  # A.2
+# A.2: "SGD [...] batch size of 2048 for 100 epochs [...] linearly warmed up [...] during the first 10 epochs".
+LINEAR_EPOCHS, LINEAR_BATCH, LINEAR_WARMUP = 100, 2048, 10
 
 
 def linear_preset(loaded: LoadedBackbone) -> Preset:
     family = "vit" if loaded.spec.is_vit else "resnet"
     return Preset(epochs=LINEAR_EPOCHS, batch_size=LINEAR_BATCH, warmup_epochs=LINEAR_WARMUP, lr=LINEAR_BASE_LR[family])
+
+
+def linear_reference(loaded: LoadedBackbone) -> dict[str, Any]:
+    """A.2's linear probe for this model: the preset at one fixed lr (0.08 / 0.008 at batch 2,048), no weight
+    decay, augmented images at the training resolution, DINO's feature, fp32."""
+    preset = linear_preset(loaded)
+    return {"mode": "protocol", "epochs": preset.epochs, "warmup_epochs": preset.warmup_epochs,
+            "global_batch": preset.batch_size, "lr_per_256": preset.lr, "lr": preset.lr * preset.batch_size / 256,
+            "weight_decay": 0.0, "augmentation": AUGMENT_RESIZED, "feature": protocol_feature(loaded.spec).describe(),
+            "image_size": paper_resolution(loaded), "precision": PAPER_PRECISION, "lr_selection": "fixed"}
 
 
 def run_linear(checkpoint: str | Path, *, mode: str, data: str | None, features: FeatureOptions,
@@ -47,21 +61,23 @@ def run_linear(checkpoint: str | Path, *, mode: str, data: str | None, features:
         raise MokdError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
     timer = StageTimer()
     with timer.stage("load"):
-        eval_data = open_eval_data(data, image_size=image_size, skip_bad_images=skip_bad_images)
+        loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo)
+        resolution = evaluation_resolution(loaded, image_size)
+        eval_data = open_eval_data(data, image_size=resolution.size, skip_bad_images=skip_bad_images)
         echo(f"data: {eval_data.spec.text} ({len(eval_data.train)} train / {len(eval_data.val)} val images, "
              f"{eval_data.train.num_classes} classes)")
-        loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo)
+        echo(resolution.describe(eval_data.spec))
         for entry in loaded:  # every model must take the resolution before any work
-            check_image_size(image_side(eval_data.spec, image_size), entry.spec)
+            check_image_size(eval_data.side, entry.spec)
     root = run_root(out)
     results, warnings = [], []
     for entry in loaded:
         requested = features.kind if feature_given else None
         if mode == "cached":
-            record, notes = _cached(entry, eval_data, features, requested, options, image_size, root / entry.key,
+            record, notes = _cached(entry, eval_data, features, requested, options, resolution, root / entry.key,
                                     context, timer)
         else:
-            record, notes = _protocol(entry, eval_data, requested, options, image_size, root / entry.key, context,
+            record, notes = _protocol(entry, eval_data, requested, options, resolution, root / entry.key, context,
                                       timer, echo)
         warnings.extend(notes)
         results.append({**model_record(entry), **record})
@@ -71,7 +87,8 @@ def run_linear(checkpoint: str | Path, *, mode: str, data: str | None, features:
                 "optimizer": "SGD momentum 0.9, weight decay 0, lr x batch/256, linear warm-up then cosine",
                 "selection": ("held-out slice of the training set" if mode == "cached"
                               else "held-out slice of the training set when several --lr are given"),
-                "num_classes_from": "train split"}
+                "num_classes_from": "train split", "precision": options.precision,
+                **overall_verdict([entry["protocol"] for entry in results])}
     config = {"checkpoint": str(checkpoint), "model": model, "key": key, "image_size": image_size,
               "device": features.device, "run_dir": str(root), "resume": options.resume,
               "cache_dir": str(features.cache.root) if features.cache.root else None}
@@ -80,12 +97,12 @@ def run_linear(checkpoint: str | Path, *, mode: str, data: str | None, features:
 
 
 def _protocol(entry: LoadedBackbone, eval_data: EvalData, requested: FeatureKind | None, options: TrainOptions,
-              image_size: int | None, run_dir: Path, context: DistContext, timer: StageTimer,
+              resolution: Resolution, run_dir: Path, context: DistContext, timer: StageTimer,
               echo: Callable[[str], None]) -> tuple[dict[str, Any], list[str]]:
     kind = requested or protocol_feature(entry.spec)
     preset = linear_preset(entry)
     settings, warnings = resolve_settings(preset, options, len(eval_data.train))
-    augment, augment_text = train_transform(eval_data.spec, image_size)
+    augment, augment_text = train_transform(eval_data.spec, resolution.size)
     train_set = eval_data.train.with_transform(augment)
     before = snapshot(entry.module)
     what = f"{entry.checkpoint.path} '{entry.key}'"
@@ -105,22 +122,23 @@ def _protocol(entry: LoadedBackbone, eval_data: EvalData, requested: FeatureKind
     if context.is_main:
         save_head(head_path, outcome.model.head, feature=kind, spec=entry.spec, classes=eval_data.train.classes,
                   source=_source(entry, eval_data, "protocol"))
-    protocol = {"mode": "protocol", "feature": kind.describe(), "train_transform": augment_text,
-                "eval_transform": eval_data.transform, "image_size": image_side(eval_data.spec, image_size),
-                "backbone_unchanged": True,
-                **outcome.protocol()}
+    record = training_record("linear", "protocol", outcome, augmentation=AUGMENT_RESIZED, feature=kind.describe(),
+                             image_size=eval_data.side, image_size_from=resolution.source)
+    protocol = {"train_transform": augment_text, "eval_transform": eval_data.transform, "backbone_unchanged": True,
+                **outcome.protocol(), **paper_verdict(record, linear_reference(entry))}
     return {"metrics": {"linear": outcome.metrics}, "protocol": protocol, "head": str(head_path)}, warnings
 
 
 def _cached(entry: LoadedBackbone, eval_data: EvalData, features: FeatureOptions, requested: FeatureKind | None,
-            options: TrainOptions, image_size: int | None, run_dir: Path, context: DistContext,
+            options: TrainOptions, resolution: Resolution, run_dir: Path, context: DistContext,
             timer: StageTimer) -> tuple[dict[str, Any], list[str]]:
     source = requested or sweep_source_feature(entry.spec)
     variants = sweep_variants(entry.spec, requested)
     train, val = model_features(entry, eval_data, FeatureOptions(cache=features.cache, kind=source,
                                                                  batch_size=features.batch_size,
                                                                  num_workers=features.num_workers,
-                                                                 device=features.device), timer)
+                                                                 device=features.device,
+                                                                 precision=features.precision), timer)
     preset = linear_preset(entry)
     lrs = options.lrs or tuple(preset.lr * factor for factor in SWEEP_FACTORS)
     fit_pos, held_pos = heldout_split(train.labels, options.heldout_fraction, options.seed)
@@ -149,10 +167,14 @@ def _cached(entry: LoadedBackbone, eval_data: EvalData, features: FeatureOptions
         save_head(head_path, (sweep.weight, sweep.bias), feature=winner_kind, spec=entry.spec,
                   classes=eval_data.train.classes, source=_source(entry, eval_data, "cached"))
     images = len(fit_pos) * settings.epochs - (sweep.resumed_from_epoch or 0) * len(fit_pos)
-    protocol = {"mode": "cached", "feature": winner_kind.describe(), "cached_feature": source.describe(),
-                "augmentation": "none (cached evaluation-transform features)", "eval_transform": eval_data.transform,
-                "image_size": image_side(eval_data.spec, image_size),
-                "epochs": settings.epochs, "batch_size": settings.batch_size, "warmup_epochs": settings.warmup_epochs,
+    record = {"command": "linear", "mode": "cached", "epochs": settings.epochs,
+              "warmup_epochs": settings.warmup_epochs, "global_batch": settings.batch_size, "lr_per_256": best["lr"],
+              "lr": best["lr"] * settings.batch_size / 256, "weight_decay": 0.0, "augmentation": AUGMENT_NONE,
+              "feature": winner_kind.describe(), "image_size": eval_data.side,
+              "image_size_from": resolution.source, "precision": features.precision,
+              "lr_selection": f"held-out {options.heldout_fraction:.0%} of the training set"}
+    protocol = {**paper_verdict(record, linear_reference(entry)), "cached_feature": source.describe(),
+                "eval_transform": eval_data.transform, "batch_size": settings.batch_size,
                 "lr_chosen": best["lr"], "scaled_lr": best["lr"] * settings.batch_size / 256, "heads": sweep.heads,
                 "heldout": {"fraction": options.heldout_fraction, "images": len(held_pos),
                             "indices_file": str(run_dir / "heldout.json")},

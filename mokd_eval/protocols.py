@@ -1,9 +1,14 @@
-"""Steps shared by the supervised protocols (linear probe in protocol mode, semi-supervised, CIFAR transfer).
+"""The paper's protocols, and the steps shared by the supervised ones (linear probe, semi-supervised, CIFAR).
 
-Each trains one classifier per model through the one engine (`finetune.fit`). When several learning rates
-are given, each is trained on the training data minus a seeded held-out slice and scored on that slice; the
-best is then trained on all the training data and evaluated once on the validation set. The validation set
-never takes part in a choice.
+Every results JSON records a `protocol` object: what was run (command, mode, epochs, lr per 256 and effective,
+global batch, image size, augmentation, feature, split source, detector, precision) and whether that equals the
+paper's protocol (`paper`, plus `differs`, the fields that do not). The references below are the MOKD
+supplement's A.2-A.5; `report` places only `paper: true` results into the paper's table cells.
+
+Each supervised protocol trains one classifier per model through the one engine (`finetune.fit`). When several
+learning rates are given, each is trained on the training data minus a seeded held-out slice and scored on that
+slice; the best is then trained on all the training data and evaluated once on the validation set. The
+validation set never takes part in a choice.
 """
 
 from __future__ import annotations
@@ -22,6 +27,25 @@ from mokd_eval.finetune import Classifier, FitResult, FitSettings, clamp_batch, 
 from mokd_eval.splits import heldout_split
 
 HELDOUT_FRACTION = 0.1
+# DINO's k-NN/linear extraction and MoCo's detectron2 configs run in fp32: so do we unless asked otherwise.
+PAPER_PRECISION = "fp32"
+# Short names of the training augmentations, as recorded in `protocol.augmentation`.
+AUGMENT_RESIZED = "random-resized-crop+flip"  # A.2-A.4: RandomResizedCrop at the training resolution + flip
+AUGMENT_PADDED = "padded-crop+flip"  # the common CIFAR recipe, not the paper's (A.4 keeps A.3's)
+AUGMENT_NONE = "none (cached features)"
+
+
+def paper_verdict(record: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """`record` plus `paper` (it equals `reference` on every field the reference names) and `differs`."""
+    differs = sorted(name for name, expected in reference.items() if record.get(name) != expected)
+    return {**record, "paper": not differs, "differs": differs}
+
+
+def overall_verdict(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A payload's verdict from its models' protocols: the paper's only when every model's is."""
+    differs = sorted({name for record in records for name in record.get("differs", [])})
+    return {"paper": bool(records) and all(record.get("paper") for record in records), "differs": differs}
+
 
 
 @dataclass
@@ -39,6 +63,7 @@ class TrainOptions:
     resume: bool = False
     seed: int = 0
     heldout_fraction: float = HELDOUT_FRACTION
+    precision: str = PAPER_PRECISION
 
 
 @dataclass(frozen=True)
@@ -78,7 +103,7 @@ def resolve_settings(preset: Preset, options: TrainOptions, train_size: int) -> 
     batch, warnings = clamp_batch(options.batch_size or preset.batch_size, train_size, "training")
     settings = FitSettings(epochs=epochs, batch_size=batch, lr=preset.lr, warmup_epochs=warmup,
                            accum_steps=options.accum_steps, max_batch_per_step=options.max_batch_per_step,
-                           num_workers=options.num_workers, seed=options.seed)
+                           num_workers=options.num_workers, seed=options.seed, precision=options.precision)
     return settings, warnings
 
 
@@ -92,6 +117,7 @@ class Outcome:
     final: FitResult
     settings: FitSettings
     model: Classifier
+    selection: str  # "fixed" (one lr) or how the search scored the lrs
 
     def protocol(self) -> dict[str, Any]:
         return {**settings_record(self.settings, self.final), "lr_chosen": self.lr, "lr_search": self.search,
@@ -127,8 +153,9 @@ def train_with_search(*, make_model: Callable[[], Classifier], train_set: Datase
             echo(f"  {desc}: lr {lr:g} -> held-out top-1 {scores['top1']:.2f}")
         best = max(search, key=lambda row: (row["heldout_top1"], row["heldout_top5"]))
         lr = best["lr"]
+        selection = f"held-out {options.heldout_fraction:.0%} of the training set"
     else:
-        lr = lrs[0]
+        lr, selection = lrs[0], "fixed"
     final_settings = replace(settings, lr=lr)
     model = make_model()
     final = fit(model, train_set, final_settings, run_dir=run_dir / "final", context=context, resume=options.resume,
@@ -137,7 +164,19 @@ def train_with_search(*, make_model: Callable[[], Classifier], train_set: Datase
         after_fit(model)
     metrics = evaluate(model, val_set, batch_size=options.eval_batch_size, num_workers=options.num_workers,
                        context=context, desc=f"{desc} val")
-    return Outcome(metrics, lr, search, final, final_settings, model)
+    return Outcome(metrics, lr, search, final, final_settings, model, selection)
+
+
+def training_record(command: str, mode: str, outcome: Outcome, *, augmentation: str, feature: str,
+                    image_size: int, image_size_from: str) -> dict[str, Any]:
+    """The fields a supervised run is compared on: the chosen lr per 256 images and the effective lr at the
+    global batch actually used, schedule, augmentation, feature, resolution, precision, how the lr was chosen."""
+    settings = outcome.settings
+    return {"command": command, "mode": mode, "epochs": settings.epochs, "warmup_epochs": settings.warmup_epochs,
+            "global_batch": settings.batch_size, "lr_per_256": outcome.lr, "lr": settings.scaled_lr(),
+            "weight_decay": settings.weight_decay, "augmentation": augmentation, "feature": feature,
+            "image_size": image_size, "image_size_from": image_size_from, "precision": settings.precision,
+            "lr_selection": outcome.selection}
 
 
 def run_root(out: Path) -> Path:

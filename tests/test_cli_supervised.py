@@ -84,7 +84,11 @@ def test_linear_protocol_on_an_official_mokd_pair(checkpoint_factory, tiny_cnn_s
     contract(payload, "linear", ["teacher_cnn", "teacher_vit"])
     cnn, vit = payload["results"]
     assert vit["protocol"]["feature"] == "last_cls:4" and cnn["protocol"]["feature"] == "default"
-    assert cnn["protocol"]["lr_chosen"] == 0.08 and vit["protocol"]["lr_chosen"] == 0.008  # A.2 presets
+    assert cnn["protocol"]["lr_per_256"] == 0.01 and vit["protocol"]["lr_per_256"] == 0.001  # A.2 at 2,048 / 8
+    assert cnn["protocol"]["lr"] == pytest.approx(0.01 * 32 / 256) and vit["protocol"]["lr"] == pytest.approx(
+        0.001 * 32 / 256)  # the effective lr at the batch actually used
+    assert not cnn["protocol"]["paper"] and {"epochs", "global_batch", "image_size"} <= set(cnn["protocol"]["differs"])
+    assert cnn["protocol"]["precision"] == "fp32" and payload["protocol"]["paper"] is False
     assert cnn["protocol"]["backbone_unchanged"] and cnn["protocol"]["batch_size"] == 32
     for entry, spec in ((cnn, tiny_cnn_spec), (vit, tiny_vit_spec)):
         top1 = direct_top1(Path(entry["head"]), models[entry["key"]], spec, "shapes:100")
