@@ -672,12 +672,14 @@ def attention(checkpoint: Path, layer: int, images: int, **kwargs: Any) -> None:
 @mokd_eval.command()
 @click.argument("results_dir", type=click.Path(path_type=Path))
 @_out_dir_option(Path("report"), "Where report.md, tables/*.{md,tex,csv} and report.json go.")
-def report(results_dir: Path, out_dir: Path) -> None:
-    """Gather every results JSON under RESULTS_DIR into the paper's tables (Markdown, LaTeX, CSV) and figures."""
+@click.option("--strict", is_flag=True, help="Fail (exit 2) when a results file is unreadable, truncated or broken.")
+def report(results_dir: Path, out_dir: Path, strict: bool) -> None:
+    """Gather every results JSON under RESULTS_DIR into the paper's tables (Markdown, LaTeX, CSV) and figures;
+    results not run with the paper's protocol are listed under "Off-protocol results"."""
     from analysis.report import report_summary, run_report
 
     out = out_dir / "report.json"
-    payload = run_report(results_dir, out_dir, echo=click.echo)
+    payload = run_report(results_dir, out_dir, strict=strict, echo=click.echo)
     click.echo(report_summary(payload))
     _write(payload, out)
 
