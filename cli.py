@@ -697,15 +697,23 @@ def report(results_dir: Path, out_dir: Path, strict: bool) -> None:
 @click.option("--coco-data", default=None, help="COCO root or shapes-coco[:N] (the coco step needs it).")
 @click.option("--coco-iters", type=int, default=None, callback=_positive("--coco-iters"),
               help="Detector training iterations (default: the 2x schedule, 180k, as A.5).")
+@click.option("--semisup-splits", type=click.Path(path_type=Path), default=None,
+              help="Folder of SimCLR's 1percent.txt / 10percent.txt (A.3); default: seeded stratified subsets.")
+@click.option("--scale", type=click.Choice(["paper", "small"]), default="paper", show_default=True,
+              help="small: training batches sized to the data (8 steps per epoch; off-protocol where it matters).")
+@click.option("--plan", is_flag=True, help="Print every step's resolved protocol and exit without running anything.")
 def suite(checkpoint: Path, out_dir: Path | None, skip: str | None, epochs: int | None, cifar_data: str | None,
-          coco_data: str | None, coco_iters: int | None, **kwargs: Any) -> None:
+          coco_data: str | None, coco_iters: int | None, semisup_splits: Path | None, scale: str, plan: bool,
+          **kwargs: Any) -> None:
     """The whole paper for one checkpoint (pair): every protocol and analysis, resumable, then the report."""
-    from analysis.suite import SuiteContext, parse_skip, run_suite, suite_table
+    from analysis.suite import (SuiteContext, check_suite_options, parse_skip, plan_suite, plan_text, run_suite,
+                                suite_table)
 
     from mokd_eval.distributed import setup, teardown
     from mokd_eval.validation import check_output_dir, check_output_file
 
     skipped = parse_skip(skip)
+    check_suite_options(scale, semisup_splits)
     directory = out_dir or check_output_dir(Path("results") / "suite" / checkpoint.stem, option="--out-dir")
     out = kwargs["out"] or check_output_file(directory / "suite" / f"{checkpoint.stem}.json")
     features = _feature_settings(kwargs)
@@ -713,7 +721,12 @@ def suite(checkpoint: Path, out_dir: Path | None, skip: str | None, epochs: int 
     context = SuiteContext(checkpoint=checkpoint, out_dir=directory, data=kwargs["data"], features=features,
                            model=kwargs["model"], key=kwargs["key"], trust=kwargs["trust"],
                            image_size=kwargs["image_size"], seed=kwargs["seed"], echo=click.echo, dist=dist,
-                           epochs=epochs, cifar_data=cifar_data, coco_data=coco_data, coco_iters=coco_iters)
+                           epochs=epochs, cifar_data=cifar_data, coco_data=coco_data, coco_iters=coco_iters,
+                           semisup_splits=semisup_splits, scale=scale)
+    if plan:
+        teardown(dist)
+        click.echo(plan_text(plan_suite(context, skip=skipped)))
+        return
     try:
         payload = run_suite(context, skip=skipped)
     finally:

@@ -15,6 +15,7 @@ from mokd_eval.checkpoints import LoadedBackbone
 from mokd_eval.data import DataSpec, eval_transform, open_dataset, parse_data_spec, train_transform
 from mokd_eval.distributed import DistContext
 from mokd_eval.errors import MokdError
+from mokd_eval.finetune import FitSettings
 from mokd_eval.pipeline import Resolution, evaluation_resolution, load_models, model_record, paper_resolution
 from mokd_eval.protocols import (AUGMENT_PADDED, AUGMENT_RESIZED, PAPER_PRECISION, Preset, TrainOptions,
                                  overall_verdict, paper_verdict, resolve_settings, run_root, train_with_search,
@@ -37,6 +38,15 @@ def cifar_reference(loaded: LoadedBackbone) -> dict[str, Any]:
     fp32; the lr is searched as in A.3, so any lr is."""
     return {"mode": "finetune", "epochs": CIFAR_EPOCHS, "warmup_epochs": CIFAR_WARMUP, "global_batch": FINETUNE_BATCH,
             "augmentation": AUGMENT_RESIZED, "image_size": paper_resolution(loaded), "precision": PAPER_PRECISION}
+
+
+def cifar_protocol(entry: LoadedBackbone, settings: FitSettings, lr: float, selection: str, augment: str,
+                   resolution: Resolution) -> dict[str, Any]:
+    """One model's record, compared with A.4's (what a run records and `suite --plan` shows)."""
+    record = training_record("cifar", "finetune", settings, lr_per_256=lr, selection=selection,
+                             augmentation=AUGMENTATIONS[augment], feature="default", image_size=resolution.size,
+                             image_size_from=resolution.source)
+    return paper_verdict(record, cifar_reference(entry))
 
 
 def cifar_spec_text(dataset: str, path: str | Path) -> str:
@@ -108,10 +118,9 @@ def run_cifar(checkpoint: str | Path, *, dataset: str, data: str | Path, options
                 lrs=options.lrs or (preset.lr,), options=options, run_dir=root / entry.key, context=context,
                 desc=f"{entry.key} {dataset}", signature={"num_classes": train.num_classes, "image_size": size},
                 echo=echo)
-        record = training_record("cifar", "finetune", outcome, augmentation=AUGMENTATIONS[augment],
-                                 feature="default", image_size=size, image_size_from=resolution.source)
         protocol = {"dataset": dataset, "train_transform": augment_text, "eval_transform": evaluation_text,
-                    **outcome.protocol(), **paper_verdict(record, cifar_reference(entry))}
+                    **outcome.protocol(), **cifar_protocol(entry, outcome.settings, outcome.lr, outcome.selection,
+                                                           augment, resolution)}
         results.append({**model_record(entry), "metrics": {"cifar": outcome.metrics}, "protocol": protocol,
                         "run_dir": str(root / entry.key)})
     for message in dict.fromkeys(warnings):

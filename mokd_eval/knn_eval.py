@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from mokd_eval.checkpoints import LoadedBackbone
 from mokd_eval.knn import knn_classify
-from mokd_eval.pipeline import (FeatureOptions, evaluation_resolution, load_models, model_features, model_record,
+from mokd_eval.pipeline import (FeatureOptions, Resolution, evaluation_resolution, load_models, model_features, model_record,
                                 open_eval_data, paper_resolution)
 from mokd_eval.protocols import PAPER_PRECISION, overall_verdict, paper_verdict
 from mokd_eval.results import StageTimer, build_results, format_table
@@ -15,6 +16,17 @@ from mokd_eval.results import StageTimer, build_results, format_table
 # backbone's pooled / CLS feature, an fp32 bank.
 PAPER_KS = (10, 20, 100, 200)
 PAPER_TEMPERATURE = 0.07
+
+
+def knn_protocol(entry: LoadedBackbone, *, ks: Sequence[int], temperature: float, features: FeatureOptions,
+                 side: int, resolution: Resolution, fp16_bank: bool) -> dict[str, Any]:
+    """One model's k-NN protocol record, compared with A.2's (DINO's k-NN at the training resolution, fp32)."""
+    record = {"command": "knn", "mode": "weighted k-NN", "ks": sorted(ks), "temperature": temperature,
+              "feature": features.kind.describe(), "image_size": side, "image_size_from": resolution.source,
+              "fp16_bank": fp16_bank, "precision": features.precision}
+    reference = {"ks": list(PAPER_KS), "temperature": PAPER_TEMPERATURE, "feature": "default",
+                 "image_size": paper_resolution(entry), "fp16_bank": False, "precision": PAPER_PRECISION}
+    return paper_verdict(record, reference)
 
 
 def run_knn(checkpoint: str | Path, *, data: str | None, ks: Sequence[int], temperature: float,
@@ -41,13 +53,9 @@ def run_knn(checkpoint: str | Path, *, data: str | None, ks: Sequence[int], temp
             timer.add(stage, seconds)
         warnings.extend(outcome.warnings)
         metrics = {str(k): values for k, values in outcome.metrics.items()}
-        record = {"command": "knn", "mode": "weighted k-NN", "ks": sorted(ks), "temperature": temperature,
-                  "feature": features.kind.describe(), "image_size": eval_data.side,
-                  "image_size_from": resolution.source, "fp16_bank": fp16_bank, "precision": features.precision}
-        reference = {"ks": list(PAPER_KS), "temperature": PAPER_TEMPERATURE, "feature": "default",
-                     "image_size": paper_resolution(entry), "fp16_bank": False, "precision": PAPER_PRECISION}
         results.append({**model_record(entry), "metrics": {"knn": metrics}, "best_k": outcome.best_k,
-                        "protocol": paper_verdict(record, reference),
+                        "protocol": knn_protocol(entry, ks=ks, temperature=temperature, features=features,
+                                                 side=eval_data.side, resolution=resolution, fp16_bank=fp16_bank),
                         "feature_rate_images_per_s": round(train.images_per_second, 1) if not train.from_cache else None,
                         "features_from_cache": train.from_cache and val.from_cache,
                         "skipped_images": train.skipped + val.skipped})

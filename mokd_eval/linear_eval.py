@@ -19,7 +19,7 @@ from mokd_eval.data import train_transform
 from mokd_eval.distributed import DistContext
 from mokd_eval.errors import MokdError
 from mokd_eval.features import FeatureKind
-from mokd_eval.finetune import Classifier
+from mokd_eval.finetune import Classifier, FitSettings
 from mokd_eval.linear import (LINEAR_BASE_LR, SWEEP_FACTORS, evaluate_head, protocol_feature, save_head, snapshot,
                               sweep_source_feature, sweep_variants, train_head_sweep, variant_columns,
                               verify_unchanged)
@@ -50,6 +50,15 @@ def linear_reference(loaded: LoadedBackbone) -> dict[str, Any]:
             "global_batch": preset.batch_size, "lr_per_256": preset.lr, "lr": preset.lr * preset.batch_size / 256,
             "weight_decay": 0.0, "augmentation": AUGMENT_RESIZED, "feature": protocol_feature(loaded.spec).describe(),
             "image_size": paper_resolution(loaded), "precision": PAPER_PRECISION, "lr_selection": "fixed"}
+
+
+def linear_protocol(entry: LoadedBackbone, settings: FitSettings, lr: float, selection: str, kind: FeatureKind,
+                    side: int, resolution: Resolution) -> dict[str, Any]:
+    """One model's protocol-mode record, compared with A.2's (what a run records and `suite --plan` shows)."""
+    record = training_record("linear", "protocol", settings, lr_per_256=lr, selection=selection,
+                             augmentation=AUGMENT_RESIZED, feature=kind.describe(), image_size=side,
+                             image_size_from=resolution.source)
+    return paper_verdict(record, linear_reference(entry))
 
 
 def run_linear(checkpoint: str | Path, *, mode: str, data: str | None, features: FeatureOptions,
@@ -122,10 +131,9 @@ def _protocol(entry: LoadedBackbone, eval_data: EvalData, requested: FeatureKind
     if context.is_main:
         save_head(head_path, outcome.model.head, feature=kind, spec=entry.spec, classes=eval_data.train.classes,
                   source=_source(entry, eval_data, "protocol"))
-    record = training_record("linear", "protocol", outcome, augmentation=AUGMENT_RESIZED, feature=kind.describe(),
-                             image_size=eval_data.side, image_size_from=resolution.source)
     protocol = {"train_transform": augment_text, "eval_transform": eval_data.transform, "backbone_unchanged": True,
-                **outcome.protocol(), **paper_verdict(record, linear_reference(entry))}
+                **outcome.protocol(), **linear_protocol(entry, outcome.settings, outcome.lr, outcome.selection, kind,
+                                                        eval_data.side, resolution)}
     return {"metrics": {"linear": outcome.metrics}, "protocol": protocol, "head": str(head_path)}, warnings
 
 

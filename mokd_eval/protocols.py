@@ -13,6 +13,7 @@ validation set never takes part in a choice.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -64,6 +65,13 @@ class TrainOptions:
     seed: int = 0
     heldout_fraction: float = HELDOUT_FRACTION
     precision: str = PAPER_PRECISION
+    scale: str = "paper"  # "small": batches sized to the data (off-protocol where that changes them)
+
+
+SCALES = ("paper", "small")
+# `--scale small`: batches sized so that an epoch has at least this many optimizer steps (the paper's batch of
+# 1,024-2,048 makes one step per epoch on a small dataset, and the numbers stay at chance).
+SMALL_SCALE_STEPS_PER_EPOCH = 8
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,13 @@ class Preset:
     batch_size: int
     warmup_epochs: int
     lr: float  # base lr per 256 images
+
+
+def scaled_batch(preset: Preset, options: TrainOptions, train_size: int) -> int:
+    """The preset's batch, or with `scale="small"` one giving SMALL_SCALE_STEPS_PER_EPOCH steps per epoch."""
+    if options.scale == "small":
+        return max(1, min(preset.batch_size, math.ceil(train_size / SMALL_SCALE_STEPS_PER_EPOCH)))
+    return preset.batch_size
 
 
 def parse_lrs(text: str | None) -> tuple[float, ...] | None:
@@ -100,7 +115,8 @@ def resolve_settings(preset: Preset, options: TrainOptions, train_size: int) -> 
             raise MokdError(f"--warmup-epochs {warmup} does not fit in {epochs} epochs")
     else:
         warmup = preset.warmup_epochs * epochs // preset.epochs if epochs < preset.epochs else preset.warmup_epochs
-    batch, warnings = clamp_batch(options.batch_size or preset.batch_size, train_size, "training")
+    batch, warnings = clamp_batch(options.batch_size or scaled_batch(preset, options, train_size), train_size,
+                                  "training")
     settings = FitSettings(epochs=epochs, batch_size=batch, lr=preset.lr, warmup_epochs=warmup,
                            accum_steps=options.accum_steps, max_batch_per_step=options.max_batch_per_step,
                            num_workers=options.num_workers, seed=options.seed, precision=options.precision)
@@ -153,9 +169,9 @@ def train_with_search(*, make_model: Callable[[], Classifier], train_set: Datase
             echo(f"  {desc}: lr {lr:g} -> held-out top-1 {scores['top1']:.2f}")
         best = max(search, key=lambda row: (row["heldout_top1"], row["heldout_top5"]))
         lr = best["lr"]
-        selection = f"held-out {options.heldout_fraction:.0%} of the training set"
     else:
-        lr, selection = lrs[0], "fixed"
+        lr = lrs[0]
+    selection = selection_text(lrs, options)
     final_settings = replace(settings, lr=lr)
     model = make_model()
     final = fit(model, train_set, final_settings, run_dir=run_dir / "final", context=context, resume=options.resume,
@@ -167,16 +183,21 @@ def train_with_search(*, make_model: Callable[[], Classifier], train_set: Datase
     return Outcome(metrics, lr, search, final, final_settings, model, selection)
 
 
-def training_record(command: str, mode: str, outcome: Outcome, *, augmentation: str, feature: str,
-                    image_size: int, image_size_from: str) -> dict[str, Any]:
-    """The fields a supervised run is compared on: the chosen lr per 256 images and the effective lr at the
-    global batch actually used, schedule, augmentation, feature, resolution, precision, how the lr was chosen."""
-    settings = outcome.settings
+def selection_text(lrs: Sequence[float], options: TrainOptions) -> str:
+    """How the lr of a run is chosen: fixed, or scored on a held-out slice of the training set."""
+    return "fixed" if len(lrs) == 1 else f"held-out {options.heldout_fraction:.0%} of the training set"
+
+
+def training_record(command: str, mode: str, settings: FitSettings, *, lr_per_256: float, selection: str,
+                    augmentation: str, feature: str, image_size: int, image_size_from: str) -> dict[str, Any]:
+    """The fields a supervised run is compared on: the lr per 256 images and the effective lr at the global batch
+    actually used, schedule, augmentation, feature, resolution, precision, how the lr was chosen. A run and
+    `suite --plan` build it from the same resolved settings."""
     return {"command": command, "mode": mode, "epochs": settings.epochs, "warmup_epochs": settings.warmup_epochs,
-            "global_batch": settings.batch_size, "lr_per_256": outcome.lr, "lr": settings.scaled_lr(),
-            "weight_decay": settings.weight_decay, "augmentation": augmentation, "feature": feature,
-            "image_size": image_size, "image_size_from": image_size_from, "precision": settings.precision,
-            "lr_selection": outcome.selection}
+            "global_batch": settings.batch_size, "lr_per_256": lr_per_256,
+            "lr": lr_per_256 * settings.batch_size / 256, "weight_decay": settings.weight_decay,
+            "augmentation": augmentation, "feature": feature, "image_size": image_size,
+            "image_size_from": image_size_from, "precision": settings.precision, "lr_selection": selection}
 
 
 def run_root(out: Path) -> Path:

@@ -19,9 +19,10 @@ from mokd_eval.data import train_transform
 from mokd_eval.distributed import DistContext
 from mokd_eval.errors import MokdError
 from mokd_eval.features import FeatureKind
-from mokd_eval.finetune import Classifier
+from mokd_eval.finetune import Classifier, FitSettings
 from mokd_eval.linear import LINEAR_BASE_LR, protocol_feature, snapshot, verify_unchanged
-from mokd_eval.pipeline import evaluation_resolution, load_models, model_record, open_eval_data, paper_resolution
+from mokd_eval.pipeline import (Resolution, evaluation_resolution, load_models, model_record, open_eval_data,
+                                paper_resolution)
 from mokd_eval.protocols import (AUGMENT_RESIZED, PAPER_PRECISION, Preset, TrainOptions, overall_verdict,
                                  paper_verdict, resolve_settings, run_root, train_with_search, training_record)
 from mokd_eval.results import StageTimer, build_results, format_table
@@ -45,6 +46,17 @@ def semisup_reference(loaded: LoadedBackbone, percent: float) -> dict[str, Any]:
             "split_kind": "file", "epochs": EPOCHS_BY_PERCENT.get(percent, "60 (1%) or 30 (10%)"),
             "warmup_epochs": FINETUNE_WARMUP, "global_batch": FINETUNE_BATCH, "augmentation": AUGMENT_RESIZED,
             "image_size": paper_resolution(loaded), "precision": PAPER_PRECISION}
+
+
+def semisup_protocol(entry: LoadedBackbone, mode: str, settings: FitSettings, lr: float, selection: str,
+                     kind: FeatureKind, side: int, resolution: Resolution, percent: float, split_kind: str,
+                     split_described: str) -> dict[str, Any]:
+    """One model's record, compared with A.3's (what a run records and `suite --plan` shows)."""
+    record = {**training_record("semisup", mode, settings, lr_per_256=lr, selection=selection,
+                                augmentation=AUGMENT_RESIZED, feature=kind.describe(), image_size=side,
+                                image_size_from=resolution.source),
+              "percent": percent, "split_kind": split_kind, "split_source": split_described}
+    return paper_verdict(record, semisup_reference(entry, percent))
 
 
 def split_source(split_path: Path, sha256: str, source: str, seed: int) -> str:
@@ -139,12 +151,10 @@ def run_semisup(checkpoint: str | Path, *, percent: float, split_file: Path | No
                 run_dir=root / entry.key, context=context, desc=f"{entry.key} {mode}",
                 signature={"num_classes": train.num_classes, "mode": mode, "split_sha256": split["sha256"]},
                 after_fit=after_fit, echo=echo)
-        record = {**training_record("semisup", mode, outcome, augmentation=AUGMENT_RESIZED, feature=kind.describe(),
-                                    image_size=eval_data.side, image_size_from=resolution.source),
-                  "percent": percent, "split_kind": split_kind, "split_source": split["described"]}
         protocol = {"label": _mode_label(mode), "split": split, "train_transform": augment_text,
                     "eval_transform": eval_data.transform, **outcome.protocol(),
-                    **paper_verdict(record, semisup_reference(entry, percent))}
+                    **semisup_protocol(entry, mode, outcome.settings, outcome.lr, outcome.selection, kind,
+                                       eval_data.side, resolution, percent, split_kind, split["described"])}
         results.append({**model_record(entry), "metrics": {"semisup": outcome.metrics}, "protocol": protocol,
                         "run_dir": str(root / entry.key)})
     for message in dict.fromkeys(warnings):
