@@ -105,15 +105,15 @@ def test_linear_cached_reads_the_knn_cache_and_resumes(tmp_path):
     args = ["linear", path, "--mode", "cached", "--data", "shapes:100", "--batch-size", 16, "--lr", "0.1,1,10",
             "--out", out, *cache, "--num-workers", "0", "--device", "cpu"]
     result = run([*args, "--epochs", 2])
-    assert "head sweep on the held-out slice" in result.output
+    assert "head sweep scored by 5-fold cross-validation on the training set" in result.output  # 80 images
     payload = load_json(out)
     contract(payload, "linear", ["teacher"])
     entry = payload["results"][0]
     assert entry["protocol"]["features_from_cache"]  # the very features knn extracted
     assert "extract" not in payload["timings"]
     assert len(entry["protocol"]["heads"]) == 3 and entry["protocol"]["lr_chosen"] in (0.1, 1.0, 10.0)
-    held = load_json(Path(entry["protocol"]["heldout"]["indices_file"]))["indices"]
-    assert len(held) == entry["protocol"]["heldout"]["images"] > 0
+    folds = load_json(Path(entry["protocol"]["heldout"]["indices_file"]))["folds"]
+    assert sorted(sum(folds, [])) == list(range(entry["protocol"]["heldout"]["images"])) and len(folds) == 5
     head, meta = load_head(entry["head"])
     assert head.weight.shape == (10, CNN.feature_dim) and meta["source"]["mode"] == "cached"
     # a longer run resumed from the 2-epoch checkpoint is refused (other settings), the same one is reused

@@ -109,3 +109,42 @@ def test_suite_plan_shows_180k_coco_iterations_and_the_stock_head_and_runs_nothi
     assert '"split_source": "stratified, seed 0"' in semisup and "split_kind" in semisup
     assert "tsne: skipped (--skip)" in result.output
     assert not out.exists()  # nothing ran, nothing was written
+
+
+def test_kfold_folds_cover_every_item_once_and_split_each_class_evenly():
+    import numpy as np
+
+    from mokd_eval.splits import kfold_split
+
+    labels = np.repeat(np.arange(3), [10, 7, 1])
+    folds = kfold_split(labels, 5, seed=0)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(18))
+    for label, size in ((0, 10), (1, 7)):
+        per_fold = [int((labels[fold] == label).sum()) for fold in folds]
+        assert max(per_fold) - min(per_fold) <= 1 and sum(per_fold) == size
+
+
+def test_cross_validated_choice_is_the_best_mean_over_the_folds():
+    import numpy as np
+
+    from mokd_eval.features import FeatureKind
+    from mokd_eval.linear import cross_validated_sweep, train_head_sweep
+    from mokd_eval.splits import kfold_split
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 15)
+    features = (rng.normal(size=(60, 8)) + np.eye(4, 8)[labels] * 2).astype(np.float32)
+    spec, lrs = ALIASES["r_tiny"], [0.001, 1.0, 30.0]
+    spec = dataclasses.replace(spec, widths=(1, 2, 4, 8))  # feature_dim 8
+    common = {"spec": spec, "source": FeatureKind(), "num_classes": 4, "epochs": 3, "batch_size": 16,
+              "warmup_epochs": 0, "seed": 0}
+    folds = kfold_split(labels, 5, seed=0)
+    result = cross_validated_sweep(features, labels, folds, variants=[FeatureKind()], lrs=lrs, checkpoint_dir=None,
+                                   **common)
+    every = np.arange(60)
+    means = np.mean([[head["heldout_top1"] for head in train_head_sweep(
+        features, labels, np.setdiff1d(every, fold), fold, variants=[FeatureKind()], lrs=lrs, **common).heads]
+        for fold in folds], axis=0)
+    assert [head["heldout_top1"] for head in result.heads] == pytest.approx(means.tolist())
+    assert result.heads[result.winner]["lr"] == lrs[int(np.argmax(means))]
+    assert result.weight.shape == (4, 8)
