@@ -237,6 +237,39 @@ def tiny_imagefolder(root: Path, classes: int) -> Path:
     return root
 
 
+def test_cifar_from_png_folders_takes_the_pickles_recipe(tmp_path):
+    """imagefolder:PATH (e.g. cifar2png's output): class count from the folder, A.4's RandomResizedCrop + flip,
+    the 32 px images resized to the training size as the pickles are (no resize-256 / centre crop)."""
+    dino = timm_init_dino(tmp_path / "dino.pth")
+    folder = tiny_imagefolder(tmp_path / "pngs", classes=4)
+    run(["cifar", dino, "--dataset", "cifar10", "--data", f"imagefolder:{folder}", "--image-size", 16,
+         "--out", tmp_path / "png.json", *FAST])
+    payload = load_json(tmp_path / "png.json")
+    entry = payload["results"][0]
+    assert payload["dataset"]["num_classes"] == 4 and payload["dataset"]["train_images"] == 12
+    assert entry["protocol"]["augmentation"] == "random-resized-crop+flip"
+    assert entry["protocol"]["train_transform"].startswith("RandomResizedCrop(16,")
+    assert entry["protocol"]["eval_transform"].startswith("Resize(16x16, bicubic)")
+    padded = run(["cifar", dino, "--dataset", "cifar10", "--data", f"imagefolder:{folder}", "--image-size", 16,
+                  "--augment", "padded", "--out", tmp_path / "padded.json", *FAST])
+    assert padded.exit_code == 0
+    record = load_json(tmp_path / "padded.json")["results"][0]["protocol"]
+    assert record["augmentation"] == "padded-crop+flip" and "augmentation" in record["differs"]
+
+
+def test_the_resolution_defaults_to_the_training_crop_and_is_printed(checkpoint_factory, tmp_path):
+    path, _ = checkpoint_factory.mokd_native(CNN, name="crop16.pth")
+    state = torch.load(path, weights_only=True)
+    state["config"]["img_size"] = 16
+    torch.save(state, path)
+    result = run(["knn", path, "--data", "digits", "--num-workers", "0", "--out", tmp_path / "knn.json",
+                  "--no-cache"])
+    assert "resolution: 16 px (the checkpoint's training crop size)" in result.output
+    record = load_json(tmp_path / "knn.json")["results"][0]["protocol"]
+    assert record["image_size"] == 16 and "image_size" not in record["differs"] and record["paper"] is True
+    assert load_json(tmp_path / "knn.json")["dataset"]["transform"].startswith("Resize(16x16, bicubic)")
+
+
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     path = timm_init_dino(tmp_path / "dino.pth")
     out = tmp_path / "never.json"
