@@ -19,7 +19,7 @@ from mokd_eval.finetune import FitSettings
 from mokd_eval.pipeline import Resolution, evaluation_resolution, load_models, model_record, paper_resolution
 from mokd_eval.protocols import (AUGMENT_PADDED, AUGMENT_RESIZED, PAPER_PRECISION, Preset, TrainOptions,
                                  overall_verdict, paper_verdict, resolve_settings, run_root, train_with_search,
-                                 training_record)
+                                 training_record, verdict_line)
 from mokd_eval.results import StageTimer, build_results, format_table
 from mokd_eval.semisup_eval import FINETUNE_BASE_LR, FINETUNE_BATCH, make_finetune_model
 from mokd_eval.validation import check_image_size
@@ -142,5 +142,6 @@ def cifar_table(payload: dict[str, Any]) -> str:
     rows = [[entry["key"], entry["arch"], entry["protocol"]["image_size"], f"{entry['protocol']['lr_chosen']:.4g}",
              entry["protocol"]["epochs"], entry["metrics"]["cifar"]["top1"], entry["metrics"]["cifar"]["top5"]]
             for entry in payload["results"]]
-    return format_table(["model", "arch", "image size", "lr", "epochs", "top1", "top5"], rows,
-                        title=f"{payload['protocol']['dataset']} fine-tuning (test split)")
+    table = format_table(["model", "arch", "image size", "lr", "epochs", "top1", "top5"], rows,
+                         title=f"{payload['protocol']['dataset']} fine-tuning (test split)")
+    return f"{table}\n{verdict_line(payload['protocol'])}"

@@ -1,9 +1,10 @@
 """The one supervised training engine: linear probe (protocol mode), semi-supervised and CIFAR fine-tuning.
 
 One loop for every image-level training the protocols need: SGD with momentum, linear warm-up then cosine
-(per iteration), lr scaled by batch/256, fp32 (bf16 / fp16 autocast on CUDA when asked), DDP under `torchrun` (one process without it),
-gradient accumulation when the batch does not fit, a checkpoint per epoch and exact resume (weights, optimizer,
-scaler, RNG, epoch), tqdm with loss/accuracy/images per second, and a per-epoch JSON-lines log.
+(per iteration), lr scaled by batch/256, fp32 (bf16 / fp16 autocast on CUDA when asked), DDP under `torchrun`
+(one process without it), gradient accumulation when the batch does not fit, a checkpoint per epoch and exact
+resume (weights, optimizer, scaler, RNG, epoch), tqdm with loss/accuracy/images per second, and a per-epoch
+JSON-lines log.
 
 Accumulated micro-batches are weighted by their share of the optimizer-step batch, so a run with
 `accum_steps=k` computes the same gradient as one big batch.

@@ -7,9 +7,9 @@ from typing import Any, Callable, Sequence
 
 from mokd_eval.checkpoints import LoadedBackbone
 from mokd_eval.knn import knn_classify
-from mokd_eval.pipeline import (FeatureOptions, Resolution, evaluation_resolution, load_models, model_features, model_record,
-                                open_eval_data, paper_resolution)
-from mokd_eval.protocols import PAPER_PRECISION, overall_verdict, paper_verdict
+from mokd_eval.pipeline import (FeatureOptions, Resolution, evaluation_resolution, load_models, model_features,
+                                model_record, open_eval_data, paper_resolution)
+from mokd_eval.protocols import PAPER_PRECISION, overall_verdict, paper_verdict, verdict_line
 from mokd_eval.results import StageTimer, build_results, format_table
 
 # A.2: "implemented based on DINO [...] the best result among k = 10, 20, 100, 200"; DINO's T = 0.07 on the
@@ -94,4 +94,4 @@ def knn_table(payload: dict[str, Any]) -> str:
         rows.append(row)
     title = f"k-NN on {payload['dataset']['spec']} (T = {payload['protocol']['temperature']}; * = best k)"
     archs = "  ".join(f"{entry['key']}: {entry['arch']}" for entry in models)
-    return format_table(headers, rows, title=title) + f"\n{archs}"
+    return format_table(headers, rows, title=title) + f"\n{archs}\n{verdict_line(payload['protocol'])}"

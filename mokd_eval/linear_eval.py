@@ -27,7 +27,7 @@ from mokd_eval.pipeline import (EvalData, FeatureOptions, Resolution, evaluation
                                 model_features, model_record, open_eval_data, paper_resolution)
 from mokd_eval.protocols import (AUGMENT_NONE, AUGMENT_RESIZED, PAPER_PRECISION, Preset, TrainOptions,
                                  overall_verdict, paper_verdict, resolve_settings, run_root, train_with_search,
-                                 training_record)
+                                 training_record, verdict_line)
 from mokd_eval.results import StageTimer, build_results, format_table
 from mokd_eval.splits import heldout_split, kfold_split
 from mokd_eval.validation import check_image_size
@@ -235,4 +235,4 @@ def linear_table(payload: dict[str, Any]) -> str:
              entry["metrics"]["linear"]["top5"]] for entry in payload["results"]]
     parts.append(format_table(["model", "arch", "mode", "feature", "lr", "top1", "top5"], rows,
                               title=f"linear probe on {payload['dataset']['spec']} (val)"))
-    return "\n\n".join(parts)
+    return "\n\n".join(parts) + f"\n{verdict_line(payload['protocol'])}"

@@ -42,6 +42,13 @@ def paper_verdict(record: dict[str, Any], reference: dict[str, Any]) -> dict[str
     return {**record, "paper": not differs, "differs": differs}
 
 
+def verdict_line(protocol: dict[str, Any]) -> str:
+    """The line under a command's table saying whether its numbers are the paper's protocol."""
+    if protocol.get("paper"):
+        return "protocol: the paper's"
+    return f"protocol: OFF the paper's (differs in {', '.join(protocol.get('differs') or ['unknown'])})"
+
+
 def overall_verdict(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """A payload's verdict from its models' protocols: the paper's only when every model's is."""
     differs = sorted({name for record in records for name in record.get("differs", [])})

@@ -24,7 +24,8 @@ from mokd_eval.linear import LINEAR_BASE_LR, protocol_feature, snapshot, verify_
 from mokd_eval.pipeline import (Resolution, evaluation_resolution, load_models, model_record, open_eval_data,
                                 paper_resolution)
 from mokd_eval.protocols import (AUGMENT_RESIZED, PAPER_PRECISION, Preset, TrainOptions, overall_verdict,
-                                 paper_verdict, resolve_settings, run_root, train_with_search, training_record)
+                                 paper_verdict, resolve_settings, run_root, train_with_search, training_record,
+                                 verdict_line)
 from mokd_eval.results import StageTimer, build_results, format_table
 from mokd_eval.splits import (ALLOWED_PERCENTS, file_sha256, read_split_file, stratified_subset,
                               write_split_file)
@@ -180,5 +181,6 @@ def semisup_table(payload: dict[str, Any]) -> str:
              entry["metrics"]["semisup"]["top1"], entry["metrics"]["semisup"]["top5"]] for entry in payload["results"]]
     title = (f"semi-supervised, {protocol['percent']:g}% labels ({protocol['split']['source']} split, "
              f"{protocol['split']['images']} images), {protocol['label']}, on {payload['dataset']['spec']} (val)")
-    return format_table(["model", "arch", "lr", "epochs", "top1", "top5"], rows, title=title)
+    table = format_table(["model", "arch", "lr", "epochs", "top1", "top5"], rows, title=title)
+    return f"{table}\n{verdict_line(protocol)}"
 

@@ -169,7 +169,8 @@ def test_off_protocol_results_stay_out_of_the_paper_tables(tmp_path):
     assert row[:3] == ["R50", "ViT-S", "imagenet"] and row[3 + 4 + 2] == "74.1"  # Linear MOKD Net1, paper's only
     assert row[3 + 2] == "–"  # k-NN MOKD Net1: the only k-NN result recorded no protocol
     assert tables["table4"]["rows"] == [] and tables["table6"]["rows"] == []
-    assert [r[1:] for r in tables["all"]["rows"]] == [["R50", "MOKD", "imagenet", "–", "74.1", "–", "–", "–", "–"]]
+    assert [r[1:] for r in tables["all"]["rows"]] == [
+        ["R50", "MOKD", "imagenet", "–", "74.1", "–", "–", "–", "–"]]
     assert tables["offprotocol"]["headers"][-1] == "Differs from the paper in"
     assert sorted(r[4:] for r in tables["offprotocol"]["rows"]) == [
         ["COCO APb / APm", "38.0 / 33.0", "iters, res5_head"],

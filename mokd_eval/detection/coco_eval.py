@@ -23,7 +23,7 @@ from mokd_eval.detection.train import (FINAL_WEIGHTS, PAPER_SCHEDULE, REFERENCE_
 from mokd_eval.distributed import DistContext
 from mokd_eval.errors import MokdError
 from mokd_eval.pipeline import load_models
-from mokd_eval.protocols import PAPER_PRECISION, paper_verdict
+from mokd_eval.protocols import PAPER_PRECISION, paper_verdict, verdict_line
 from mokd_eval.registry import ArchSpec, build_backbone, resolve_arch
 from mokd_eval.resources import apply_resources
 from mokd_eval.results import StageTimer, build_results, format_table
@@ -301,8 +301,8 @@ def _res5_cell(protocol: dict[str, Any]) -> str:
 
 def coco_table(payload: dict[str, Any]) -> str:
     """Table 6 of the paper: AP^b, AP^b50, AP^b75, AP^m, AP^m50, AP^m75, then small/medium/large."""
-    headers = ["model", "APb", "APb50", "APb75", "APm", "APm50", "APm75", "APbS", "APbM", "APbL", "APmS", "APmM", "APmL",
-               "res5 loaded/init"]
+    headers = ["model", "APb", "APb50", "APb75", "APm", "APm50", "APm75", "APbS", "APbM", "APbL", "APmS", "APmM",
+               "APmL", "res5 loaded/init"]
     rows = []
     for entry in payload["results"]:
         coco = entry["metrics"].get("coco", {})
@@ -310,10 +310,10 @@ def coco_table(payload: dict[str, Any]) -> str:
         label = f"{entry['key']} ({entry['arch']}{', scratch' if entry.get('init') == SCRATCH else ''})"
         rows.append([label] + [_cell(box.get(m)) for m in ("AP", "AP50", "AP75")]
                     + [_cell(mask.get(m)) for m in ("AP", "AP50", "AP75")]
-                    + [_cell(box.get(m)) for m in ("APs", "APm", "APl")] + [_cell(mask.get(m)) for m in ("APs", "APm", "APl")]
-                    + [_res5_cell(entry.get("protocol") or {})])
+                    + [_cell(box.get(m)) for m in ("APs", "APm", "APl")]
+                    + [_cell(mask.get(m)) for m in ("APs", "APm", "APl")] + [_res5_cell(entry.get("protocol") or {})])
     protocol = payload["protocol"]
     title = (f"COCO C4 Mask R-CNN on {payload['dataset']['spec']} (engine {protocol['engine']}, "
              f"res5 {protocol['res5_head']}, {protocol['norm']}, {protocol['iters']:,} iterations, "
              f"{protocol['precision']}; b = box, m = mask)")
-    return format_table(headers, rows, title=title)
+    return f"{format_table(headers, rows, title=title)}\n{verdict_line(protocol)}"

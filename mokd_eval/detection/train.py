@@ -2,7 +2,8 @@
 
 SGD momentum 0.9, weight decay 1e-4 (0 on norm parameters), lr 0.02 per 16 images scaled linearly,
 linear warm-up from 0.001x, x0.1 at 2/3 and 8/9 of the schedule (1x = 90k, 2x = 180k iterations);
-fp32 (MoCo's detectron2 configs; bf16 / fp16 autocast on CUDA when asked), DDP under torchrun, periodic checkpoints and resume, precise BN before evaluation.
+fp32 (MoCo's detectron2 configs; bf16 / fp16 autocast on CUDA when asked), DDP under torchrun, periodic
+checkpoints and resume, precise BN before evaluation.
 """
 
 from __future__ import annotations
