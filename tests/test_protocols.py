@@ -148,3 +148,19 @@ def test_cross_validated_choice_is_the_best_mean_over_the_folds():
     assert [head["heldout_top1"] for head in result.heads] == pytest.approx(means.tolist())
     assert result.heads[result.winner]["lr"] == lrs[int(np.argmax(means))]
     assert result.weight.shape == (4, 8)
+
+
+def test_suite_passes_simclr_lists_from_the_splits_folder(tmp_path):
+    from analysis.suite import STEPS, SuiteContext
+    from mokd_eval.features import FeatureCache
+    from mokd_eval.pipeline import FeatureOptions
+
+    context = SuiteContext(checkpoint=tmp_path / "c.pth", out_dir=tmp_path, data="digits",
+                           features=FeatureOptions(cache=FeatureCache(None)), model=None, key=None, trust=False,
+                           image_size=None, seed=0, echo=lambda message: None, semisup_splits=tmp_path / "splits",
+                           scale="small")
+    steps = {step.name: step for step in STEPS}
+    assert steps["semisup1"].extra(context)["split_file"] == tmp_path / "splits" / "1percent.txt"
+    assert steps["semisup10"].extra(context)["split_file"] == tmp_path / "splits" / "10percent.txt"
+    assert steps["linear"].extra(context)["options"].scale == "small"
+    assert context.settings("linear")["scale"] == "small"  # another scale is another result, never reused
