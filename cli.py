@@ -439,8 +439,8 @@ def _parse_sizes(ctx: click.Context, param: click.Parameter, text: str | None) -
                                       "backbone's own layer4 (every res5 weight loads).")
 @click.option("--norm", type=click.Choice(["syncbn", "frozenbn"]), default="syncbn", show_default=True,
               help="syncbn = MoCo's SSL-transfer recipe; frozenbn = stock detectron2 (stem+res2 frozen).")
-@click.option("--schedule", type=click.Choice(["1x", "2x"]), default="2x", show_default=True,
-              help="90k / 180k iterations at 16 images (MoCo's COCO transfer uses 2x).")
+@click.option("--schedule", type=click.Choice(["1x", "2x"]), default=None,
+              help="90k / 180k iterations at 16 images (default: 2x, A.5's and MoCo's COCO transfer).")
 @click.option("--iters", type=int, default=None, callback=_positive("--iters"),
               help="Train N iterations instead (steps stay at 2/3 and 8/9).")
 @click.option("--batch-size", type=int, default=None, callback=_positive("--batch-size"),

@@ -125,7 +125,8 @@ def load_sources(directory: Path, exclude: Path | None = None) -> tuple[list[Sou
         else:
             found.append(Source(path, payload))
     if not found:
-        what = f"{len(skipped)} JSON file(s), none a readable mokd-eval result" if skipped else "no JSON files"
+        what = (f"{len(skipped)} JSON file(s), none written by mokd-eval as readable results (e.g. "
+                f"{skipped[0].path.name}: {skipped[0].reason})" if skipped else "no JSON files")
         raise MokdError(f"{directory} holds {what}; run mokd-eval knn/linear/... first or point to their --out folder")
     return sorted(found, key=lambda source: (source.created, str(source.path))), skipped
 

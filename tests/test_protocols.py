@@ -67,6 +67,9 @@ def test_paper_verdict_names_the_fields_that_differ():
 def test_coco_defaults_are_the_2x_schedule_and_detectron2s_stock_head():
     settings = CocoSettings(backbone="r34", data="x")
     assert settings.iters == 180_000 and settings.res5_head == "d2-bottleneck" and settings.precision == "fp32"
+    from mokd_eval.detection.train import schedule_iters
+
+    assert schedule_iters(None, None) == 180_000 and schedule_iters("1x", None) == 90_000  # `coco` without --schedule
 
 
 def test_the_resolution_defaults_to_the_checkpoints_training_crop():

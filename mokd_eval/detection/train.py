@@ -70,7 +70,8 @@ class Solver:
 
 
 def schedule_iters(schedule: str | None, iters: int | None) -> int:
-    """`--iters N` wins over `--schedule 1x|2x` (steps stay proportional)."""
+    """`--iters N` wins over `--schedule 1x|2x` (steps stay proportional); no schedule = the paper's."""
+    schedule = schedule or PAPER_SCHEDULE
     if iters is not None:
         if iters < 1:
             raise MokdError(f"--iters must be at least 1, got {iters}")
