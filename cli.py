@@ -80,6 +80,15 @@ def _output_dir_option(default: Path | None, help_text: str) -> Callable:
                             lambda path: None if path is None else check_output_dir(path, option="--output-dir")))
 
 
+def _precision_option(function: Callable) -> Callable:
+    from mokd_eval.validation import PRECISIONS, check_precision
+
+    return click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+                        callback=_validated(check_precision),
+                        help="fp32 = the paper's; bf16 / fp16 = CUDA autocast (faster, recorded as off-protocol)."
+                        )(function)
+
+
 def _device_option(function: Callable) -> Callable:
     from mokd_eval.validation import check_device
 
@@ -117,6 +126,7 @@ def _device_option_list(workers_default: str = "min(4, CPUs)") -> list[Callable]
         click.option("--num-workers", type=int, default=None, callback=_validated(check_num_workers),
                      help=f"DataLoader workers (default: {workers_default})."),
         _device_option,
+        _precision_option,
     ]
 
 
@@ -180,7 +190,8 @@ def _train_settings(kwargs: dict[str, Any]):
     return TrainOptions(epochs=kwargs["epochs"], lrs=parse_lrs(kwargs["lr"]), batch_size=kwargs["batch_size"],
                         warmup_epochs=kwargs["warmup_epochs"], accum_steps=kwargs["accum_steps"],
                         max_batch_per_step=kwargs["max_batch_per_step"], eval_batch_size=kwargs["eval_batch_size"],
-                        num_workers=kwargs["num_workers"], resume=kwargs["resume"], seed=kwargs["seed"])
+                        num_workers=kwargs["num_workers"], resume=kwargs["resume"], seed=kwargs["seed"],
+                        precision=kwargs["precision"])
 
 
 def _feature_settings(kwargs: dict[str, Any]):
@@ -191,7 +202,8 @@ def _feature_settings(kwargs: dict[str, Any]):
     root = None if kwargs["no_cache"] else check_output_dir(kwargs["cache_dir"] or DEFAULT_CACHE_DIR,
                                                            option="--cache-dir")
     return FeatureOptions(cache=FeatureCache(root, kwargs["cache_dtype"]), kind=FeatureKind.parse(kwargs["feature"]),
-                          batch_size=kwargs["batch_size"], num_workers=kwargs["num_workers"], device=kwargs["device"])
+                          batch_size=kwargs["batch_size"], num_workers=kwargs["num_workers"], device=kwargs["device"],
+                          precision=kwargs["precision"])
 
 
 def _results_path(out: Path | None, command: str, name: str) -> Path:
@@ -304,18 +316,21 @@ def semisup(checkpoint: Path, percent: float, split_file: Path | None, mode: str
 @_model_options
 @_training_options
 @click.option("--dataset", type=click.Choice(["cifar10", "cifar100"]), required=True)
-def cifar(checkpoint: Path, dataset: str, **kwargs: Any) -> None:
-    """Fine-tuning transfer to CIFAR-10/100 (paper A.4); --data is the folder of the python pickles."""
+@click.option("--augment", type=click.Choice(["resized", "padded"]), default="resized", show_default=True,
+              help="resized = RandomResizedCrop + flip (A.4); padded = resize, padded random crop + flip.")
+def cifar(checkpoint: Path, dataset: str, augment: str, **kwargs: Any) -> None:
+    """Fine-tuning transfer to CIFAR-10/100 (paper A.4); --data is the folder of the python pickles, or
+    imagefolder:PATH (train/ and val/ class folders of PNGs)."""
     from mokd_eval.cifar_eval import cifar_table, run_cifar
 
     if not kwargs["data"]:
         raise MokdError(f"--data PATH is required: the folder holding the {dataset} python pickles "
-                        "(cifar-10-batches-py / cifar-100-python) or that folder itself")
+                        "(cifar-10-batches-py / cifar-100-python) or that folder itself, or imagefolder:PATH")
     options = _train_settings(kwargs)
     _run_training_command(kwargs, "cifar", checkpoint, lambda out, context, echo: run_cifar(
         checkpoint, dataset=dataset, data=kwargs["data"], options=options, out=out, context=context,
         device=kwargs["device"], model=kwargs["model"], key=kwargs["key"], trust=kwargs["trust"],
-        image_size=kwargs["image_size"], echo=echo), cifar_table)
+        image_size=kwargs["image_size"], augment=augment, echo=echo), cifar_table)
 
 
 def _run_training_command(kwargs: dict[str, Any], command: str, checkpoint: Path,
@@ -419,12 +434,13 @@ def _parse_sizes(ctx: click.Context, param: click.Parameter, text: str | None) -
                                             "or shapes-coco[:N[:SIZE]] (generated).")
 @click.option("--engine", type=click.Choice(["auto", "torchvision", "detectron2"]), default="auto", show_default=True,
               help="auto = detectron2 when importable, else the torchvision rebuild.")
-@click.option("--res5-head", type=click.Choice(["native", "d2-bottleneck"]), default="native", show_default=True,
-              help="native = the backbone's own layer4 (all weights load); d2-bottleneck = detectron2's stock head.")
+@click.option("--res5-head", type=click.Choice(["d2-bottleneck", "native"]), default="d2-bottleneck",
+              show_default=True, help="d2-bottleneck = detectron2's stock head (the paper's, A.5); native = the "
+                                      "backbone's own layer4 (every res5 weight loads).")
 @click.option("--norm", type=click.Choice(["syncbn", "frozenbn"]), default="syncbn", show_default=True,
               help="syncbn = MoCo's SSL-transfer recipe; frozenbn = stock detectron2 (stem+res2 frozen).")
-@click.option("--schedule", type=click.Choice(["1x", "2x"]), default="2x", show_default=True,
-              help="90k / 180k iterations at 16 images (MoCo's COCO transfer uses 2x).")
+@click.option("--schedule", type=click.Choice(["1x", "2x"]), default=None,
+              help="90k / 180k iterations at 16 images (default: 2x, A.5's and MoCo's COCO transfer).")
 @click.option("--iters", type=int, default=None, callback=_positive("--iters"),
               help="Train N iterations instead (steps stay at 2/3 and 8/9).")
 @click.option("--batch-size", type=int, default=None, callback=_positive("--batch-size"),
@@ -457,6 +473,7 @@ def _parse_sizes(ctx: click.Context, param: click.Parameter, text: str | None) -
 @click.option("--num-workers", type=int, default=None, callback=_validated(lambda v: _check_workers(v)),
               help="DataLoader workers (default: sized to the machine).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@_precision_option
 @_out_option("Results JSON (default: results/coco/<checkpoint name>.json).")
 def coco(checkpoint: Path | None, schedule: str, iters: int | None, warmup_iters: int | None, device: str,
          out: Path | None, **kwargs: Any) -> None:
@@ -655,12 +672,14 @@ def attention(checkpoint: Path, layer: int, images: int, **kwargs: Any) -> None:
 @mokd_eval.command()
 @click.argument("results_dir", type=click.Path(path_type=Path))
 @_out_dir_option(Path("report"), "Where report.md, tables/*.{md,tex,csv} and report.json go.")
-def report(results_dir: Path, out_dir: Path) -> None:
-    """Gather every results JSON under RESULTS_DIR into the paper's tables (Markdown, LaTeX, CSV) and figures."""
+@click.option("--strict", is_flag=True, help="Fail (exit 2) when a results file is unreadable, truncated or broken.")
+def report(results_dir: Path, out_dir: Path, strict: bool) -> None:
+    """Gather every results JSON under RESULTS_DIR into the paper's tables (Markdown, LaTeX, CSV) and figures;
+    results not run with the paper's protocol are listed under "Off-protocol results"."""
     from analysis.report import report_summary, run_report
 
     out = out_dir / "report.json"
-    payload = run_report(results_dir, out_dir, echo=click.echo)
+    payload = run_report(results_dir, out_dir, strict=strict, echo=click.echo)
     click.echo(report_summary(payload))
     _write(payload, out)
 
@@ -677,16 +696,24 @@ def report(results_dir: Path, out_dir: Path) -> None:
 @click.option("--cifar-data", default=None, help="Folder of the CIFAR python pickles (the cifar steps need it).")
 @click.option("--coco-data", default=None, help="COCO root or shapes-coco[:N] (the coco step needs it).")
 @click.option("--coco-iters", type=int, default=None, callback=_positive("--coco-iters"),
-              help="Detector training iterations (default: the 1x schedule).")
+              help="Detector training iterations (default: the 2x schedule, 180k, as A.5).")
+@click.option("--semisup-splits", type=click.Path(path_type=Path), default=None,
+              help="Folder of SimCLR's 1percent.txt / 10percent.txt (A.3); default: seeded stratified subsets.")
+@click.option("--scale", type=click.Choice(["paper", "small"]), default="paper", show_default=True,
+              help="small: training batches sized to the data (8 steps per epoch; off-protocol where it matters).")
+@click.option("--plan", is_flag=True, help="Print every step's resolved protocol and exit without running anything.")
 def suite(checkpoint: Path, out_dir: Path | None, skip: str | None, epochs: int | None, cifar_data: str | None,
-          coco_data: str | None, coco_iters: int | None, **kwargs: Any) -> None:
+          coco_data: str | None, coco_iters: int | None, semisup_splits: Path | None, scale: str, plan: bool,
+          **kwargs: Any) -> None:
     """The whole paper for one checkpoint (pair): every protocol and analysis, resumable, then the report."""
-    from analysis.suite import SuiteContext, parse_skip, run_suite, suite_table
+    from analysis.suite import (SuiteContext, check_suite_options, parse_skip, plan_suite, plan_text, run_suite,
+                                suite_table)
 
     from mokd_eval.distributed import setup, teardown
     from mokd_eval.validation import check_output_dir, check_output_file
 
     skipped = parse_skip(skip)
+    check_suite_options(scale, semisup_splits)
     directory = out_dir or check_output_dir(Path("results") / "suite" / checkpoint.stem, option="--out-dir")
     out = kwargs["out"] or check_output_file(directory / "suite" / f"{checkpoint.stem}.json")
     features = _feature_settings(kwargs)
@@ -694,7 +721,12 @@ def suite(checkpoint: Path, out_dir: Path | None, skip: str | None, epochs: int 
     context = SuiteContext(checkpoint=checkpoint, out_dir=directory, data=kwargs["data"], features=features,
                            model=kwargs["model"], key=kwargs["key"], trust=kwargs["trust"],
                            image_size=kwargs["image_size"], seed=kwargs["seed"], echo=click.echo, dist=dist,
-                           epochs=epochs, cifar_data=cifar_data, coco_data=coco_data, coco_iters=coco_iters)
+                           epochs=epochs, cifar_data=cifar_data, coco_data=coco_data, coco_iters=coco_iters,
+                           semisup_splits=semisup_splits, scale=scale)
+    if plan:
+        teardown(dist)
+        click.echo(plan_text(plan_suite(context, skip=skipped)))
+        return
     try:
         payload = run_suite(context, skip=skipped)
     finally:

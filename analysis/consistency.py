@@ -122,6 +122,7 @@ def run_consistency(checkpoint_a: Path, checkpoint_b: Path | None = None, *, con
         analysis["control"] = consistency_stats(predictions[2], predictions[1], val_labels[2],
                                                 num_classes=num_classes, labels_b=val_labels[1])
     protocol = {"name": "consistency", "k": k, "temperature": temperature, "feature": features.kind.describe(),
+                "precision": features.precision,
                 "agreement": "fraction of val images with equal k-NN top-1 predictions",
                 "control": "control model A' replaces A" if control is not None else None}
     config = {"checkpoint": str(checkpoint_a), "checkpoint_b": str(checkpoint_b) if checkpoint_b else None,

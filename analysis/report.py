@@ -3,9 +3,12 @@
 Tables (Markdown, LaTeX booktabs, CSV) follow the paper: Table 1 k-NN and linear (Independent vs MOKD per pair),
 Table 4 semi-supervised, Table 5 CIFAR, Table 6 COCO, Table 7 loss terms and Table 8 lambdas (from the training
 config stored in mokd checkpoints), Table 9 consistency, plus one row per model with everything measured.
-A cell nobody measured is "–", never filled in. Two results for the same cell that disagree are listed under
-Conflicts and the newest one is shown, marked "*". Independent cells of a pair row fall back to single-model
-checkpoints (DINO, MoCo, timm) of that architecture when no independent pair run exists; those are marked "†".
+Only results whose recorded protocol is the paper's (`protocol.paper`, see mokd_eval/protocols.py) enter those
+cells; every other one is listed under "Off-protocol results" with the fields that differ, so a table compares
+like with like. A cell nobody measured is "–", never filled in. Two results for the same cell that disagree are
+listed under Conflicts and the newest one is shown, marked "*". Independent cells of a pair row fall back to
+single-model checkpoints (DINO, MoCo, timm) of that architecture when no independent pair run exists; those are
+marked "†". Files that cannot be read, or that are ours with a broken structure, are named with the reason.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from mokd_eval import atomic
 from mokd_eval.checkpoints import read_checkpoint
@@ -62,29 +65,70 @@ def is_results(payload: Any) -> bool:
             and "schema_version" in payload)
 
 
-def load_sources(directory: Path, exclude: Path | None = None) -> list[Source]:
-    """Every mokd results JSON under `directory` (recursively), oldest first; refuses an empty or foreign one."""
+def looks_like_ours(payload: Any) -> bool:
+    """A results JSON of ours, whole or not: it names its schema version or a command and its results."""
+    return isinstance(payload, dict) and ("schema_version" in payload or {"command", "results"} <= payload.keys())
+
+
+def structure_problem(payload: dict[str, Any]) -> str | None:
+    """Why a JSON of ours cannot be read as results (None when it can): the fields the report relies on."""
+    if not is_results(payload):
+        missing = [name for name in ("schema_version", "command", "results") if name not in payload]
+        return f"missing {', '.join(missing)}" if missing else "'results' is not a list"
+    for name in ("protocol", "dataset"):
+        if not isinstance(payload.get(name) or {}, dict):
+            return f"'{name}' is not an object"
+    for index, entry in enumerate(payload["results"]):
+        if not isinstance(entry, dict):
+            return f"results[{index}] is not an object"
+        if not isinstance(entry.get("metrics"), dict):
+            return f"results[{index}] has no 'metrics' object"
+        if not isinstance(entry.get("protocol") or {}, dict):
+            return f"results[{index}].protocol is not an object"
+    return None
+
+
+@dataclass
+class Skipped:
+    """A JSON file the report did not use, and why; `broken` ones fail a `--strict` report."""
+
+    path: Path
+    reason: str
+    broken: bool
+
+
+def load_sources(directory: Path, exclude: Path | None = None) -> tuple[list[Source], list[Skipped]]:
+    """Every mokd results JSON under `directory` (recursively), oldest first, and every JSON file skipped with
+    the reason; refuses a directory without any results."""
     if not directory.is_dir():
         raise MokdError(f"results directory {directory} does not exist; give the folder the commands wrote to "
                         "(default: results/)")
     skip = exclude.resolve() if exclude is not None else None
-    found, foreign = [], 0
+    found, skipped = [], []
     for path in sorted(directory.rglob("*.json")):
         if skip is not None and skip in path.resolve().parents:
             continue
         try:
             payload = json.loads(path.read_text())
-        except (OSError, ValueError):
-            foreign += 1
+        except (OSError, UnicodeDecodeError) as error:
+            skipped.append(Skipped(path, f"cannot be read ({type(error).__name__})", broken=True))
             continue
-        if is_results(payload) and payload.get("command") != "report":
-            found.append(Source(path, payload))
+        except ValueError as error:
+            skipped.append(Skipped(path, f"not valid JSON, truncated? ({error})", broken=True))
+            continue
+        if not looks_like_ours(payload):
+            skipped.append(Skipped(path, "not a mokd results file", broken=False))
+        elif payload.get("command") in ("report", "suite"):
+            continue  # summaries of other results, not results
+        elif (problem := structure_problem(payload)) is not None:
+            skipped.append(Skipped(path, f"a mokd results file with a broken structure: {problem}", broken=True))
         else:
-            foreign += 1
+            found.append(Source(path, payload))
     if not found:
-        what = f"{foreign} JSON file(s), none written by mokd-eval" if foreign else "no JSON files"
+        what = (f"{len(skipped)} JSON file(s), none written by mokd-eval as readable results (e.g. "
+                f"{skipped[0].path.name}: {skipped[0].reason})" if skipped else "no JSON files")
         raise MokdError(f"{directory} holds {what}; run mokd-eval knn/linear/... first or point to their --out folder")
-    return sorted(found, key=lambda source: (source.created, str(source.path)))
+    return sorted(found, key=lambda source: (source.created, str(source.path))), skipped
 
 
 @dataclass(frozen=True)
@@ -262,9 +306,67 @@ def _pair_metric(cells: Cells, table: str, group: str, info: ModelInfo, value: f
         singles.append((table, group, info, value, source))
 
 
-def collect(sources: Iterable[Source], lookup: TrainingLookup) -> tuple[Cells, list[Source]]:
-    """Every number of every results JSON placed in its table cell."""
-    cells, consistency, singles = Cells(), [], []
+@dataclass(frozen=True)
+class OffProtocol:
+    """A result kept out of the paper's tables: what it is and how its protocol differs from the paper's."""
+
+    model: str
+    arch: str
+    training: str
+    data: str
+    result: str
+    value: str
+    differs: str
+
+    def row(self) -> list[str]:
+        return [self.model, self.arch, self.training, self.data, self.result, self.value, self.differs]
+
+
+OFF_PROTOCOL_HEADERS = ["Model", "Arch", "Training", "Data", "Result", "Value", "Differs from the paper in"]
+PLACED_COMMANDS = ("knn", "linear", "semisup", "cifar", "coco")  # the commands behind Tables 1 and 4-6
+
+
+def differs_text(protocol: dict[str, Any]) -> str | None:
+    """None when the recorded protocol is the paper's, else the fields that differ (or that none was recorded)."""
+    if protocol.get("paper") is True:
+        return None
+    if "paper" not in protocol:
+        return "protocol not recorded (written before protocols were)"
+    return ", ".join(protocol.get("differs") or ["unknown"])
+
+
+def result_label(command: str, source: Source, protocol: dict[str, Any]) -> str:
+    """What an off-protocol result measures, named so it cannot pass for a paper column."""
+    mode = protocol.get("mode")
+    if command == "knn":
+        return "k-NN"
+    if command == "linear":
+        return "Linear, cached features" if mode == "cached" else "Linear"
+    if command == "semisup":
+        label = f"Semi-sup {_percent_label(protocol) or '?'}"
+        return f"{label}, frozen linear probe" if mode == "linear" else label
+    if command == "cifar":
+        return _cifar_label(source, protocol) or "CIFAR"
+    return "COCO APb / APm"
+
+
+def result_value(command: str, entry: dict[str, Any]) -> str | None:
+    """The headline number of one result entry as the tables print it."""
+    if command == "knn":
+        value = _best_knn(entry)
+    elif command == "coco":
+        coco = (entry.get("metrics") or {}).get("coco") or {}
+        box, mask = (coco.get("bbox") or {}).get("AP"), (coco.get("segm") or {}).get("AP")
+        return None if box is None and mask is None else " / ".join(
+            MISSING if v is None else _pct(float(v)) for v in (box, mask))
+    else:
+        value = _top1(entry, command)
+    return None if value is None else _pct(value)
+
+
+def collect(sources: Iterable[Source], lookup: TrainingLookup) -> tuple[Cells, list[Source], list[OffProtocol]]:
+    """Every number of every results JSON placed in its table cell, or listed as off-protocol."""
+    cells, consistency, singles, off = Cells(), [], [], []
     for source in sources:
         command = source.command
         if command == "consistency":
@@ -273,6 +375,12 @@ def collect(sources: Iterable[Source], lookup: TrainingLookup) -> tuple[Cells, l
         for entry in source.payload["results"]:
             info = lookup.info(entry)
             protocol = _entry_protocol(source, entry)
+            if command in PLACED_COMMANDS and (differs := differs_text(protocol)) is not None:
+                value = result_value(command, entry)
+                if value is not None:
+                    off.append(OffProtocol(info.name, pretty_arch(info.arch), info.method, data_label(source),
+                                           result_label(command, source, protocol), value, differs))
+                continue
             row_all = (info.name, pretty_arch(info.arch), info.method, data_label(source))
             knn, linear = _best_knn(entry) if command == "knn" else None, _top1(entry, "linear")
             if command == "knn" and knn is not None:
@@ -307,7 +415,7 @@ def collect(sources: Iterable[Source], lookup: TrainingLookup) -> tuple[Cells, l
             for net in (1, 2):
                 if row[net - 1] == pretty_arch(info.arch) and same_data:
                     cells.add(table, row, f"{group} Independent Net{net}", value, _pct(value), source, fallback=True)
-    return cells, consistency
+    return cells, consistency, off
 
 
 def _ablation_cells(cells: Cells, info: ModelInfo, command: str, value: float, source: Source) -> None:
@@ -368,6 +476,14 @@ TABLE_LAYOUT: list[tuple[str, str, list[str], list[str]]] = [
     ("all", "Every evaluated model", ["Model", "Arch", "Training", "Data"],
      ["k-NN", "Linear", "Semi-sup 1%", "Semi-sup 10%", "CIFAR-10", "CIFAR-100"]),
 ]
+
+
+def off_protocol_table(off: list[OffProtocol]) -> Table:
+    """Results that are not the paper's protocol, one row each with the fields that differ."""
+    rows = [item.row() for item in sorted(set(off), key=lambda item: item.row())]
+    return Table("offprotocol", "Off-protocol results", OFF_PROTOCOL_HEADERS, rows,
+                 ["not in the paper's tables above: their protocol differs from the paper's in the fields named"
+                  ] if rows else [])
 
 
 def build_tables(cells: Cells, conflicts: list[dict[str, Any]]) -> list[Table]:
@@ -438,7 +554,7 @@ def _figures(sources: list[Source], out_dir: Path) -> list[tuple[str, str]]:
 
 
 def render_report(tables: list[Table], conflicts: list[dict[str, Any]], figures: list[tuple[str, str]],
-                  n_sources: int) -> str:
+                  n_sources: int, skipped: Sequence[Skipped] = ()) -> str:
     parts = [f"# mokd report\n\nGathered from {n_sources} results JSON file(s). {MISSING} = not measured.\n"]
     for table in tables:
         parts.append(f"## {table.title}\n\n{to_markdown(table)}")
@@ -449,31 +565,48 @@ def render_report(tables: list[Table], conflicts: list[dict[str, Any]], figures:
             parts.append(f"- {conflict['row']} / {conflict['column']} (in {', '.join(conflict['tables'])}): {values}; "
                          f"shown: {conflict['shown']} (newest)")
         parts.append("")
+    if skipped:
+        parts.append("## Skipped files\n")
+        parts += [f"- {item.path}: {item.reason}" for item in skipped]
+        parts.append("")
     if figures:
         parts.append("## Figures\n")
         parts += [f"![{caption}]({path})\n" for caption, path in figures]
     return "\n".join(parts)
 
 
-def run_report(results_dir: Path, out_dir: Path, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Read every results JSON under `results_dir`; write report.md and tables/*.{md,tex,csv} to `out_dir`."""
-    sources = load_sources(results_dir, exclude=out_dir)
+def run_report(results_dir: Path, out_dir: Path, *, strict: bool = False,
+               echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Read every results JSON under `results_dir`; write report.md and tables/*.{md,tex,csv} to `out_dir`.
+    Every skipped file is named with the reason; with `strict`, a broken one (unreadable, truncated, ours with a
+    broken structure) fails the report before anything is written."""
+    sources, skipped = load_sources(results_dir, exclude=out_dir)
+    for item in skipped:
+        echo(f"skipped {item.path}: {item.reason}")
+    broken = [item for item in skipped if item.broken]
+    if strict and broken:
+        raise MokdError(f"--strict: {len(broken)} broken results file(s) under {results_dir}, e.g. {broken[0].path} "
+                        f"({broken[0].reason}); fix or remove them")
     lookup = TrainingLookup()
-    cells, consistency_sources = collect(sources, lookup)
+    cells, consistency_sources, off = collect(sources, lookup)
     _consistency_rows(consistency_sources, lookup, cells)
     conflicts: list[dict[str, Any]] = []
-    tables = build_tables(cells, conflicts)
+    tables = [*build_tables(cells, conflicts), off_protocol_table(off)]
     figures = _figures(sources, out_dir)
     files = {}
     for table in tables:
         for ext, render in (("md", to_markdown), ("tex", to_latex), ("csv", to_csv)):
             files[f"{table.name}.{ext}"] = str(atomic.write_text(out_dir / "tables" / f"{table.name}.{ext}",
                                                                  render(table)))
-    report_path = atomic.write_text(out_dir / "report.md", render_report(tables, conflicts, figures, len(sources)))
-    echo(f"read {len(sources)} results JSON file(s) from {results_dir}; {len(conflicts)} conflict(s)")
+    report_path = atomic.write_text(out_dir / "report.md",
+                                    render_report(tables, conflicts, figures, len(sources), skipped))
+    echo(f"read {len(sources)} results JSON file(s) from {results_dir}; {len(conflicts)} conflict(s); "
+         f"{len(off)} off-protocol result(s); {len(skipped)} file(s) skipped ({len(broken)} broken)")
     payload = build_results(command="report", protocol={"name": "report"}, dataset={}, results=[], timings={},
                             seed=None, config={"results_dir": str(results_dir), "out_dir": str(out_dir)})
     payload["report"] = {"markdown": str(report_path), "files": files, "sources": [str(s.path) for s in sources],
+                         "skipped": [{"path": str(item.path), "reason": item.reason, "broken": item.broken}
+                                     for item in skipped],
                          "conflicts": conflicts,
                          "tables": {t.name: {"headers": t.headers, "rows": t.rows} for t in tables}}
     return payload

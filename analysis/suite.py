@@ -5,12 +5,15 @@ become that function's keyword arguments. Adding a protocol is one line. A step 
 not exist in this build, or whose logic needs arguments the suite cannot provide, is listed as skipped with
 that reason, never faked. A step whose results JSON exists and was written by the suite with the same
 checkpoint hash and settings is reused, so an interrupted overnight run restarts where it stopped.
+`plan_suite` (`suite --plan`) resolves every step's settings into the same `protocol` records the runs write,
+and runs nothing: a researcher checks a night's run before starting it.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -19,10 +22,12 @@ from mokd_eval.checkpoints import file_sha256, read_checkpoint
 from mokd_eval.distributed import DistContext
 from mokd_eval.errors import MokdError
 from mokd_eval.pipeline import FeatureOptions
-from mokd_eval.protocols import TrainOptions
+from mokd_eval.protocols import SCALES, TrainOptions
 from mokd_eval.results import build_results, write_results
 
 REPORT_STEP = "report"
+# SimCLR's list files (A.3 uses "the same splits of 1% and 10% of ImageNet [...] in [9]"), in --semisup-splits DIR.
+SPLIT_FILES = {1: "1percent.txt", 10: "10percent.txt"}
 
 
 @dataclass
@@ -44,7 +49,12 @@ class SuiteContext:
     cifar_data: str | None = None  # folder of the CIFAR python pickles
     coco_data: str | None = None  # COCO root or shapes-coco[:N]
     coco_iters: int | None = None
+    semisup_splits: Path | None = None  # folder of SimCLR's 1percent.txt / 10percent.txt
+    scale: str = "paper"  # "small": batches sized to the data (see protocols.SMALL_SCALE_STEPS_PER_EPOCH)
     sha256: str = ""
+
+    def split_file(self, percent: int) -> Path | None:
+        return self.semisup_splits / SPLIT_FILES[percent] if self.semisup_splits is not None else None
 
     def result_path(self, step: str) -> Path:
         return self.out_dir / step / f"{self.checkpoint.stem}.json"
@@ -61,10 +71,12 @@ class SuiteContext:
         return {"step": step, "checkpoint_sha256": self.sha256, "data": self.data, "model": self.model,
                 "key": self.key, "image_size": self.image_size, "seed": self.seed,
                 "feature": self.features.kind.describe(), "epochs": self.epochs, "cifar_data": self.cifar_data,
-                "coco_data": self.coco_data, "coco_iters": self.coco_iters}
+                "coco_data": self.coco_data, "coco_iters": self.coco_iters, "precision": self.features.precision,
+                "scale": self.scale, "semisup_splits": str(self.semisup_splits) if self.semisup_splits else None}
 
     def train_options(self) -> TrainOptions:
-        return TrainOptions(epochs=self.epochs, num_workers=self.features.num_workers, seed=self.seed)
+        return TrainOptions(epochs=self.epochs, num_workers=self.features.num_workers, seed=self.seed,
+                            precision=self.features.precision, scale=self.scale)
 
 
 def _checkpoint_list(context: SuiteContext) -> dict[str, Any]:
@@ -86,6 +98,11 @@ def _needs_a_pair(context: SuiteContext) -> str | None:
 def _training(**protocol: Any) -> Callable[[SuiteContext], dict[str, Any]]:
     """Arguments of a supervised protocol (linear, semisup, cifar): its own settings plus the suite's."""
     return lambda context: {**protocol, "options": context.train_options(), "context": context.dist}
+
+
+def _semisup(percent: int) -> Callable[[SuiteContext], dict[str, Any]]:
+    """A.3's fine-tuning on SimCLR's list when --semisup-splits gives it, else a seeded stratified subset."""
+    return lambda context: _training(percent=percent, split_file=context.split_file(percent), mode="finetune")(context)
 
 
 def _needs_cifar(context: SuiteContext) -> str | None:
@@ -131,8 +148,8 @@ class Step:
 STEPS: tuple[Step, ...] = (
     Step("knn", "mokd_eval.knn_eval:run_knn", lambda c: {"ks": (10, 20, 100, 200), "temperature": 0.07}),
     Step("linear", "mokd_eval.linear_eval:run_linear", _training(mode="protocol", feature_given=False)),
-    Step("semisup1", "mokd_eval.semisup_eval:run_semisup", _training(percent=1, split_file=None, mode="finetune")),
-    Step("semisup10", "mokd_eval.semisup_eval:run_semisup", _training(percent=10, split_file=None, mode="finetune")),
+    Step("semisup1", "mokd_eval.semisup_eval:run_semisup", _semisup(1)),
+    Step("semisup10", "mokd_eval.semisup_eval:run_semisup", _semisup(10)),
     Step("cifar10", "mokd_eval.cifar_eval:run_cifar",
          lambda c: {**_training(dataset="cifar10")(c), "data": c.cifar_data}, _needs_cifar),
     Step("cifar100", "mokd_eval.cifar_eval:run_cifar",
@@ -250,3 +267,150 @@ def suite_table(payload: dict[str, Any]) -> str:
 
     rows = [[s["step"], s["status"], s.get("results") or s.get("reason", "")] for s in payload["steps"]]
     return format_table(["step", "status", "results / reason"], rows, title=f"suite: {payload['config']['checkpoint']}")
+
+
+# --- suite --plan ------------------------------------------------------------------------------------------------
+
+
+def check_suite_options(scale: str, semisup_splits: Path | None) -> None:
+    """A wrong --scale or an incomplete --semisup-splits folder fails before any step runs."""
+    if scale not in SCALES:
+        raise MokdError(f"--scale {scale!r}: use one of {', '.join(SCALES)}")
+    if semisup_splits is not None:
+        missing = [name for name in SPLIT_FILES.values() if not (semisup_splits / name).is_file()]
+        if missing:
+            raise MokdError(f"--semisup-splits {semisup_splits}: no {', '.join(missing)} there; the folder must hold "
+                            f"SimCLR's {' and '.join(SPLIT_FILES.values())}")
+
+
+class _Planner:
+    """Resolves each step's protocol records from the models, the data and the suite's options."""
+
+    def __init__(self, context: SuiteContext) -> None:
+        from mokd_eval.pipeline import evaluation_resolution, load_models, open_eval_data
+
+        self.context = context
+        self.loaded = load_models(context.checkpoint, model=context.model, key=context.key, trust=context.trust,
+                                  echo=lambda message: None)
+        self.resolution = evaluation_resolution(self.loaded, context.image_size)
+        self.data = open_eval_data(context.data, image_size=self.resolution.size)
+        self.options = context.train_options()
+
+    def knn(self) -> list[dict[str, Any]]:
+        from mokd_eval.knn_eval import PAPER_KS, PAPER_TEMPERATURE, knn_protocol
+
+        return [knn_protocol(entry, ks=PAPER_KS, temperature=PAPER_TEMPERATURE, features=self.context.features,
+                             side=self.data.side, resolution=self.resolution, fp16_bank=False)
+                for entry in self.loaded]
+
+    def linear(self) -> list[dict[str, Any]]:
+        from mokd_eval.linear import protocol_feature
+        from mokd_eval.linear_eval import linear_preset, linear_protocol
+        from mokd_eval.protocols import resolve_settings, selection_text
+
+        records = []
+        for entry in self.loaded:
+            preset = linear_preset(entry)
+            settings, _ = resolve_settings(preset, self.options, len(self.data.train))
+            records.append(linear_protocol(entry, settings, preset.lr, selection_text((preset.lr,), self.options),
+                                           protocol_feature(entry.spec), self.data.side, self.resolution))
+        return records
+
+    def semisup(self, percent: int) -> list[dict[str, Any]]:
+        from mokd_eval.features import FeatureKind
+        from mokd_eval.protocols import resolve_settings, selection_text
+        from mokd_eval.semisup_eval import (EPOCHS_BY_PERCENT, FINETUNE_WARMUP, finetune_preset, semisup_protocol,
+                                            split_source)
+        from mokd_eval.splits import file_sha256, read_split_file, stratified_subset
+
+        train, split_path = self.data.train, self.context.split_file(percent)
+        if split_path is not None:
+            names = [train.item_name(index) for index in range(len(train))]
+            size = len(read_split_file(split_path, names, percent=percent))
+            kind, described = "file", split_source(split_path, file_sha256(split_path), "file", self.context.seed)
+        else:
+            size = len(stratified_subset(train.targets, percent, self.context.seed, train.num_classes))
+            kind, described = "stratified", f"stratified, seed {self.context.seed}"
+        records = []
+        for entry in self.loaded:
+            preset = finetune_preset(entry, EPOCHS_BY_PERCENT[percent], FINETUNE_WARMUP)
+            settings, _ = resolve_settings(preset, self.options, size)
+            records.append(semisup_protocol(entry, "finetune", settings, preset.lr,
+                                            selection_text((preset.lr,), self.options), FeatureKind(), self.data.side,
+                                            self.resolution, percent, kind, described))
+        return records
+
+    def cifar(self, dataset: str) -> list[dict[str, Any]]:
+        from mokd_eval.cifar_eval import (CIFAR_EPOCHS, CIFAR_WARMUP, cifar_protocol, cifar_resolution,
+                                          cifar_spec_text)
+        from mokd_eval.data import open_dataset, parse_data_spec
+        from mokd_eval.protocols import Preset, resolve_settings, selection_text
+        from mokd_eval.semisup_eval import FINETUNE_BASE_LR, FINETUNE_BATCH
+
+        size = len(open_dataset(parse_data_spec(cifar_spec_text(dataset, self.context.cifar_data)), "train"))
+        records = []
+        for entry in self.loaded:
+            preset = Preset(CIFAR_EPOCHS, FINETUNE_BATCH, CIFAR_WARMUP,
+                            FINETUNE_BASE_LR["vit" if entry.spec.is_vit else "resnet"])
+            settings, _ = resolve_settings(preset, self.options, size)
+            records.append(cifar_protocol(entry, settings, preset.lr, selection_text((preset.lr,), self.options),
+                                          "resized", cifar_resolution(self.loaded, entry, self.context.image_size)))
+        return records
+
+    def coco(self) -> list[dict[str, Any]]:
+        from mokd_eval.detection.coco_data import open_coco
+        from mokd_eval.detection.coco_eval import coco_protocol, resolve_defaults, resolve_engine
+
+        settings = _coco_args(self.context)["settings"]
+        data = open_coco(settings.data)
+        return [coco_protocol(data, resolve_defaults(data, settings), resolve_engine(settings.engine))]
+
+    def analysis(self, step: str) -> list[dict[str, Any]]:
+        """Analyses have no paper protocol to equal: their resolution and precision are shown."""
+        return [{"command": step, "image_size": self.data.side, "image_size_from": self.resolution.source,
+                 "precision": self.context.features.precision}]
+
+    def records(self, step: str) -> list[dict[str, Any]]:
+        if step.startswith("semisup"):
+            return self.semisup(int(step.removeprefix("semisup")))
+        if step.startswith("cifar"):
+            return self.cifar(step)
+        if step in ("knn", "linear", "coco"):
+            return getattr(self, step)()
+        return self.analysis(step)
+
+
+def plan_suite(context: SuiteContext, *, skip: set[str], steps: Sequence[Step] = STEPS) -> list[dict[str, Any]]:
+    """Every step with its resolved protocol records (one per model), or why it would be skipped; runs nothing."""
+    planner = _Planner(context)
+    plan = []
+    for step in steps:
+        if step.name in skip:
+            plan.append({"step": step.name, "status": "skipped", "reason": "--skip"})
+            continue
+        function, reason = resolve(step)
+        reason = reason or step.skip_reason(context)
+        if reason is not None:
+            plan.append({"step": step.name, "status": "skipped", "reason": reason})
+            continue
+        records = planner.records(step.name)
+        names = [entry.key for entry in planner.loaded] if len(records) == len(planner.loaded) else ["all models"]
+        plan.append({"step": step.name, "status": "planned", "protocols": dict(zip(names, records))})
+    return plan
+
+
+def plan_text(plan: list[dict[str, Any]]) -> str:
+    """One block per step: its status, then per model whether it is the paper's protocol and every setting."""
+    lines = []
+    for item in plan:
+        if item["status"] != "planned":
+            lines.append(f"== {item['step']}: skipped ({item['reason']})")
+            continue
+        lines.append(f"== {item['step']}")
+        for name, record in item["protocols"].items():
+            verdict = "" if "paper" not in record else (
+                "paper's protocol" if record["paper"] else f"OFF-PROTOCOL ({', '.join(record['differs'])})")
+            lines.append(f"  {name}: {verdict}".rstrip())
+            settings = {key: value for key, value in record.items() if key not in ("paper", "differs")}
+            lines.append(f"    {json.dumps(settings, sort_keys=True)}")
+    return "\n".join(lines)

@@ -139,6 +139,7 @@ def run_tsne(checkpoints: Sequence[Path], *, data: str | None, features: Feature
     labels_path = atomic.save_numpy(out_stem.with_name(out_stem.name + ".labels.npy"), labels)
     protocol = {"name": "tsne", "engine": engine_name(), "perplexity": PERPLEXITY, "init": "pca",
                 "learning_rate": "auto", "split": split, "feature": features.kind.describe(),
+                "precision": features.precision,
                 "normalisation": "L2", "alignment": "similarity Procrustes on class centroids, to the first model"}
     config = {"checkpoints": [str(c) for c in checkpoints], "model": model, "key": key, "image_size": image_size,
               "classes": classes}

@@ -7,13 +7,16 @@ LOCAL_RANK in the environment) `setup` joins the group (nccl on CUDA, gloo on CP
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from mokd_eval.errors import MokdError
-from mokd_eval.validation import check_device
+from mokd_eval.validation import check_device, check_precision
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,20 @@ def choose_device(preference: str, local_rank: int = 0) -> torch.device:
         raise MokdError(f"--device {preference}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                         f"numbered from 0")
     return torch.device("cuda", index)
+
+
+def autocast_for(device: torch.device, precision: str) -> tuple[AbstractContextManager, "torch.amp.GradScaler | None"]:
+    """The forward's autocast for `precision` and, for fp16 training, its gradient scaler (None otherwise).
+
+    fp32 is the paper's precision and the default. bf16 / fp16 are CUDA autocast; on a CPU they are refused,
+    because they are slower there and a run must record the precision it really used."""
+    if check_precision(precision) == "fp32":
+        return nullcontext(), None
+    if device.type != "cuda":
+        raise MokdError(f"--precision {precision} needs a CUDA device (on a CPU it is slower, not faster): "
+                        "use --precision fp32")
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    return torch.autocast("cuda", dtype=_AUTOCAST_DTYPES[precision]), scaler
 
 
 def setup(device_preference: str) -> DistContext:

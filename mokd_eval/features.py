@@ -1,6 +1,7 @@
 """The one feature extractor every evaluation uses, and its on-disk cache.
 
-Extraction is batched under `torch.inference_mode`, channels_last for CNNs and bf16 autocast on CUDA.
+Extraction is batched under `torch.inference_mode`, channels_last for CNNs, in fp32 (DINO's precision) unless
+bf16 / fp16 autocast is asked for on CUDA.
 Under `torchrun` each rank extracts a strided shard and the shards are gathered back into dataset order.
 The cache makes a second evaluation of the same checkpoint run no forward pass at all.
 """
@@ -13,7 +14,6 @@ import os
 import sys
 import time
 import zlib
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from mokd_eval import atomic
-from mokd_eval.distributed import choose_device
+from mokd_eval.distributed import autocast_for, choose_device
 from mokd_eval.errors import MokdError
 from mokd_eval.registry import ArchSpec
 from mokd_eval.resources import available_cores
@@ -134,7 +134,7 @@ def _collate(batch: list[tuple[int, Any]]) -> tuple[torch.Tensor, torch.Tensor, 
 
 def extract_features(backbone: nn.Module, spec: ArchSpec, dataset: Dataset, kind: FeatureKind = FeatureKind(), *,
                      batch_size: int = 256, num_workers: int | None = None, device: str = "auto",
-                     desc: str = "features") -> FeatureSet:
+                     precision: str = "fp32", desc: str = "features") -> FeatureSet:
     """Run the frozen backbone over `dataset` and return features and labels in dataset order."""
     torch_device = choose_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -150,7 +150,7 @@ def extract_features(backbone: nn.Module, spec: ArchSpec, dataset: Dataset, kind
     if is_cnn:
         model = model.to(memory_format=torch.channels_last)
     forward = feature_function(model, spec, kind)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if torch_device.type == "cuda" else nullcontext()
+    autocast, _ = autocast_for(torch_device, precision)
 
     chunks, label_chunks, index_chunks, skipped = [], [], [], 0
     start = time.perf_counter()
@@ -273,10 +273,12 @@ class FeatureCache:
 
 def cached_features(backbone: nn.Module, spec: ArchSpec, dataset: Dataset, *, identity: dict[str, Any],
                     cache: FeatureCache, kind: FeatureKind = FeatureKind(), batch_size: int = 256,
-                    num_workers: int | None = None, device: str = "auto", desc: str = "features") -> FeatureSet:
+                    num_workers: int | None = None, device: str = "auto", precision: str = "fp32",
+                    desc: str = "features") -> FeatureSet:
     """Features from the cache when `identity` (checkpoint hash, model key, dataset fingerprint, split,
     transform...) matches an entry; otherwise extract them and store them."""
-    parts = {**identity, "arch": spec.to_dict(), "feature": kind.describe(), "dtype": cache.dtype}
+    parts = {**identity, "arch": spec.to_dict(), "feature": kind.describe(), "dtype": cache.dtype,
+             "precision": precision}
     key = FeatureCache.key(parts)
     skipping = bool(getattr(dataset, "skip_bad_images", False))
     hit = cache.load(key, expected_labels=getattr(dataset, "targets", None))
@@ -287,7 +289,7 @@ def cached_features(backbone: nn.Module, spec: ArchSpec, dataset: Dataset, *, id
         _report(f"{desc}: the cached features skipped {hit.skipped} unreadable images; this run does not pass "
                 f"--skip-bad-images, so they are extracted again")
     feature_set = extract_features(backbone, spec, dataset, kind, batch_size=batch_size, num_workers=num_workers,
-                                   device=device, desc=desc)
+                                   device=device, precision=precision, desc=desc)
     if not np.isfinite(feature_set.features).all():
         bad_rows = int((~np.isfinite(feature_set.features)).any(axis=1).sum())
         raise MokdError(f"{desc}: the model produced non-finite features for {bad_rows} images, so its weights are "

@@ -1,9 +1,10 @@
 """The one supervised training engine: linear probe (protocol mode), semi-supervised and CIFAR fine-tuning.
 
 One loop for every image-level training the protocols need: SGD with momentum, linear warm-up then cosine
-(per iteration), lr scaled by batch/256, AMP on CUDA, DDP under `torchrun` (one process without it),
-gradient accumulation when the batch does not fit, a checkpoint per epoch and exact resume (weights, optimizer,
-scaler, RNG, epoch), tqdm with loss/accuracy/images per second, and a per-epoch JSON-lines log.
+(per iteration), lr scaled by batch/256, fp32 (bf16 / fp16 autocast on CUDA when asked), DDP under `torchrun`
+(one process without it), gradient accumulation when the batch does not fit, a checkpoint per epoch and exact
+resume (weights, optimizer, scaler, RNG, epoch), tqdm with loss/accuracy/images per second, and a per-epoch
+JSON-lines log.
 
 Accumulated micro-batches are weighted by their share of the optimizer-step batch, so a run with
 `accum_steps=k` computes the same gradient as one big batch.
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from mokd_eval import atomic
-from mokd_eval.distributed import DistContext
+from mokd_eval.distributed import DistContext, autocast_for
 from mokd_eval.errors import MokdError
 from mokd_eval.features import FeatureKind, feature_function
 from mokd_eval.registry import ArchSpec
@@ -99,7 +100,7 @@ class FitSettings:
     max_batch_per_step: int | None = None
     num_workers: int | None = None
     seed: int = 0
-    amp: bool = True  # only ever used on CUDA
+    precision: str = "fp32"  # the paper's; bf16 / fp16 autocast on CUDA when asked
 
     def scaled_lr(self) -> float:
         return self.lr * self.batch_size / 256
@@ -156,14 +157,6 @@ def _groups(loader: Iterable, size: int) -> Iterator[list]:
         yield group
 
 
-def _autocast(device: torch.device, amp: bool):
-    if device.type != "cuda" or not amp:
-        return nullcontext(), None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return torch.autocast("cuda", dtype=dtype), scaler
-
-
 def _rng_state() -> dict[str, Any]:
     """The torch RNG states (torchvision's augmentations draw from torch only); weights_only-safe."""
     return {"torch": torch.get_rng_state(),
@@ -203,7 +196,7 @@ def fit(model: Classifier, train_set: Dataset, settings: FitSettings, *, run_dir
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(parameters, lr=float(schedule[0]), momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
-    autocast, scaler = _autocast(device, settings.amp)
+    autocast, scaler = autocast_for(device, settings.precision)
     network: nn.Module = model
     if context.distributed:
         if device.type == "cuda" and not model.frozen:

@@ -5,9 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from mokd_eval.checkpoints import LoadedBackbone
 from mokd_eval.knn import knn_classify
-from mokd_eval.pipeline import FeatureOptions, load_models, model_features, model_record, open_eval_data
+from mokd_eval.pipeline import (FeatureOptions, Resolution, evaluation_resolution, load_models, model_features,
+                                model_record, open_eval_data, paper_resolution)
+from mokd_eval.protocols import PAPER_PRECISION, overall_verdict, paper_verdict, verdict_line
 from mokd_eval.results import StageTimer, build_results, format_table
+
+# A.2: "implemented based on DINO [...] the best result among k = 10, 20, 100, 200"; DINO's T = 0.07 on the
+# backbone's pooled / CLS feature, an fp32 bank.
+PAPER_KS = (10, 20, 100, 200)
+PAPER_TEMPERATURE = 0.07
+
+
+def knn_protocol(entry: LoadedBackbone, *, ks: Sequence[int], temperature: float, features: FeatureOptions,
+                 side: int, resolution: Resolution, fp16_bank: bool) -> dict[str, Any]:
+    """One model's k-NN protocol record, compared with A.2's (DINO's k-NN at the training resolution, fp32)."""
+    record = {"command": "knn", "mode": "weighted k-NN", "ks": sorted(ks), "temperature": temperature,
+              "feature": features.kind.describe(), "image_size": side, "image_size_from": resolution.source,
+              "fp16_bank": fp16_bank, "precision": features.precision}
+    reference = {"ks": list(PAPER_KS), "temperature": PAPER_TEMPERATURE, "feature": "default",
+                 "image_size": paper_resolution(entry), "fp16_bank": False, "precision": PAPER_PRECISION}
+    return paper_verdict(record, reference)
 
 
 def run_knn(checkpoint: str | Path, *, data: str | None, ks: Sequence[int], temperature: float,
@@ -17,10 +36,12 @@ def run_knn(checkpoint: str | Path, *, data: str | None, ks: Sequence[int], temp
     """Evaluate each selected model of `checkpoint` and return the results payload (not yet written)."""
     timer = StageTimer()
     with timer.stage("load"):
-        eval_data = open_eval_data(data, image_size=image_size, skip_bad_images=skip_bad_images)
+        loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo, image_size=image_size)
+        resolution = evaluation_resolution(loaded, image_size)
+        eval_data = open_eval_data(data, image_size=resolution.size, skip_bad_images=skip_bad_images)
         echo(f"data: {eval_data.spec.text} ({len(eval_data.train)} train / {len(eval_data.val)} val images, "
              f"{eval_data.train.num_classes} classes; {eval_data.transform})")
-        loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo, image_size=image_size)
+        echo(resolution.describe(eval_data.spec))
 
     results, warnings = [], []
     for entry in loaded:
@@ -33,15 +54,19 @@ def run_knn(checkpoint: str | Path, *, data: str | None, ks: Sequence[int], temp
         warnings.extend(outcome.warnings)
         metrics = {str(k): values for k, values in outcome.metrics.items()}
         results.append({**model_record(entry), "metrics": {"knn": metrics}, "best_k": outcome.best_k,
+                        "protocol": knn_protocol(entry, ks=ks, temperature=temperature, features=features,
+                                                 side=eval_data.side, resolution=resolution, fp16_bank=fp16_bank),
                         "feature_rate_images_per_s": round(train.images_per_second, 1) if not train.from_cache else None,
                         "features_from_cache": train.from_cache and val.from_cache,
                         "skipped_images": train.skipped + val.skipped})
     for message in dict.fromkeys(warnings):
         echo(f"warning: {message}")
 
-    protocol = {"name": "knn", "ks": list(ks), "temperature": temperature, "feature": features.kind.describe(),
+    protocol = {"name": "knn", "command": "knn", "ks": list(ks), "temperature": temperature,
+                "feature": features.kind.describe(), "image_size": eval_data.side, "image_size_from": resolution.source,
                 "similarity": "cosine (L2-normalised features)", "vote": "sum of exp(sim / T) per class",
-                "fp16_bank": fp16_bank, "num_classes_from": "train split"}
+                "fp16_bank": fp16_bank, "precision": features.precision, "num_classes_from": "train split",
+                **overall_verdict([entry["protocol"] for entry in results])}
     config = {"checkpoint": str(checkpoint), "model": model, "key": key, "image_size": image_size,
               "batch_size": features.batch_size, "device": features.device,
               "cache_dir": str(features.cache.root) if features.cache.root else None}
@@ -69,4 +94,4 @@ def knn_table(payload: dict[str, Any]) -> str:
         rows.append(row)
     title = f"k-NN on {payload['dataset']['spec']} (T = {payload['protocol']['temperature']}; * = best k)"
     archs = "  ".join(f"{entry['key']}: {entry['arch']}" for entry in models)
-    return format_table(headers, rows, title=title) + f"\n{archs}"
+    return format_table(headers, rows, title=title) + f"\n{archs}\n{verdict_line(payload['protocol'])}"

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mokd_eval.checkpoints import CheckpointFile, LoadedBackbone, load_backbones
-from mokd_eval.data import DataSpec, LabelledDataset, eval_transform, open_dataset, parse_data_spec
+from mokd_eval.data import DataSpec, LabelledDataset, eval_transform, image_side, open_dataset, parse_data_spec
 from mokd_eval.features import FeatureCache, FeatureKind, FeatureSet, cached_features
 from mokd_eval.results import StageTimer
+from mokd_eval.validation import check_image_size
 
 
 @dataclass
@@ -22,6 +23,7 @@ class EvalData:
     train: LabelledDataset
     val: LabelledDataset
     transform: str
+    side: int  # the side of the evaluated images in pixels
 
     def record(self) -> dict[str, Any]:
         """How the dataset is described in a results JSON."""
@@ -35,7 +37,47 @@ def open_eval_data(data: str | None, *, image_size: int | None = None, skip_bad_
     transform, description = eval_transform(spec, image_size)
     train = open_dataset(spec, "train", transform, skip_bad_images=skip_bad_images)
     val = open_dataset(spec, "val", transform, skip_bad_images=skip_bad_images)
-    return EvalData(spec, train, val, description)
+    return EvalData(spec, train, val, description, image_side(spec, image_size))
+
+
+# A.1 / A.2: the paper trains on 224 px global crops and evaluates at 224 px, its training size.
+PAPER_TRAIN_CROP = 224
+
+
+def training_crop(checkpoint: CheckpointFile) -> int | None:
+    """The global crop size the checkpoint was trained at, when the file stores it (mokd's training config)."""
+    size = (checkpoint.meta.get("config") or {}).get("img_size")
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def paper_resolution(loaded: LoadedBackbone) -> int:
+    """The resolution the paper's protocol evaluates this model at: its training crop size (224 in the paper)."""
+    return training_crop(loaded.checkpoint) or PAPER_TRAIN_CROP
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The evaluation resolution a command uses and where it came from."""
+
+    size: int | None  # None: the dataset's default (native for small datasets, 224 for folders)
+    source: str
+
+    def describe(self, spec: DataSpec) -> str:
+        return f"resolution: {image_side(spec, self.size)} px ({self.source})"
+
+
+def evaluation_resolution(loaded: list[LoadedBackbone], image_size: int | None) -> Resolution:
+    """`--image-size` when given, else the training crop size the checkpoint stores (as the paper evaluates at
+    its training size), else the dataset's default. The choice is checked against every architecture."""
+    if image_size is not None:
+        resolution = Resolution(image_size, "--image-size")
+    else:
+        crops = {training_crop(entry.checkpoint) for entry in loaded} - {None}
+        resolution = (Resolution(crops.pop(), "the checkpoint's training crop size") if len(crops) == 1
+                      else Resolution(None, "the dataset's default; the checkpoint stores no training crop size"))
+    for entry in loaded:
+        check_image_size(resolution.size, entry.spec)
+    return resolution
 
 
 @dataclass
@@ -45,6 +87,7 @@ class FeatureOptions:
     batch_size: int = 256
     num_workers: int | None = None
     device: str = "auto"
+    precision: str = "fp32"  # the paper's; bf16 / fp16 autocast on CUDA when asked
 
 
 def load_models(checkpoint: str | Path, *, model: str | None, key: str | None, trust: bool,
@@ -76,7 +119,7 @@ def split_features(loaded: LoadedBackbone, data: EvalData, split: str, options: 
     feature_set = cached_features(loaded.module, loaded.spec, dataset, identity=identity, cache=options.cache,
                                   kind=options.kind, batch_size=options.batch_size,
                                   num_workers=options.num_workers, device=options.device,
-                                  desc=f"{loaded.key} {split}")
+                                  precision=options.precision, desc=f"{loaded.key} {split}")
     timer.add("extract" if not feature_set.from_cache else "cache_read", feature_set.seconds)
     if feature_set.skipped:
         echo(f"warning: {loaded.key} {split}: skipped {feature_set.skipped} unreadable images "

@@ -1,13 +1,19 @@
-"""Steps shared by the supervised protocols (linear probe in protocol mode, semi-supervised, CIFAR transfer).
+"""The paper's protocols, and the steps shared by the supervised ones (linear probe, semi-supervised, CIFAR).
 
-Each trains one classifier per model through the one engine (`finetune.fit`). When several learning rates
-are given, each is trained on the training data minus a seeded held-out slice and scored on that slice; the
-best is then trained on all the training data and evaluated once on the validation set. The validation set
-never takes part in a choice.
+Every results JSON records a `protocol` object: what was run (command, mode, epochs, lr per 256 and effective,
+global batch, image size, augmentation, feature, split source, detector, precision) and whether that equals the
+paper's protocol (`paper`, plus `differs`, the fields that do not). The references below are the MOKD
+supplement's A.2-A.5; `report` places only `paper: true` results into the paper's table cells.
+
+Each supervised protocol trains one classifier per model through the one engine (`finetune.fit`). When several
+learning rates are given, each is trained on the training data minus a seeded held-out slice and scored on that
+slice; the best is then trained on all the training data and evaluated once on the validation set. The
+validation set never takes part in a choice.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -22,6 +28,32 @@ from mokd_eval.finetune import Classifier, FitResult, FitSettings, clamp_batch, 
 from mokd_eval.splits import heldout_split
 
 HELDOUT_FRACTION = 0.1
+# DINO's k-NN/linear extraction and MoCo's detectron2 configs run in fp32: so do we unless asked otherwise.
+PAPER_PRECISION = "fp32"
+# Short names of the training augmentations, as recorded in `protocol.augmentation`.
+AUGMENT_RESIZED = "random-resized-crop+flip"  # A.2-A.4: RandomResizedCrop at the training resolution + flip
+AUGMENT_PADDED = "padded-crop+flip"  # the common CIFAR recipe, not the paper's (A.4 keeps A.3's)
+AUGMENT_NONE = "none (cached features)"
+
+
+def paper_verdict(record: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """`record` plus `paper` (it equals `reference` on every field the reference names) and `differs`."""
+    differs = sorted(name for name, expected in reference.items() if record.get(name) != expected)
+    return {**record, "paper": not differs, "differs": differs}
+
+
+def verdict_line(protocol: dict[str, Any]) -> str:
+    """The line under a command's table saying whether its numbers are the paper's protocol."""
+    if protocol.get("paper"):
+        return "protocol: the paper's"
+    return f"protocol: OFF the paper's (differs in {', '.join(protocol.get('differs') or ['unknown'])})"
+
+
+def overall_verdict(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A payload's verdict from its models' protocols: the paper's only when every model's is."""
+    differs = sorted({name for record in records for name in record.get("differs", [])})
+    return {"paper": bool(records) and all(record.get("paper") for record in records), "differs": differs}
+
 
 
 @dataclass
@@ -39,6 +71,14 @@ class TrainOptions:
     resume: bool = False
     seed: int = 0
     heldout_fraction: float = HELDOUT_FRACTION
+    precision: str = PAPER_PRECISION
+    scale: str = "paper"  # "small": batches sized to the data (off-protocol where that changes them)
+
+
+SCALES = ("paper", "small")
+# `--scale small`: batches sized so that an epoch has at least this many optimizer steps (the paper's batch of
+# 1,024-2,048 makes one step per epoch on a small dataset, and the numbers stay at chance).
+SMALL_SCALE_STEPS_PER_EPOCH = 8
 
 
 @dataclass(frozen=True)
@@ -49,6 +89,13 @@ class Preset:
     batch_size: int
     warmup_epochs: int
     lr: float  # base lr per 256 images
+
+
+def scaled_batch(preset: Preset, options: TrainOptions, train_size: int) -> int:
+    """The preset's batch, or with `scale="small"` one giving SMALL_SCALE_STEPS_PER_EPOCH steps per epoch."""
+    if options.scale == "small":
+        return max(1, min(preset.batch_size, math.ceil(train_size / SMALL_SCALE_STEPS_PER_EPOCH)))
+    return preset.batch_size
 
 
 def parse_lrs(text: str | None) -> tuple[float, ...] | None:
@@ -75,10 +122,11 @@ def resolve_settings(preset: Preset, options: TrainOptions, train_size: int) -> 
             raise MokdError(f"--warmup-epochs {warmup} does not fit in {epochs} epochs")
     else:
         warmup = preset.warmup_epochs * epochs // preset.epochs if epochs < preset.epochs else preset.warmup_epochs
-    batch, warnings = clamp_batch(options.batch_size or preset.batch_size, train_size, "training")
+    batch, warnings = clamp_batch(options.batch_size or scaled_batch(preset, options, train_size), train_size,
+                                  "training")
     settings = FitSettings(epochs=epochs, batch_size=batch, lr=preset.lr, warmup_epochs=warmup,
                            accum_steps=options.accum_steps, max_batch_per_step=options.max_batch_per_step,
-                           num_workers=options.num_workers, seed=options.seed)
+                           num_workers=options.num_workers, seed=options.seed, precision=options.precision)
     return settings, warnings
 
 
@@ -92,6 +140,7 @@ class Outcome:
     final: FitResult
     settings: FitSettings
     model: Classifier
+    selection: str  # "fixed" (one lr) or how the search scored the lrs
 
     def protocol(self) -> dict[str, Any]:
         return {**settings_record(self.settings, self.final), "lr_chosen": self.lr, "lr_search": self.search,
@@ -129,6 +178,7 @@ def train_with_search(*, make_model: Callable[[], Classifier], train_set: Datase
         lr = best["lr"]
     else:
         lr = lrs[0]
+    selection = selection_text(lrs, options)
     final_settings = replace(settings, lr=lr)
     model = make_model()
     final = fit(model, train_set, final_settings, run_dir=run_dir / "final", context=context, resume=options.resume,
@@ -137,7 +187,24 @@ def train_with_search(*, make_model: Callable[[], Classifier], train_set: Datase
         after_fit(model)
     metrics = evaluate(model, val_set, batch_size=options.eval_batch_size, num_workers=options.num_workers,
                        context=context, desc=f"{desc} val")
-    return Outcome(metrics, lr, search, final, final_settings, model)
+    return Outcome(metrics, lr, search, final, final_settings, model, selection)
+
+
+def selection_text(lrs: Sequence[float], options: TrainOptions) -> str:
+    """How the lr of a run is chosen: fixed, or scored on a held-out slice of the training set."""
+    return "fixed" if len(lrs) == 1 else f"held-out {options.heldout_fraction:.0%} of the training set"
+
+
+def training_record(command: str, mode: str, settings: FitSettings, *, lr_per_256: float, selection: str,
+                    augmentation: str, feature: str, image_size: int, image_size_from: str) -> dict[str, Any]:
+    """The fields a supervised run is compared on: the lr per 256 images and the effective lr at the global batch
+    actually used, schedule, augmentation, feature, resolution, precision, how the lr was chosen. A run and
+    `suite --plan` build it from the same resolved settings."""
+    return {"command": command, "mode": mode, "epochs": settings.epochs, "warmup_epochs": settings.warmup_epochs,
+            "global_batch": settings.batch_size, "lr_per_256": lr_per_256,
+            "lr": lr_per_256 * settings.batch_size / 256, "weight_decay": settings.weight_decay,
+            "augmentation": augmentation, "feature": feature, "image_size": image_size,
+            "image_size_from": image_size_from, "precision": settings.precision, "lr_selection": selection}
 
 
 def run_root(out: Path) -> Path:

@@ -1,6 +1,7 @@
 """The one results writer: every command leaves a JSON a script can trust, plus a table a person can read.
 
-JSON contract (other tools rely on it): top-level `command`, `protocol`, `dataset`, `seed`, `timings`,
+JSON contract (other tools rely on it): top-level `command`, `protocol` (with `command`, `precision` and, for the
+paper's evaluation protocols, `paper` / `differs`), `dataset`, `seed`, `timings`,
 `environment`, `config`, and `results`, a list with one entry per evaluated model, each carrying `key`, `arch`,
 `checkpoint` and `metrics`.
 """
@@ -76,11 +77,13 @@ def environment() -> dict[str, Any]:
 
 def build_results(*, command: str, protocol: dict[str, Any], dataset: dict[str, Any], results: list[dict[str, Any]],
                   timings: dict[str, float], seed: int | None, config: dict[str, Any]) -> dict[str, Any]:
+    """The results payload. `protocol` always names the command and the precision: fp32 unless the command
+    recorded otherwise (the evaluation protocols also record `paper` and `differs`, see mokd_eval/protocols.py)."""
     return {
         "schema_version": RESULTS_SCHEMA_VERSION,
         "command": command,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "protocol": protocol,
+        "protocol": {"command": command, "precision": "fp32", **protocol},
         "dataset": dataset,
         "seed": seed,
         "results": results,

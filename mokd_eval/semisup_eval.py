@@ -15,25 +15,54 @@ import torch
 from torch.utils.data import Subset
 
 from mokd_eval.checkpoints import LoadedBackbone
-from mokd_eval.data import image_side, train_transform
+from mokd_eval.data import train_transform
 from mokd_eval.distributed import DistContext
 from mokd_eval.errors import MokdError
 from mokd_eval.features import FeatureKind
-from mokd_eval.finetune import Classifier
+from mokd_eval.finetune import Classifier, FitSettings
 from mokd_eval.linear import LINEAR_BASE_LR, protocol_feature, snapshot, verify_unchanged
-from mokd_eval.pipeline import load_models, model_record, open_eval_data
-from mokd_eval.protocols import Preset, TrainOptions, resolve_settings, run_root, train_with_search
+from mokd_eval.pipeline import (Resolution, evaluation_resolution, load_models, model_record, open_eval_data,
+                                paper_resolution)
+from mokd_eval.protocols import (AUGMENT_RESIZED, PAPER_PRECISION, Preset, TrainOptions, overall_verdict,
+                                 paper_verdict, resolve_settings, run_root, train_with_search, training_record,
+                                 verdict_line)
 from mokd_eval.results import StageTimer, build_results, format_table
 from mokd_eval.splits import (ALLOWED_PERCENTS, file_sha256, read_split_file, stratified_subset,
                               write_split_file)
 from mokd_eval.validation import check_image_size
 
 MODES = ("finetune", "linear")
-# A.3: batch 1024, 60 epochs (1%) / 30 (10%), 5 warm-up epochs, cosine, SGD; the base lr was searched per model.
-# Our default base lrs (per 256 images) are a starting point; give --lr a comma list to search.
+# A.3: "fine-tuned with 1024 batch size for 60 epochs and 30 epochs on 1% and 10% subsets", "warmed up [...]
+# during the first 5 epochs", SGD, cosine; "the best base learning rate is searched for each model", so our
+# default base lrs (per 256 images) are a starting point; give --lr a comma list to search.
 FINETUNE_BASE_LR = {"resnet": 0.05, "vit": 0.01}
 FINETUNE_BATCH, FINETUNE_WARMUP = 1024, 5
 EPOCHS_BY_PERCENT = {1: 60, 10: 30}
+
+
+def semisup_reference(loaded: LoadedBackbone, percent: float) -> dict[str, Any]:
+    """A.3 for this model: the whole network fine-tuned on SimCLR's 1% / 10% list (a split file), the preset's
+    schedule and batch, augmented images at the training resolution, fp32. The lr is searched, so any lr is."""
+    return {"mode": "finetune", "percent": percent if percent in ALLOWED_PERCENTS else "1 or 10",
+            "split_kind": "file", "epochs": EPOCHS_BY_PERCENT.get(percent, "60 (1%) or 30 (10%)"),
+            "warmup_epochs": FINETUNE_WARMUP, "global_batch": FINETUNE_BATCH, "augmentation": AUGMENT_RESIZED,
+            "image_size": paper_resolution(loaded), "precision": PAPER_PRECISION}
+
+
+def semisup_protocol(entry: LoadedBackbone, mode: str, settings: FitSettings, lr: float, selection: str,
+                     kind: FeatureKind, side: int, resolution: Resolution, percent: float, split_kind: str,
+                     split_described: str) -> dict[str, Any]:
+    """One model's record, compared with A.3's (what a run records and `suite --plan` shows)."""
+    record = {**training_record("semisup", mode, settings, lr_per_256=lr, selection=selection,
+                                augmentation=AUGMENT_RESIZED, feature=kind.describe(), image_size=side,
+                                image_size_from=resolution.source),
+              "percent": percent, "split_kind": split_kind, "split_source": split_described}
+    return paper_verdict(record, semisup_reference(entry, percent))
+
+
+def split_source(split_path: Path, sha256: str, source: str, seed: int) -> str:
+    """Where the labelled subset came from, in words: the file's name and hash, or the seeded draw."""
+    return f"file {split_path.name} (sha256 {sha256})" if source == "file" else f"stratified, seed {seed}"
 
 
 def finetune_preset(loaded: LoadedBackbone, epochs: int, warmup: int) -> Preset:
@@ -61,28 +90,32 @@ def run_semisup(checkpoint: str | Path, *, percent: float, split_file: Path | No
         raise MokdError(f"--percent must be in (0, 100], got {percent:g}")
     timer = StageTimer()
     with timer.stage("load"):
-        eval_data = open_eval_data(data, image_size=image_size, skip_bad_images=skip_bad_images)
+        loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo)
+        resolution = evaluation_resolution(loaded, image_size)
+        eval_data = open_eval_data(data, image_size=resolution.size, skip_bad_images=skip_bad_images)
+        echo(resolution.describe(eval_data.spec))
         train = eval_data.train
         names = [train.item_name(index) for index in range(len(train))]
         if split_file is not None:
             indices = read_split_file(split_file, names, percent=percent)
-            split_path, split_source = Path(split_file), "file"
+            split_path, split_kind = Path(split_file), "file"
         else:
             indices = stratified_subset(train.targets, percent, options.seed, train.num_classes)
             split_path = out.parent / f"{out.stem}.split-{percent:g}pct-seed{options.seed}.txt"
             if context.is_main:
                 write_split_file(split_path, names, indices)
-            split_source = "stratified"
+            split_kind = "stratified"
         echo(f"data: {eval_data.spec.text}: {len(indices)} labelled of {len(train)} train images ({percent:g}%, "
-             f"{'split file ' + str(split_path) if split_source == 'file' else 'seeded stratified subset'}), "
+             f"{'split file ' + str(split_path) if split_kind == 'file' else 'seeded stratified subset'}), "
              f"{len(eval_data.val)} val images, {train.num_classes} classes")
-        loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo)
         for entry in loaded:  # every model must take the resolution before any work
-            check_image_size(image_side(eval_data.spec, image_size), entry.spec)
+            check_image_size(eval_data.side, entry.spec)
     context.barrier()
-    split = {"source": split_source, "file": str(split_path), "sha256": file_sha256(split_path),
-             "images": int(len(indices)), "percent": percent, "seed": options.seed if split_source != "file" else None}
-    augment, augment_text = train_transform(eval_data.spec, image_size)
+    sha256 = file_sha256(split_path)
+    split = {"source": split_kind, "file": str(split_path), "sha256": sha256, "images": int(len(indices)),
+             "percent": percent, "seed": options.seed if split_kind != "file" else None,
+             "described": split_source(split_path, sha256, split_kind, options.seed)}
+    augment, augment_text = train_transform(eval_data.spec, resolution.size)
     labelled = Subset(train.with_transform(augment), indices.tolist())
     labelled_eval = Subset(train, indices.tolist())
     labels = train.targets[indices]
@@ -119,16 +152,19 @@ def run_semisup(checkpoint: str | Path, *, percent: float, split_file: Path | No
                 run_dir=root / entry.key, context=context, desc=f"{entry.key} {mode}",
                 signature={"num_classes": train.num_classes, "mode": mode, "split_sha256": split["sha256"]},
                 after_fit=after_fit, echo=echo)
-        protocol = {"mode": mode, "label": _mode_label(mode), "feature": kind.describe(), "split": split,
-                    "train_transform": augment_text, "eval_transform": eval_data.transform,
-                    "image_size": image_side(eval_data.spec, image_size), **outcome.protocol()}
+        protocol = {"label": _mode_label(mode), "split": split, "train_transform": augment_text,
+                    "eval_transform": eval_data.transform, **outcome.protocol(),
+                    **semisup_protocol(entry, mode, outcome.settings, outcome.lr, outcome.selection, kind,
+                                       eval_data.side, resolution, percent, split_kind, split["described"])}
         results.append({**model_record(entry), "metrics": {"semisup": outcome.metrics}, "protocol": protocol,
                         "run_dir": str(root / entry.key)})
     for message in dict.fromkeys(warnings):
         echo(f"warning: {message}")
     protocol = {"name": "semisup", "mode": mode, "label": _mode_label(mode), "percent": percent, "split": split,
                 "selection": "held-out slice of the labelled subset when several --lr are given",
-                "optimizer": "SGD momentum 0.9, weight decay 0, lr x batch/256, linear warm-up then cosine"}
+                "optimizer": "SGD momentum 0.9, weight decay 0, lr x batch/256, linear warm-up then cosine",
+                "command": "semisup", "split_source": split["described"], "precision": options.precision,
+                **overall_verdict([entry["protocol"] for entry in results])}
     config = {"checkpoint": str(checkpoint), "model": model, "key": key, "image_size": image_size, "device": device,
               "run_dir": str(root), "resume": options.resume, "split_file": str(split_file) if split_file else None}
     return build_results(command="semisup", protocol=protocol, dataset=eval_data.record(), results=results,
@@ -145,5 +181,6 @@ def semisup_table(payload: dict[str, Any]) -> str:
              entry["metrics"]["semisup"]["top1"], entry["metrics"]["semisup"]["top5"]] for entry in payload["results"]]
     title = (f"semi-supervised, {protocol['percent']:g}% labels ({protocol['split']['source']} split, "
              f"{protocol['split']['images']} images), {protocol['label']}, on {payload['dataset']['spec']} (val)")
-    return format_table(["model", "arch", "lr", "epochs", "top1", "top5"], rows, title=title)
+    table = format_table(["model", "arch", "lr", "epochs", "top1", "top5"], rows, title=title)
+    return f"{table}\n{verdict_line(protocol)}"
 

@@ -110,3 +110,17 @@ def heldout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
     heldout = np.sort(np.concatenate(held))
     fit = np.setdiff1d(np.arange(len(labels)), heldout)
     return fit.astype(np.int64), heldout.astype(np.int64)
+
+
+def kfold_split(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
+    """`folds` disjoint held-out position sets covering every item: each class is shuffled (seeded) and dealt
+    round-robin, continuing where the previous class stopped, so every fold holds about 1/folds of each class."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    assignment = np.empty(len(labels), dtype=np.int64)
+    dealt = 0
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        assignment[members] = (dealt + np.arange(len(members))) % folds
+        dealt += len(members)
+    return [np.flatnonzero(assignment == fold).astype(np.int64) for fold in range(folds)]

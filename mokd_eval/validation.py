@@ -18,6 +18,7 @@ MIN_IMAGE_SIZE = 8
 MAX_IMAGE_SIZE = 2048
 MAX_NUM_WORKERS = 64
 DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+PRECISIONS = ("fp32", "bf16", "fp16")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -105,3 +106,10 @@ def _check_writable_directory(directory: Path, *, what: str) -> None:
         reason = error.strerror or type(error).__name__
         raise MokdError(f"{what}: cannot write in {existing} ({reason}); choose a writable location") from None
 
+
+
+def check_precision(precision: str, *, option: str = "--precision") -> str:
+    """fp32 (the paper's), or bf16 / fp16 autocast, which only CUDA runs faster."""
+    if precision not in PRECISIONS:
+        raise MokdError(f"{option} {precision!r}: use one of {', '.join(PRECISIONS)}")
+    return precision

@@ -84,7 +84,11 @@ def test_linear_protocol_on_an_official_mokd_pair(checkpoint_factory, tiny_cnn_s
     contract(payload, "linear", ["teacher_cnn", "teacher_vit"])
     cnn, vit = payload["results"]
     assert vit["protocol"]["feature"] == "last_cls:4" and cnn["protocol"]["feature"] == "default"
-    assert cnn["protocol"]["lr_chosen"] == 0.08 and vit["protocol"]["lr_chosen"] == 0.008  # A.2 presets
+    assert cnn["protocol"]["lr_per_256"] == 0.01 and vit["protocol"]["lr_per_256"] == 0.001  # A.2 at 2,048 / 8
+    assert cnn["protocol"]["lr"] == pytest.approx(0.01 * 32 / 256) and vit["protocol"]["lr"] == pytest.approx(
+        0.001 * 32 / 256)  # the effective lr at the batch actually used
+    assert not cnn["protocol"]["paper"] and {"epochs", "global_batch", "image_size"} <= set(cnn["protocol"]["differs"])
+    assert cnn["protocol"]["precision"] == "fp32" and payload["protocol"]["paper"] is False
     assert cnn["protocol"]["backbone_unchanged"] and cnn["protocol"]["batch_size"] == 32
     for entry, spec in ((cnn, tiny_cnn_spec), (vit, tiny_vit_spec)):
         top1 = direct_top1(Path(entry["head"]), models[entry["key"]], spec, "shapes:100")
@@ -101,15 +105,15 @@ def test_linear_cached_reads_the_knn_cache_and_resumes(tmp_path):
     args = ["linear", path, "--mode", "cached", "--data", "shapes:100", "--batch-size", 16, "--lr", "0.1,1,10",
             "--out", out, *cache, "--num-workers", "0", "--device", "cpu"]
     result = run([*args, "--epochs", 2])
-    assert "head sweep on the held-out slice" in result.output
+    assert "head sweep scored by 5-fold cross-validation on the training set" in result.output  # 80 images
     payload = load_json(out)
     contract(payload, "linear", ["teacher"])
     entry = payload["results"][0]
     assert entry["protocol"]["features_from_cache"]  # the very features knn extracted
     assert "extract" not in payload["timings"]
     assert len(entry["protocol"]["heads"]) == 3 and entry["protocol"]["lr_chosen"] in (0.1, 1.0, 10.0)
-    held = load_json(Path(entry["protocol"]["heldout"]["indices_file"]))["indices"]
-    assert len(held) == entry["protocol"]["heldout"]["images"] > 0
+    folds = load_json(Path(entry["protocol"]["heldout"]["indices_file"]))["folds"]
+    assert sorted(sum(folds, [])) == list(range(entry["protocol"]["heldout"]["images"])) and len(folds) == 5
     head, meta = load_head(entry["head"])
     assert head.weight.shape == (10, CNN.feature_dim) and meta["source"]["mode"] == "cached"
     # a longer run resumed from the 2-epoch checkpoint is refused (other settings), the same one is reused
@@ -231,6 +235,39 @@ def tiny_imagefolder(root: Path, classes: int) -> Path:
             for i in range(count):
                 Image.fromarray(np.full((32, 32, 3), 40 * c + i, np.uint8)).save(folder / f"{split}{c}_{i}.png")
     return root
+
+
+def test_cifar_from_png_folders_takes_the_pickles_recipe(tmp_path):
+    """imagefolder:PATH (e.g. cifar2png's output): class count from the folder, A.4's RandomResizedCrop + flip,
+    the 32 px images resized to the training size as the pickles are (no resize-256 / centre crop)."""
+    dino = timm_init_dino(tmp_path / "dino.pth")
+    folder = tiny_imagefolder(tmp_path / "pngs", classes=4)
+    run(["cifar", dino, "--dataset", "cifar10", "--data", f"imagefolder:{folder}", "--image-size", 16,
+         "--out", tmp_path / "png.json", *FAST])
+    payload = load_json(tmp_path / "png.json")
+    entry = payload["results"][0]
+    assert payload["dataset"]["num_classes"] == 4 and payload["dataset"]["train_images"] == 12
+    assert entry["protocol"]["augmentation"] == "random-resized-crop+flip"
+    assert entry["protocol"]["train_transform"].startswith("RandomResizedCrop(16,")
+    assert entry["protocol"]["eval_transform"].startswith("Resize(16x16, bicubic)")
+    padded = run(["cifar", dino, "--dataset", "cifar10", "--data", f"imagefolder:{folder}", "--image-size", 16,
+                  "--augment", "padded", "--out", tmp_path / "padded.json", *FAST])
+    assert padded.exit_code == 0
+    record = load_json(tmp_path / "padded.json")["results"][0]["protocol"]
+    assert record["augmentation"] == "padded-crop+flip" and "augmentation" in record["differs"]
+
+
+def test_the_resolution_defaults_to_the_training_crop_and_is_printed(checkpoint_factory, tmp_path):
+    path, _ = checkpoint_factory.mokd_native(CNN, name="crop16.pth")
+    state = torch.load(path, weights_only=True)
+    state["config"]["img_size"] = 16
+    torch.save(state, path)
+    result = run(["knn", path, "--data", "digits", "--num-workers", "0", "--out", tmp_path / "knn.json",
+                  "--no-cache"])
+    assert "resolution: 16 px (the checkpoint's training crop size)" in result.output
+    record = load_json(tmp_path / "knn.json")["results"][0]["protocol"]
+    assert record["image_size"] == 16 and "image_size" not in record["differs"] and record["paper"] is True
+    assert load_json(tmp_path / "knn.json")["dataset"]["transform"].startswith("Resize(16x16, bicubic)")
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path):

@@ -37,17 +37,23 @@ def test_scratch_run_end_to_end(tmp_path):
     assert set(entry["metrics"]["coco"]["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert entry["solver"]["steps"] == [1, 2] and entry["training"]["iterations_run"] == 2
     assert payload["protocol"]["engine"] == "torchvision" and payload["dataset"]["category_ids"] == [10, 20, 30]
+    assert payload["protocol"]["res5_head"] == "d2-bottleneck" and payload["protocol"]["iters"] == 2  # A.5's head
+    assert entry["protocol"]["res5_from_checkpoint"] == 0 and entry["protocol"]["res5_initialised"] > 0
+    assert payload["protocol"]["paper"] is False and "iters" in payload["protocol"]["differs"]
     assert (tmp_path / "det" / "scratch" / "detector_final.pt").is_file()
 
 
 def test_checkpoint_run_resume_and_eval_only(tmp_path, checkpoint_factory, tiny_vit_spec):
     path, _ = checkpoint_factory.mokd_native(ALIASES["r18"], tiny_vit_spec)
     det = tmp_path / "det"
-    common = ["--backbone", "r18", *TINY, "--output-dir", str(det), "--checkpoint-period", "1"]
+    common = ["--backbone", "r18", *TINY, "--output-dir", str(det), "--checkpoint-period", "1", "--res5-head", "native"]
     first = _coco(str(path), *common, "--iters", "1", "--out", str(tmp_path / "a.json"))
     assert first.exit_code == 0, first.output
     assert "teacher1: C4 detector (native res5, syncbn); trunk 90/90 tensors loaded (0 missing); res5 30/30" \
         in first.output
+    recorded = json.loads((tmp_path / "a.json").read_text())["results"][0]["protocol"]
+    assert (recorded["res5_from_checkpoint"], recorded["res5_initialised"]) == (30, 0)
+    assert "res5_head" in recorded["differs"] and "30/0" in first.output
     saved = torch.load(det / "teacher1" / "detector_last.pt", weights_only=True)
     assert saved["iteration"] == 1 and saved["categories"] == [10, 20, 30]
     second = _coco(str(path), *common, "--iters", "2", "--resume", "--out", str(tmp_path / "b.json"))

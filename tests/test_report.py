@@ -23,7 +23,8 @@ def model(path, key, arch, info, metrics, **extra):
 
 
 def write(directory: Path, name: str, command: str, results, created: str, protocol=None, data="imagenet", **extra):
-    payload = {"schema_version": 1, "command": command, "created": created, "protocol": protocol or {"name": command},
+    protocol = {"name": command, "paper": True, "differs": [], **(protocol or {})}  # the paper's unless told
+    payload = {"schema_version": 1, "command": command, "created": created, "protocol": protocol,
                "dataset": {"spec": f"imagefolder:/data/{data}"}, "seed": 0, "results": results, "timings": {},
                "config": {}, "environment": {}, **extra}
     path = directory / command / f"{name}.json"
@@ -139,6 +140,68 @@ def test_latex_uses_booktabs_and_escapes():
     text = to_latex(Table("t", "T", ["Net1", "a_b %"], [["R50", "–"]]))
     assert "\\toprule" in text and "\\midrule" in text and "\\bottomrule" in text
     assert "a\\_b \\%" in text and "R50 & --" in text
+
+
+def test_off_protocol_results_stay_out_of_the_paper_tables(tmp_path):
+    """One on-protocol result per command and several that are not: each lands where issue 17 says."""
+    root = tmp_path / "results"
+    mokd = training("mokd", 1, ["r50", "vit_s"], ALL_LOSSES, (0.1, 1.0))
+    r34 = training("mokd", 2, ["r50", "r34"], ALL_LOSSES, (1.0, 0.1))
+    off = {"paper": False}
+    write(root, "paper", "linear", [model("runs/mokd.pth", "teacher1", "r50", mokd, top1("linear", 74.1))],
+          "2026-01-01T00:00:00+00:00")
+    write(root, "cached", "linear", [model("runs/mokd.pth", "teacher1", "r50", mokd, top1("linear", 70.5))],
+          "2026-01-02T00:00:00+00:00", protocol={**off, "mode": "cached", "differs": ["augmentation", "mode"]})
+    write(root, "frozen", "semisup", [model("runs/mokd.pth", "teacher1", "r50", mokd, top1("semisup", 40.0))],
+          "2026-01-01T00:00:00+00:00", protocol={**off, "percent": 1, "mode": "linear", "differs": ["mode"]})
+    coco = {"coco": {"bbox": {"AP": 38.0}, "segm": {"AP": 33.0}}}
+    write(root, "r34_1x", "coco", [model("runs/r50r34.pth", "teacher2", "r34", r34, coco)],
+          "2026-01-01T00:00:00+00:00", protocol={**off, "differs": ["iters", "res5_head"]})
+    old = write(root, "old", "knn", [model("runs/mokd.pth", "teacher1", "r50", mokd, knn(60.0))],
+                "2026-01-01T00:00:00+00:00")
+    stale = json.loads(old.read_text())
+    del stale["protocol"]["paper"]  # written before protocols were recorded
+    old.write_text(json.dumps(stale))
+
+    payload = run_report(root, tmp_path / "report", echo=lambda message: None)
+    tables = payload["report"]["tables"]
+    (row,) = tables["table1"]["rows"]
+    assert row[:3] == ["R50", "ViT-S", "imagenet"] and row[3 + 4 + 2] == "74.1"  # Linear MOKD Net1, paper's only
+    assert row[3 + 2] == "–"  # k-NN MOKD Net1: the only k-NN result recorded no protocol
+    assert tables["table4"]["rows"] == [] and tables["table6"]["rows"] == []
+    assert [r[1:] for r in tables["all"]["rows"]] == [
+        ["R50", "MOKD", "imagenet", "–", "74.1", "–", "–", "–", "–"]]
+    assert tables["offprotocol"]["headers"][-1] == "Differs from the paper in"
+    assert sorted(r[4:] for r in tables["offprotocol"]["rows"]) == [
+        ["COCO APb / APm", "38.0 / 33.0", "iters, res5_head"],
+        ["Linear, cached features", "70.5", "augmentation, mode"],
+        ["Semi-sup 1%, frozen linear probe", "40.0", "mode"],
+        ["k-NN", "60.0", "protocol not recorded (written before protocols were)"]]
+    assert "## Off-protocol results" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_broken_files_are_named_and_fail_a_strict_report(tmp_path):
+    root = tmp_path / "results"
+    mokd = training("mokd", 1, ["r50", "vit_s"], ALL_LOSSES, (0.1, 1.0))
+    good = write(root, "good", "knn", [model("runs/mokd.pth", "teacher1", "r50", mokd, knn(67.1))],
+                 "2026-01-01T00:00:00+00:00")
+    (root / "truncated.json").write_text(good.read_text()[:100])
+    wrong = json.loads(good.read_text())
+    wrong["results"][0]["metrics"] = [1, 2]
+    (root / "wrong.json").write_text(json.dumps(wrong))
+    (root / "notes.json").write_text('{"not": "ours"}')
+    messages = []
+    payload = run_report(root, tmp_path / "report", echo=messages.append)
+    skipped = {Path(item["path"]).name: item for item in payload["report"]["skipped"]}
+    assert set(skipped) == {"truncated.json", "wrong.json", "notes.json"}
+    assert skipped["truncated.json"]["broken"] and "not valid JSON" in skipped["truncated.json"]["reason"]
+    assert skipped["wrong.json"]["broken"] and "results[0] has no 'metrics' object" in skipped["wrong.json"]["reason"]
+    assert not skipped["notes.json"]["broken"] and skipped["notes.json"]["reason"] == "not a mokd results file"
+    assert sum(message.startswith("skipped ") for message in messages) == 3
+    assert payload["report"]["tables"]["table1"]["rows"][0][5] == "67.1"  # the good file is still used
+    with pytest.raises(MokdError, match="--strict: 2 broken results file"):
+        run_report(root, tmp_path / "strict", strict=True, echo=lambda message: None)
+    assert not (tmp_path / "strict").exists()
 
 
 def test_an_empty_directory_is_refused(tmp_path):

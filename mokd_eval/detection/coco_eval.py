@@ -17,11 +17,13 @@ from torch import nn
 from mokd_eval.detection import evaluation
 from mokd_eval.detection.coco_data import CocoData, DetectionDataset, open_coco
 from mokd_eval.detection.model import DetectorConfig, build_detector
-from mokd_eval.detection.train import (FINAL_WEIGHTS, Solver, check_categories, evaluate_detector,
-                                       load_detector_file, precise_bn, train_detector)
+from mokd_eval.detection.train import (FINAL_WEIGHTS, PAPER_SCHEDULE, REFERENCE_BATCH, SCHEDULES, Solver,
+                                       check_categories, evaluate_detector, load_detector_file, precise_bn,
+                                       train_detector)
 from mokd_eval.distributed import DistContext
 from mokd_eval.errors import MokdError
 from mokd_eval.pipeline import load_models
+from mokd_eval.protocols import PAPER_PRECISION, paper_verdict, verdict_line
 from mokd_eval.registry import ArchSpec, build_backbone, resolve_arch
 from mokd_eval.resources import apply_resources
 from mokd_eval.results import StageTimer, build_results, format_table
@@ -38,6 +40,12 @@ SHAPES_ROIS_PER_IMAGE = 32
 SHAPES_TEST_PROPOSALS = 50
 COCO_BATCH = 16
 PRECISE_BN_ITERS = 200
+# A.5 "Our implementation is based on detectron2": its stock Res5ROIHeads builds Bottleneck blocks whatever the
+# depth, so the R18/R34 detectors behind Table 6 have that head; `native` (the backbone's own layer4) is another.
+PAPER_RES5_HEAD = "d2-bottleneck"
+RES5_HEADS = ("d2-bottleneck", "native")
+# A.5 follows MoCo [15]: SyncBN in the backbone and the heads.
+PAPER_NORM = "syncbn"
 
 
 def detectron2_available() -> bool:
@@ -62,9 +70,9 @@ class CocoSettings:
     backbone: str
     data: str
     engine: str = "auto"
-    res5_head: str = "native"
-    norm: str = "syncbn"
-    iters: int = 90_000
+    res5_head: str = PAPER_RES5_HEAD
+    norm: str = PAPER_NORM
+    iters: int = SCHEDULES[PAPER_SCHEDULE]
     batch_size: int | None = None  # None: 16 (COCO), 4 (shapes-coco)
     lr: float = 0.02
     warmup_iters: int = 1000
@@ -83,6 +91,7 @@ class CocoSettings:
     trust: bool = False
     num_workers: int | None = None
     seed: int = 0
+    precision: str = PAPER_PRECISION
 
     def record(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
@@ -200,7 +209,7 @@ def _torchvision_run(candidate: Candidate, data: CocoData, settings: CocoSetting
         with timer.stage("train"):
             training = train_detector(model, dataset, solver, output_dir=out_dir, categories=data.category_ids,
                                       context=context, seed=settings.seed, resume=settings.resume,
-                                      num_workers=workers, extra=extra, echo=echo)
+                                      num_workers=workers, extra=extra, echo=echo, precision=settings.precision)
         if config.norm == "syncbn" and settings.precise_bn_iters > 0:
             with timer.stage("precise_bn"):
                 precise_bn(model, dataset, settings.precise_bn_iters, max(1, settings.batch_size // context.world_size),
@@ -216,7 +225,7 @@ def _torchvision_run(candidate: Candidate, data: CocoData, settings: CocoSetting
     if context.is_main:
         with timer.stage("evaluate"):
             metrics, rate = evaluate_detector(model, data.val, data.category_ids, context.device,
-                                              desc=f"{candidate.key} eval")
+                                              desc=f"{candidate.key} eval", precision=settings.precision)
         training["eval_images_per_s"] = round(rate, 3) if math.isfinite(rate) else None
     context.barrier()
     return {**candidate.record, "metrics": {"coco": evaluation.json_safe(metrics)} if metrics else {},
@@ -246,21 +255,54 @@ def run_coco(checkpoint: Path | None, settings: CocoSettings, context: DistConte
                                           _output_dir(settings, checkpoint, candidate.key), echo))
         else:
             results.append(_torchvision_run(candidate, data, settings, context, timer, checkpoint, echo))
-    protocol = {"name": "coco-c4-mask-rcnn", "engine": engine, "res5_head": settings.res5_head, "norm": settings.norm,
+    protocol = {"name": "coco-c4-mask-rcnn", **coco_protocol(data, settings, engine),
                 "metrics": "pycocotools COCOeval bbox/segm stats[0:6] x 100, as detectron2's COCOEvaluator",
                 "reference": "MOKD Table 6; detectron2 R-C4 with MoCo's transfer config"}
+    for entry in results:
+        entry["protocol"] = {**protocol, **res5_origin(entry.get("load_report") or {})}
     config = {"checkpoint": str(checkpoint) if checkpoint else None, **settings.record()}
     return build_results(command="coco", protocol=protocol, dataset=data.record(), results=results,
                          timings=timer.as_dict(), seed=settings.seed, config=config)
+
+
+def coco_protocol(data: CocoData, settings: CocoSettings, engine: str) -> dict[str, Any]:
+    """The detector's protocol record, compared with A.5's: 2x schedule (180k iterations), lr 0.02 at 16 images,
+    train short side [600, 800], test 800, detectron2's stock res5 head, MoCo's SyncBN, fp32."""
+    detector = detector_config(data, settings)
+    schedule = next((name for name, iters in SCHEDULES.items() if iters == settings.iters), "custom")
+    record = {"command": "coco", "engine": engine, "res5_head": settings.res5_head, "norm": settings.norm,
+              "schedule": schedule, "iters": settings.iters, "lr_per_16": settings.lr,
+              "lr": settings.lr * settings.batch_size / REFERENCE_BATCH, "global_batch": settings.batch_size,
+              "train_sizes": list(detector.train_sizes), "test_size": detector.test_size,
+              "precision": settings.precision}
+    reference = {"iters": SCHEDULES[PAPER_SCHEDULE], "res5_head": PAPER_RES5_HEAD, "norm": PAPER_NORM,
+                 "lr_per_16": 0.02, "global_batch": COCO_BATCH, "train_sizes": list(COCO_TRAIN_SIZES),
+                 "test_size": COCO_TEST_SIZE, "precision": PAPER_PRECISION}
+    return paper_verdict(record, reference)
+
+
+def res5_origin(load_report: dict[str, Any]) -> dict[str, Any]:
+    """How many res5 tensors came from the checkpoint and how many were initialised (none known: empty)."""
+    if "res5_total" not in load_report:
+        return {}
+    loaded = 0 if load_report.get("scratch") else int(load_report.get("res5_loaded", 0))
+    return {"res5_from_checkpoint": loaded, "res5_initialised": int(load_report["res5_total"]) - loaded}
 
 
 def _cell(value: float | None) -> str:
     return "nan" if value is None else f"{value:.1f}"
 
 
+def _res5_cell(protocol: dict[str, Any]) -> str:
+    if "res5_initialised" not in protocol:
+        return "?"
+    return f"{protocol['res5_from_checkpoint']}/{protocol['res5_initialised']}"
+
+
 def coco_table(payload: dict[str, Any]) -> str:
     """Table 6 of the paper: AP^b, AP^b50, AP^b75, AP^m, AP^m50, AP^m75, then small/medium/large."""
-    headers = ["model", "APb", "APb50", "APb75", "APm", "APm50", "APm75", "APbS", "APbM", "APbL", "APmS", "APmM", "APmL"]
+    headers = ["model", "APb", "APb50", "APb75", "APm", "APm50", "APm75", "APbS", "APbM", "APbL", "APmS", "APmM",
+               "APmL", "res5 loaded/init"]
     rows = []
     for entry in payload["results"]:
         coco = entry["metrics"].get("coco", {})
@@ -268,8 +310,10 @@ def coco_table(payload: dict[str, Any]) -> str:
         label = f"{entry['key']} ({entry['arch']}{', scratch' if entry.get('init') == SCRATCH else ''})"
         rows.append([label] + [_cell(box.get(m)) for m in ("AP", "AP50", "AP75")]
                     + [_cell(mask.get(m)) for m in ("AP", "AP50", "AP75")]
-                    + [_cell(box.get(m)) for m in ("APs", "APm", "APl")] + [_cell(mask.get(m)) for m in ("APs", "APm", "APl")])
+                    + [_cell(box.get(m)) for m in ("APs", "APm", "APl")]
+                    + [_cell(mask.get(m)) for m in ("APs", "APm", "APl")] + [_res5_cell(entry.get("protocol") or {})])
     protocol = payload["protocol"]
     title = (f"COCO C4 Mask R-CNN on {payload['dataset']['spec']} (engine {protocol['engine']}, "
-             f"res5 {protocol['res5_head']}, {protocol['norm']}; b = box, m = mask)")
-    return format_table(headers, rows, title=title)
+             f"res5 {protocol['res5_head']}, {protocol['norm']}, {protocol['iters']:,} iterations, "
+             f"{protocol['precision']}; b = box, m = mask)")
+    return f"{format_table(headers, rows, title=title)}\n{verdict_line(protocol)}"

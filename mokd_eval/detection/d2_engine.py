@@ -82,7 +82,7 @@ def head_name(res5_head: str, norm: str) -> str:
 
 def build_config(*, depth: int, num_classes: int, res5_head: str, norm: str, world_size: int, weights: str,
                  train_sets: tuple[str, ...], test_sets: tuple[str, ...], detector: Any, solver: Any,
-                 output_dir: Path, device: str, num_workers: int, seed: int):
+                 output_dir: Path, device: str, num_workers: int, seed: int, precision: str = "fp32"):
     """MoCo's R-C4 transfer config (Base-RCNN-C4 + BN variant), value by value, as a detectron2 CfgNode."""
     from detectron2.config import get_cfg
 
@@ -141,7 +141,9 @@ def build_config(*, depth: int, num_classes: int, res5_head: str, norm: str, wor
     cfg.SOLVER.WARMUP_ITERS = solver.warmup_iters
     cfg.SOLVER.WARMUP_FACTOR = 0.001
     cfg.SOLVER.CHECKPOINT_PERIOD = solver.checkpoint_period
-    cfg.SOLVER.AMP.ENABLED = device.startswith("cuda")
+    if precision == "bf16":
+        raise MokdError("--engine detectron2 trains in fp32 or fp16 (its AMP): use --precision fp32 or fp16")
+    cfg.SOLVER.AMP.ENABLED = precision == "fp16" and device.startswith("cuda")  # MoCo's configs: fp32
     cfg.TEST.DETECTIONS_PER_IMAGE = detector.detections_per_image
     cfg.TEST.PRECISE_BN.ENABLED = norm == "syncbn" and solver.precise_bn_iters > 0
     cfg.TEST.PRECISE_BN.NUM_ITER = max(1, solver.precise_bn_iters)
@@ -223,7 +225,8 @@ def run_detectron2(candidate: Any, data: CocoData, settings: Any, context: Any, 
     cfg = build_config(depth=depth, num_classes=len(data.category_ids), res5_head=settings.res5_head,
                        norm=settings.norm, world_size=context.world_size, weights=str(weights),
                        train_sets=(train_set,), test_sets=(val_set,), detector=detector, solver=solver,
-                       output_dir=out_dir, device=str(context.device), num_workers=workers, seed=settings.seed)
+                       output_dir=out_dir, device=str(context.device), num_workers=workers, seed=settings.seed,
+                       precision=settings.precision)
     atomic.write_text(out_dir / "config.yaml", cfg.dump())
 
     class Trainer(DefaultTrainer):
