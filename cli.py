@@ -646,7 +646,7 @@ def attention(checkpoint: Path, layer: int, images: int, **kwargs: Any) -> None:
     out = _results_path(kwargs["out"], "attention", checkpoint.stem)
     payload = run_attention(checkpoint, layer=layer, data=kwargs["data"], model=kwargs["model"], key=kwargs["key"],
                             trust=kwargs["trust"], image_size=kwargs["image_size"], images=images,
-                            skip_bad_images=kwargs["skip_bad_images"], seed=kwargs["seed"],
+                            skip_bad_images=kwargs["skip_bad_images"], seed=kwargs["seed"], device=kwargs["device"],
                             out_stem=_figure_stem(out), echo=click.echo)
     click.echo(attention_table(payload))
     _write(payload, out)
