@@ -312,3 +312,16 @@ def _cls_self_attention(module: torch.nn.Module, images: torch.Tensor) -> np.nda
             torch.inference_mode():
         module(images)
     return captured[0][:, :, 0, 0].numpy()
+
+
+def test_the_sources_use_no_deprecated_amp_api():
+    """`torch.cuda.amp.*` / `torch.cpu.amp.*` warn (FutureWarning) and will go: `torch.amp` / `torch.autocast`."""
+    root = Path(__file__).resolve().parent.parent
+    deprecated = ("torch.cuda.amp", "torch.cpu.amp", "from torch.cuda import amp")
+    sources = [root / "cli.py", *(path for folder in ("mokd_eval", "mokd_train", "analysis", "benchmarks")
+                                  for path in sorted((root / folder).rglob("*.py")))]
+    offenders = [f"{path.relative_to(root)}:{number}"
+                 for path in sources
+                 for number, line in enumerate(path.read_text().splitlines(), 1)
+                 if any(form in line for form in deprecated)]
+    assert offenders == []
