@@ -110,7 +110,7 @@ def _data_option_list() -> list[Callable]:
     ]
 
 
-def _device_option_list(workers_default: str = "min(4, CPUs)") -> list[Callable]:
+def _device_option_list(workers_default: str = "1 per 8 CPUs, 1 to 4; on CUDA CPUs - 1, at most 8") -> list[Callable]:
     from mokd_eval.validation import check_num_workers
 
     return [
