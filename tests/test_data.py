@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision import transforms as T
 from sklearn.datasets import load_digits
 
 from mokd_eval import data
@@ -346,38 +345,12 @@ def test_eval_transform_imagefolder(tmp_path: Path) -> None:
     out = transform(image)
     assert out.shape == (3, 224, 224) and out.dtype == torch.float32
     torch.testing.assert_close(out[:, 100, 100], _normalised(colour), atol=1e-5, rtol=0)
-    assert text.startswith("Resize(256, bicubic, uint8 tensor) > CenterCrop(224) > ToFloat > Normalize(")
+    assert text.startswith("Resize(256, bicubic) > CenterCrop(224) > ToTensor > Normalize(")
     assert "0.485" in text and "0.229" in text
 
     small, small_text = eval_transform(spec, image_size=112)
     assert small(image).shape == (3, 112, 112)
-    assert small_text.startswith("Resize(128, bicubic, uint8 tensor) > CenterCrop(112)")  # 112 * 256 / 224 = 128
-
-
-def _textured_jpeg(path: Path, size: tuple[int, int] = (500, 375), seed: int = 0) -> None:
-    """A photo-like JPEG (smooth gradients, edges and noise) of an ImageNet-like size."""
-    rng = np.random.default_rng(seed)
-    ys, xs = np.mgrid[0:size[1], 0:size[0]]
-    channels = [127 + 100 * np.sin(rng.uniform(0.01, 0.1) * xs + rng.uniform(0.01, 0.1) * ys) for _ in range(3)]
-    pixels = np.stack(channels, axis=-1) + rng.normal(0, 20, (size[1], size[0], 3))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
-
-
-def test_imagefolder_eval_transform_matches_the_pil_chain(tmp_path: Path) -> None:
-    """The tensor chain (antialiased bicubic resize on uint8) against DINO's PIL chain, through a dataset."""
-    for split in ("train", "val"):
-        _textured_jpeg(tmp_path / split / "a" / "0.jpg", seed=len(split))
-    spec = parse_data_spec(f"imagefolder:{tmp_path}")
-    transform, _ = eval_transform(spec)
-    dataset = open_dataset(spec, "val", transform)
-    tensor_path, _ = dataset[0]
-    pil_chain = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
-                           T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    reference = pil_chain(Image.open(tmp_path / "val" / "a" / "0.jpg").convert("RGB"))
-    grey_levels = ((tensor_path - reference) * torch.tensor(IMAGENET_STD)[:, None, None] * 255).abs()
-    assert tensor_path.shape == reference.shape == (3, 224, 224)
-    assert grey_levels.mean() < 0.5 and grey_levels.max() <= 3.01  # rounding, not a different image
+    assert small_text.startswith("Resize(128, bicubic) > CenterCrop(112)")  # 112 * 256 / 224 = 128
 
 
 def test_eval_transform_small_datasets() -> None:
