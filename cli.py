@@ -119,7 +119,7 @@ def _data_option_list() -> list[Callable]:
     ]
 
 
-def _device_option_list(workers_default: str = "min(4, CPUs)") -> list[Callable]:
+def _device_option_list(workers_default: str = "1 per 8 CPUs, 1 to 4; on CUDA CPUs - 1, at most 8") -> list[Callable]:
     from mokd_eval.validation import check_num_workers
 
     return [
@@ -663,7 +663,7 @@ def attention(checkpoint: Path, layer: int, images: int, **kwargs: Any) -> None:
     out = _results_path(kwargs["out"], "attention", checkpoint.stem)
     payload = run_attention(checkpoint, layer=layer, data=kwargs["data"], model=kwargs["model"], key=kwargs["key"],
                             trust=kwargs["trust"], image_size=kwargs["image_size"], images=images,
-                            skip_bad_images=kwargs["skip_bad_images"], seed=kwargs["seed"],
+                            skip_bad_images=kwargs["skip_bad_images"], seed=kwargs["seed"], device=kwargs["device"],
                             out_stem=_figure_stem(out), echo=click.echo)
     click.echo(attention_table(payload))
     _write(payload, out)

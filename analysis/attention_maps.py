@@ -16,6 +16,7 @@ from analysis.attention_distance import record_attention
 from analysis.mad_eval import sample_images
 from mokd_eval import atomic
 from mokd_eval.data import IMAGENET_MEAN, IMAGENET_STD
+from mokd_eval.distributed import choose_device
 from mokd_eval.errors import MokdError
 from mokd_eval.pipeline import load_models, model_record, open_eval_data
 from mokd_eval.results import StageTimer, build_results, format_table
@@ -31,12 +32,13 @@ def resolve_layer(layer: int, depth: int) -> int:
     return index
 
 
-def class_token_maps(module: torch.nn.Module, images: torch.Tensor, layer: int, patch: int) -> np.ndarray:
-    """B x heads x rows x cols: the class token's attention on the patches of 0-based `layer`."""
+def class_token_maps(module: torch.nn.Module, images: torch.Tensor, layer: int, patch: int,
+                     device: torch.device = torch.device("cpu")) -> np.ndarray:
+    """B x heads x rows x cols: the class token's attention on the patches of 0-based `layer`, computed on `device`."""
     captured: list[torch.Tensor] = []
     with record_attention(module, lambda _layer, attention: captured.append(attention), layers=[layer]), \
             torch.inference_mode():
-        module(images)
+        module.to(device)(images.to(device))
     prefix = int(getattr(module, "num_prefix_tokens", 1))
     rows, cols = images.shape[-2] // patch, images.shape[-1] // patch
     attention = captured[0][:, :, 0, prefix:]
@@ -74,10 +76,11 @@ def plot_maps(images: torch.Tensor, maps: np.ndarray, title: str, stem: Path) ->
 
 def run_attention(checkpoint: Path, *, layer: int, data: str | None, model: str | None = None,
                   key: str | None = None, trust: bool = False, image_size: int | None = None, images: int = 4,
-                  skip_bad_images: bool = False, seed: int = 0, out_stem: Path,
+                  skip_bad_images: bool = False, seed: int = 0, device: str = "auto", out_stem: Path,
                   echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Class-token attention maps of `layer` for every ViT of the checkpoint; a checkpoint without one is refused."""
     timer = StageTimer()
+    torch_device = choose_device(device, 0)
     with timer.stage("load"):
         eval_data = open_eval_data(data, image_size=image_size, skip_bad_images=skip_bad_images)
         loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo)
@@ -93,7 +96,7 @@ def run_attention(checkpoint: Path, *, layer: int, data: str | None, model: str 
             if batch.shape[-1] % entry.spec.patch_size:
                 raise MokdError(f"image size {batch.shape[-1]} is not a multiple of the patch size "
                                 f"{entry.spec.patch_size}: choose another --image-size")
-            maps = class_token_maps(entry.module.eval(), batch, index, entry.spec.patch_size)
+            maps = class_token_maps(entry.module.eval(), batch, index, entry.spec.patch_size, torch_device)
             stem = out_stem.with_name(f"{out_stem.name}_{entry.key}") if len(vits) > 1 else out_stem
             paths = plot_maps(batch, maps, f"{Path(checkpoint).stem}:{entry.key} ({entry.spec.name}), "
                                            f"layer {index + 1}: class-token attention", stem)
@@ -104,7 +107,7 @@ def run_attention(checkpoint: Path, *, layer: int, data: str | None, model: str 
                 "cls_mass_on_patches": maps.sum(axis=(2, 3)).mean(axis=0).round(4).tolist()}}})
     protocol = {"name": "attention", "layer": layer, "images": len(indices), "image_size": int(batch.shape[-1]),
                 "map": "class-token row of softmax(qk^T/sqrt(d)) over the patches, per head"}
-    config = {"checkpoint": str(checkpoint), "model": model, "key": key, "image_indices": indices}
+    config = {"checkpoint": str(checkpoint), "model": model, "key": key, "device": device, "image_indices": indices}
     payload = build_results(command="attention", protocol=protocol, dataset=eval_data.record(), results=results,
                             timings=timer.as_dict(), seed=seed, config=config)
     payload["figures"] = figures

@@ -29,7 +29,7 @@ from mokd_eval import atomic
 from mokd_eval.distributed import autocast_for, choose_device
 from mokd_eval.errors import MokdError
 from mokd_eval.registry import ArchSpec
-from mokd_eval.resources import available_cores
+from mokd_eval.resources import available_cores, extraction_workers
 
 CACHE_FORMAT_VERSION = 2  # 2: manifests carry a labels checksum
 DEFAULT_CACHE_DIR = Path(os.environ.get("MOKD_CACHE_DIR", Path.home() / ".cache" / "mokd"))
@@ -141,7 +141,7 @@ def extract_features(backbone: nn.Module, spec: ArchSpec, dataset: Dataset, kind
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     shard = Subset(_Indexed(dataset), range(rank, len(dataset), world)) if distributed else _Indexed(dataset)
     if num_workers is None:  # inference only: loading in workers overlaps the forward (measured 100 % vs 56 %)
-        num_workers = min(4, available_cores())
+        num_workers = extraction_workers(available_cores(), torch_device.type)
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate,
                         pin_memory=torch_device.type == "cuda", persistent_workers=False)
 

@@ -23,13 +23,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from mokd_eval.errors import MokdError
+
+try:  # faiss comes from one of two wheels (extras `cpu`, `gpu`); without either, k-NN says how to install one
+    import faiss
+except ImportError:
+    faiss = None
+
+# What to run from the repository: both wheels write the module `faiss`, so switching replaces one by the other.
+INSTALL_FAISS = "pip install -e '.[cpu]' (CPU) or pip install -e '.[gpu]' (GPU, CUDA 12; see docs/gpu.md)"
+SWITCH_TO_GPU_FAISS = "make install FAISS=gpu (replaces faiss-cpu by faiss-gpu; see docs/gpu.md)"
 
 DEFAULT_KS = (10, 20, 100, 200)
 DEFAULT_TEMPERATURE = 0.07
@@ -69,6 +77,7 @@ def knn_classify(train_features, train_labels, test_features, test_labels, *, nu
     near-tie may flip. `on_large_k="clamp"` turns a k larger than the bank into k = bank size
     with a warning; `"error"` raises `MokdError`.
     """
+    _require_faiss()
     _check_options(num_classes, temperature, query_chunk_size, on_large_k)
     train_x = _checked_features(train_features, "train_features")
     test_x = _checked_features(test_features, "test_features")
@@ -217,17 +226,30 @@ def _resolve_ks(ks: Sequence[int], n_train: int, on_large_k: str, warnings: list
     return tuple(sorted(resolved))
 
 
+def _require_faiss() -> None:
+    if faiss is None:
+        raise MokdError(f"k-NN needs faiss, which is not installed: {INSTALL_FAISS}")
+
+
+def faiss_has_gpu_support() -> bool:
+    """Whether the installed faiss wheel was built with CUDA (faiss-cpu lacks the GPU classes)."""
+    return faiss is not None and hasattr(faiss, "StandardGpuResources")
+
+
 def _gpu_device(device: str) -> int | None:
     """GPU ordinal to search on, or None for CPU; 'auto' uses GPU 0 when faiss can."""
-    faiss_has_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    faiss_sees_gpu = faiss_has_gpu_support() and faiss.get_num_gpus() > 0
     if device == "cpu":
         return None
     if device == "auto":
-        return 0 if faiss_has_gpu and torch.cuda.is_available() else None
+        return 0 if faiss_sees_gpu and torch.cuda.is_available() else None
     if device == "cuda" or device.startswith("cuda:"):
-        if not faiss_has_gpu:
-            raise MokdError(f"k-NN: device {device!r} needs faiss with GPU support (faiss-gpu) and a visible "
-                            "GPU; install it or use --device cpu")
+        if not faiss_has_gpu_support():
+            raise MokdError(f"k-NN: device {device!r} needs faiss with GPU support, but the installed faiss is "
+                            f"CPU-only: {SWITCH_TO_GPU_FAISS}, or use --device cpu")
+        if not faiss_sees_gpu:
+            raise MokdError(f"k-NN: device {device!r}: the installed faiss has GPU support but sees no GPU "
+                            "(check nvidia-smi and CUDA_VISIBLE_DEVICES), or use --device cpu")
         ordinal = device.partition(":")[2]
         if ordinal and not ordinal.isdigit():
             raise MokdError(f"k-NN: device {device!r} is not of the form cuda or cuda:N")

@@ -51,6 +51,20 @@ def size_resources(cores: int, processes_on_node: int, device_type: str, num_wor
     return Resources(workers=num_workers, threads=threads)
 
 
+def extraction_workers(cores: int, device_type: str) -> int:
+    """DataLoader workers of feature extraction (inference only), unless given.
+
+    On CUDA the GPU computes, so loading gets the cores (one kept for the main process; at most 8). On CPU the
+    forward and the loading share the cores: decoding and resizing a 500 x 375 JPEG costs ~4 ms of one core
+    against ~50 core-ms for an R18 forward at 224 px, so one worker per 8 cores (1 to 4) keeps the forward fed;
+    more workers take cores from the forward (measured on a 2-core machine: 2 workers 78 %, 1 worker 104 % of the
+    bare forward rate, both under heavy load from other processes).
+    """
+    if device_type == "cuda":
+        return max(1, min(MAX_CUDA_WORKERS, cores - 1))
+    return max(1, min(MAX_CPU_WORKERS, cores // 8))
+
+
 def apply_resources(device_type: str, num_workers: int | None) -> Resources:
     """Size this process (see module docstring) and set torch's intra-op threads unless OMP_NUM_THREADS is set."""
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))

@@ -20,7 +20,8 @@ from typing import Any, Iterator, Sequence
 from mokd_eval import atomic
 
 RESULTS_SCHEMA_VERSION = 1
-_PACKAGES = ("mokd", "torch", "torchvision", "timm", "faiss-cpu", "faiss-gpu", "numpy", "scikit-learn")
+_PACKAGES = ("mokd", "torch", "torchvision", "timm", "faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11",
+             "numpy", "scikit-learn")
 
 
 class StageTimer:

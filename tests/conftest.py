@@ -188,3 +188,16 @@ def tiny_cnn_spec() -> ArchSpec:
 def tiny_vit_spec() -> ArchSpec:
     """ViT-Tiny dimensions with 4-px patches at 32 px: 64 tokens, fast on CPU."""
     return dataclasses.replace(ALIASES["vit_t"], name="vit[dim=192,depth=12,patch=4]", img_size=32, patch_size=4)
+
+
+NO_CUDA_REASON = "needs a CUDA device (torch.cuda.is_available() is False here); run `make gpu-check` on a GPU machine"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` compare a CUDA path with the CPU path: skipped, with the reason, where torch sees no GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=NO_CUDA_REASON)
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

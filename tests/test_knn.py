@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mokd_eval import knn as knn_module
 from mokd_eval.errors import MokdError
 from mokd_eval.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_classify
 
@@ -204,7 +205,6 @@ def _with_nan(features, value):
     (lambda d: {**d, "ks": ()}, "empty"),
     (lambda d: {**d, "on_large_k": "skip"}, "on_large_k"),
     (lambda d: {**d, "device": "tpu"}, "device"),
-    (lambda d: {**d, "device": "cuda"}, "faiss with GPU"),
     (lambda d: {**d, "query_chunk_size": 0}, "query_chunk_size"),
 ])
 def test_invalid_inputs_raise_one_line_mokd_error(change, message):
@@ -213,4 +213,34 @@ def test_invalid_inputs_raise_one_line_mokd_error(change, message):
                      num_classes=NUM_CLASSES, ks=(5,))
     with pytest.raises(MokdError, match=message) as error:
         knn_classify(**change(arguments))
+    assert "\n" not in str(error.value)
+
+
+def _knn_inputs() -> dict:
+    train_x, train_y, test_x, test_y = clustered(50, 20, seed=8)
+    return dict(train_features=train_x, train_labels=train_y, test_features=test_x, test_labels=test_y,
+                num_classes=NUM_CLASSES, ks=(5,))
+
+
+class _CpuOnlyFaiss:
+    """What faiss-cpu offers for the GPU question: no GPU classes (and get_num_gpus answers 0)."""
+
+    @staticmethod
+    def get_num_gpus() -> int:
+        return 0
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_search_with_cpu_only_faiss_names_the_switch_command(monkeypatch, device):
+    monkeypatch.setattr(knn_module, "faiss", _CpuOnlyFaiss())
+    with pytest.raises(MokdError, match="CPU-only: make install FAISS=gpu") as error:
+        knn_classify(**_knn_inputs(), device=device)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_faiss_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(knn_module, "faiss", None)
+    with pytest.raises(MokdError, match=r"not installed: pip install -e '\.\[cpu\]' \(CPU\) or pip install -e "
+                                         r"'\.\[gpu\]'") as error:
+        knn_classify(**_knn_inputs(), device="cpu")
     assert "\n" not in str(error.value)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mokd_eval.resources import size_resources
+from mokd_eval.resources import extraction_workers, size_resources
 
 
 @pytest.mark.parametrize("cores,processes,device,workers,expected", [
@@ -25,3 +25,12 @@ def test_busy_cores_cap_the_threads_on_cpu():
     assert size_resources(2, 1, "cpu", None, busy_cores=11.0).threads == 1  # the shared machine at load 11
     assert size_resources(16, 1, "cpu", None, busy_cores=4.0) == size_resources(16, 1, "cpu", None)  # 12 free
     assert size_resources(32, 4, "cuda", None, busy_cores=30.0).threads == 1
+
+
+@pytest.mark.parametrize("cores, device, expected", [
+    (1, "cpu", 1), (2, "cpu", 1), (8, "cpu", 1), (16, "cpu", 2), (64, "cpu", 4),
+    (1, "cuda", 1), (2, "cuda", 1), (4, "cuda", 3), (32, "cuda", 8),
+])
+def test_extraction_workers(cores, device, expected):
+    """CPU: the forward keeps the cores, one worker per 8 of them feeds it; CUDA: loading gets the cores."""
+    assert extraction_workers(cores, device) == expected
