@@ -55,7 +55,6 @@ def overall_verdict(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"paper": bool(records) and all(record.get("paper") for record in records), "differs": differs}
 
 
-
 @dataclass
 class TrainOptions:
     """What the user asked for; None means the protocol's preset."""
