@@ -183,6 +183,34 @@ def _train_settings(kwargs: dict[str, Any]):
                         num_workers=kwargs["num_workers"], resume=kwargs["resume"], seed=kwargs["seed"])
 
 
+def _slurm_options(function: Callable) -> Callable:
+    """--slurm and what to ask SLURM for (mokd_train.slurm; docs/watching-and-slurm.md)."""
+    return _apply(function, [
+        click.option("--slurm", is_flag=True, help="Submit to SLURM through submitit (pip install 'mokd[slurm]'), "
+                                                   "requeued and resumed on preemption or time-out."),
+        click.option("--nodes", type=int, default=1, show_default=True, help="--slurm: nodes."),
+        click.option("--gpus-per-node", type=int, default=8, show_default=True,
+                     help="--slurm: GPUs per node (one process each; 0 = one CPU process per node)."),
+        click.option("--partition", default=None, help="--slurm: partition (default: the cluster's)."),
+        click.option("--time", type=float, default=72.0, show_default=True, help="--slurm: hours per job."),
+        click.option("--slurm-folder", type=click.Path(path_type=Path), default=Path("slurm-logs"),
+                     show_default=True, help="--slurm: where submitit writes job scripts and logs."),
+    ])
+
+
+def _submitted(params: dict[str, Any], command: str, on_requeue: dict[str, Any] | None = None) -> bool:
+    """With --slurm, submit this command (same parameters, --slurm off) as a SLURM job and say so: True.
+    Without, False (run here)."""
+    from mokd_train.slurm import OPTION_NAMES, RequeueableCommand, describe_job, request_from_options, submit
+
+    request = request_from_options({name: params[name] for name in OPTION_NAMES})
+    if request is None:
+        return False
+    job = RequeueableCommand("cli", command, {**params, "slurm": False}, on_requeue)
+    click.echo(describe_job(submit(job, request, name=f"mokd-{command}")))
+    return True
+
+
 def _feature_settings(kwargs: dict[str, Any]):
     from mokd_eval.features import DEFAULT_CACHE_DIR, FeatureCache, FeatureKind
     from mokd_eval.pipeline import FeatureOptions
@@ -653,6 +681,19 @@ def attention(checkpoint: Path, layer: int, images: int, **kwargs: Any) -> None:
 
 
 @mokd_eval.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--out-stem", type=click.Path(path_type=Path), default=None,
+              help="Figure path without extension (default: RUN_DIR/curves for one run, "
+                   "results/curves/<run>_vs_<run> for several).")
+def curves(run_dirs: tuple[Path, ...], out_stem: Path | None) -> None:
+    """Training curves of mokd-train runs (losses, lrs, collapse monitor, online k-NN), overlaid; PNG and PDF."""
+    from analysis.curves import default_stem, draw_curves
+
+    paths = draw_curves(list(run_dirs), out_stem or default_stem(list(run_dirs)))
+    click.echo(f"curves: {paths['png']} and {paths['pdf']}")
+
+
+@mokd_eval.command()
 @click.argument("results_dir", type=click.Path(path_type=Path))
 @_out_dir_option(Path("report"), "Where report.md, tables/*.{md,tex,csv} and report.json go.")
 def report(results_dir: Path, out_dir: Path) -> None:
@@ -678,9 +719,12 @@ def report(results_dir: Path, out_dir: Path) -> None:
 @click.option("--coco-data", default=None, help="COCO root or shapes-coco[:N] (the coco step needs it).")
 @click.option("--coco-iters", type=int, default=None, callback=_positive("--coco-iters"),
               help="Detector training iterations (default: the 1x schedule).")
+@_slurm_options
 def suite(checkpoint: Path, out_dir: Path | None, skip: str | None, epochs: int | None, cifar_data: str | None,
           coco_data: str | None, coco_iters: int | None, **kwargs: Any) -> None:
     """The whole paper for one checkpoint (pair): every protocol and analysis, resumable, then the report."""
+    if _submitted(click.get_current_context().params, "suite"):
+        return
     from analysis.suite import SuiteContext, parse_skip, run_suite, suite_table
 
     from mokd_eval.distributed import setup, teardown
@@ -751,6 +795,7 @@ def _training_setting_options(function: Callable) -> Callable:
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="YAML file of settings (keys = the flag names); flags override it.")
 @click.option("--debug", is_flag=True, help="Show Python tracebacks for user errors.")
+@_slurm_options
 @_training_setting_options
 def mokd_train(preset: str | None, config_path: Path | None, debug: bool, **settings: Any) -> None:
     """Train a MOKD model pair (or, with --mode independent, its DINO baseline) and write checkpoints.
@@ -759,7 +804,12 @@ def mokd_train(preset: str | None, config_path: Path | None, debug: bool, **sett
     dino+dogo / dino+mcl are adaptations: DINO self-distillation plus the peer method's cross terms."""
     from mokd_train.config import resolve_config
     from mokd_train.engine import train
+    from mokd_train.slurm import OPTION_NAMES
 
+    if _submitted(click.get_current_context().params, "mokd_train", on_requeue={"resume": True}):
+        return
+    for name in OPTION_NAMES:
+        settings.pop(name)
     summary = train(resolve_config(preset, config_path, settings))  # prints the resolved config on rank 0
     if summary["rank"] == 0:
         click.echo(f"checkpoint: {summary['checkpoint']}")

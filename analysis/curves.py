@@ -69,6 +69,13 @@ def _extend(series: dict[str, list[tuple[int, float]]], values: dict[str, Any], 
             series.setdefault(name, []).append((step, float(value)))
 
 
+def default_stem(run_dirs: list[Path]) -> Path:
+    """<run>/curves for one run (next to its log), results/curves/<a>_vs_<b> for several."""
+    if len(run_dirs) == 1:
+        return Path(run_dirs[0]) / "curves"
+    return Path("results") / "curves" / "_vs_".join(Path(directory).name for directory in run_dirs)
+
+
 def draw_curves(run_dirs: list[Path], out_stem: Path) -> dict[str, str]:
     """Draw the runs' curves into `<out_stem>.png` and `.pdf`; returns both paths."""
     runs = [read_run(Path(directory)) for directory in run_dirs]
