@@ -170,8 +170,16 @@ def _training_options(function: Callable) -> Callable:
         click.option("--eval-batch-size", type=int, default=256, show_default=True,
                      callback=_positive("--eval-batch-size"), help="Batch for evaluation and feature extraction."),
         click.option("--resume", is_flag=True, help="Continue from the per-epoch checkpoints of an earlier run."),
+        _tensorboard_option(),
         *_device_option_list("min(4, usable CPUs - 1): the main process trains"), *_output_option_list(),
     ])
+
+
+def _tensorboard_option() -> Callable:
+    from mokd_eval.tensorboard_log import INSTALL_HINT, require_tensorboard
+
+    return click.option("--tensorboard", is_flag=True, callback=_validated(require_tensorboard),
+                        help=f"Also write the training scalars to <run dir>/tensorboard/ ({INSTALL_HINT}).")
 
 
 def _train_settings(kwargs: dict[str, Any]):
@@ -180,7 +188,8 @@ def _train_settings(kwargs: dict[str, Any]):
     return TrainOptions(epochs=kwargs["epochs"], lrs=parse_lrs(kwargs["lr"]), batch_size=kwargs["batch_size"],
                         warmup_epochs=kwargs["warmup_epochs"], accum_steps=kwargs["accum_steps"],
                         max_batch_per_step=kwargs["max_batch_per_step"], eval_batch_size=kwargs["eval_batch_size"],
-                        num_workers=kwargs["num_workers"], resume=kwargs["resume"], seed=kwargs["seed"])
+                        num_workers=kwargs["num_workers"], resume=kwargs["resume"], seed=kwargs["seed"],
+                        tensorboard=kwargs["tensorboard"])
 
 
 def _slurm_options(function: Callable) -> Callable:
@@ -476,6 +485,7 @@ def _parse_sizes(ctx: click.Context, param: click.Parameter, text: str | None) -
               callback=_positive("--checkpoint-period"))
 @_output_dir_option(None, "Detector checkpoints (default results/coco/<checkpoint name>/<key>).")
 @click.option("--resume", is_flag=True, help="Continue from detector_last.pt in the output directory.")
+@_tensorboard_option()
 @click.option("--eval-only", is_flag=True, help="Only evaluate --weights (a detector_final.pt).")
 @click.option("--weights", type=click.Path(path_type=Path), default=None)
 @click.option("--key", default=None, help="Which model of a pair checkpoint (default: its ResNets).")

@@ -135,7 +135,7 @@ def _cached(entry: LoadedBackbone, eval_data: EvalData, features: FeatureOptions
                                  num_classes=eval_data.train.num_classes, epochs=settings.epochs,
                                  batch_size=settings.batch_size, warmup_epochs=settings.warmup_epochs,
                                  seed=options.seed, checkpoint_path=run_dir / "checkpoint.pth", resume=options.resume,
-                                 device=device, desc=f"{entry.key} heads")
+                                 device=device, desc=f"{entry.key} heads", tensorboard=options.tensorboard)
     best = sweep.heads[sweep.winner]
     winner_kind = variants[best["variant"]]
     if len(lrs) > 2 and best["lr"] in (min(lrs), max(lrs)):

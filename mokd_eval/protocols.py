@@ -39,6 +39,7 @@ class TrainOptions:
     resume: bool = False
     seed: int = 0
     heldout_fraction: float = HELDOUT_FRACTION
+    tensorboard: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def resolve_settings(preset: Preset, options: TrainOptions, train_size: int) -> 
     batch, warnings = clamp_batch(options.batch_size or preset.batch_size, train_size, "training")
     settings = FitSettings(epochs=epochs, batch_size=batch, lr=preset.lr, warmup_epochs=warmup,
                            accum_steps=options.accum_steps, max_batch_per_step=options.max_batch_per_step,
-                           num_workers=options.num_workers, seed=options.seed)
+                           num_workers=options.num_workers, seed=options.seed, tensorboard=options.tensorboard)
     return settings, warnings
 
 

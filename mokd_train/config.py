@@ -22,7 +22,7 @@ from mokd_eval.data import parse_data_spec
 from mokd_eval.errors import MokdError
 from mokd_eval.registry import ArchSpec, build_backbone, resolve_arch
 from mokd_eval.validation import check_device, check_image_size, check_num_workers, check_output_dir
-from mokd_train.tensorboard_log import require_tensorboard
+from mokd_eval.tensorboard_log import require_tensorboard
 from mokd_train.methods import DEFAULT_LAMBDAS, FAITHFUL_PEERS, METHODS, method_defaults, method_label
 
 MODES = ("mokd", "independent")
@@ -424,8 +424,7 @@ def validate(config: TrainConfig) -> None:
         low, high = getattr(config, key)
         if not 0.0 < low <= high <= 1.0:
             raise MokdError(f"setting {key!r} must be (low, high) with 0 < low <= high <= 1, got {(low, high)}")
-    if config.tensorboard:
-        require_tensorboard()
+    require_tensorboard(config.tensorboard)
     check_output_dir(Path(config.output_dir), option="--output-dir")
     check_num_workers(config.num_workers, option="setting 'num_workers'")
     check_device(config.device, option="setting 'device'")

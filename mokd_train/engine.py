@@ -44,7 +44,7 @@ from mokd_train.losses import NonFiniteLossError
 from mokd_train.monitor import MONITORED, diagnose
 from mokd_train import online_knn
 from mokd_train.online_knn import OnlineKnn
-from mokd_train.tensorboard_log import TensorBoardLog
+from mokd_eval.tensorboard_log import TensorBoardLog
 from mokd_train.methods import CONSTANT_EMA, build_peer_pair
 from mokd_train.methods.base import PeerPair
 from mokd_train.pair import MokdPair, PairConfig

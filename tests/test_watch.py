@@ -20,7 +20,7 @@ from mokd_eval.knn_eval import run_knn
 from mokd_eval.pipeline import FeatureOptions
 from mokd_train.engine import train
 from mokd_train.online_knn import due
-from mokd_train.tensorboard_log import DIRECTORY, scalars
+from mokd_eval.tensorboard_log import DIRECTORY, scalars
 from test_train_engine import small_config
 
 pytestmark = pytest.mark.slow
@@ -113,3 +113,18 @@ def test_a_missing_extra_is_one_line_naming_the_install(tmp_path, monkeypatch, f
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [f"error: {flag} needs the {module.split('.')[-1]} package: "
                                                    f"pip install '{hint}'"]
+
+
+def test_linear_protocol_writes_its_epoch_records_to_tensorboard(tmp_path):
+    from test_cli_supervised import run, timm_init_dino
+
+    path = timm_init_dino(tmp_path / "dino.pth")
+    out = tmp_path / "linear.json"
+    run(["linear", path, "--data", "shapes:60", "--out", out, "--num-workers", "0", "--device", "cpu",
+         "--epochs", "2", "--tensorboard"])
+    history = json.loads(out.read_text())["results"][0]["protocol"]["history"]
+    (board,) = {directory.parent for directory in out.parent.rglob(DIRECTORY)}
+    for tag in ("loss", "train_acc", "lr"):
+        series = tensorboard_series(board, tag)
+        assert [step for step, _ in series] == [1, 2]
+        assert [value for _, value in series] == pytest.approx([record[tag] for record in history], rel=1e-6)

@@ -1,4 +1,5 @@
-"""TensorBoard scalars mirroring the JSON-lines log, for people who watch runs in TensorBoard.
+"""TensorBoard scalars mirroring the JSON-lines logs (mokd-train, the fine-tuning protocols, the detector), for
+people who watch runs in TensorBoard.
 
 Every number of a log record becomes one scalar whose tag is its path in the record (`losses/sm1`,
 `lr/1`, `monitor/teacher_entropy1`, `knn/teacher1/top1`), at the record's global step. Rank 0 writes;
@@ -16,15 +17,17 @@ from mokd_eval.errors import MokdError
 INSTALL_HINT = "pip install 'mokd[tensorboard]'"
 DIRECTORY = "tensorboard"
 # Fields that identify a record rather than measure anything.
-_NOT_SCALARS = {"kind", "step", "epoch", "step_in_epoch", "steps"}
+_NOT_SCALARS = {"kind", "step", "epoch", "step_in_epoch", "steps", "iteration"}
 
 
-def require_tensorboard() -> None:
-    """Fail early, in one line, when --tensorboard is asked for without the package."""
-    try:
-        import torch.utils.tensorboard  # noqa: F401  (imports the `tensorboard` package)
-    except ImportError:
-        raise MokdError(f"--tensorboard needs the tensorboard package: {INSTALL_HINT}") from None
+def require_tensorboard(wanted: bool = True) -> bool:
+    """Fail early, in one line, when --tensorboard is asked for (`wanted`) without the package."""
+    if wanted:
+        try:
+            import torch.utils.tensorboard  # noqa: F401  (imports the `tensorboard` package)
+        except ImportError:
+            raise MokdError(f"--tensorboard needs the tensorboard package: {INSTALL_HINT}") from None
+    return wanted
 
 
 def scalars(record: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
@@ -58,6 +61,10 @@ class TensorBoardLog:
         kind = record.get("kind")
         for tag, value in scalars(record):
             self.writer.add_scalar(f"{self.section}{kind}/{tag}" if kind else f"{self.section}{tag}", value, step)
+
+    def flush(self) -> None:
+        """Write pending events now (per epoch in the protocols, whose epochs are long)."""
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
