@@ -69,11 +69,16 @@ class RequeueableCommand:
         self.on_requeue = dict(on_requeue or {})
 
     def __call__(self) -> None:
-        import click
         import submitit
 
         # CUDA_VISIBLE_DEVICES stays whole: each rank picks GPU LOCAL_RANK, as under torchrun.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        self.run()
+
+    def run(self) -> None:
+        """The command itself, in this process."""
+        import click
+
         command = getattr(importlib.import_module(self.module), self.command)
         with click.Context(command) as ctx:
             ctx.params = dict(self.params)  # what the command reads back as its own parsed options

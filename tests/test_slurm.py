@@ -84,3 +84,36 @@ def test_slurm_options_are_checked_before_submission(tmp_path):
     assert request_from_options({**options, "slurm": False}) is None
     request = request_from_options({**options, "nodes": 2, "gpus_per_node": 4})
     assert (request.nodes, request.tasks_per_node, request.hours) == (2, 4, 1.0)
+
+
+def test_suite_slurm_submits_the_same_suite_which_runs_in_the_job(checkpoint_factory, tmp_path, monkeypatch):
+    """`mokd-eval suite --slurm` submits the suite with --slurm off; the submitted callable runs that suite."""
+    from click.testing import CliRunner
+
+    import mokd_train.slurm as slurm
+    from mokd_eval.registry import ALIASES
+
+    submitted = []
+
+    class FakeJob:
+        job_id = "42"
+
+        class paths:
+            stdout, stderr = Path("slurm/42_0_log.out"), Path("slurm/42_0_log.err")
+
+    monkeypatch.setattr(slurm, "require_submitit", lambda: None)
+    monkeypatch.setattr(slurm, "submit", lambda job, request, name: submitted.append((job, request)) or FakeJob())
+    path, _ = checkpoint_factory.mokd_native(ALIASES["r_tiny"], ALIASES["r_tiny"], name="pair.pth")
+    skip = "linear,semisup1,semisup10,cifar10,cifar100,coco,consistency,tsne,mad,report"
+    args = ["suite", str(path), "--data", "shapes:50", "--out-dir", str(tmp_path / "suite"), "--skip", skip,
+            "--no-cache", "--num-workers", "0", "--slurm", "--nodes", "2", "--gpus-per-node", "4", "--time", "0.5",
+            "--slurm-folder", str(tmp_path / "slurm")]
+    result = CliRunner().invoke(cli.mokd_eval, args)
+    assert result.exit_code == 0, result.output
+    assert "submitted job 42" in result.output and "slurm/42_0_log.out" in result.output
+    assert not (tmp_path / "suite").exists()  # nothing ran here
+    (job, request), = submitted
+    assert (request.nodes, request.tasks_per_node, request.hours) == (2, 4, 0.5)
+    assert job.command == "suite" and job.params["slurm"] is False
+    job.run()  # what the job does after taking the distributed environment from SLURM
+    assert (tmp_path / "suite" / "knn" / "pair.json").exists()
