@@ -425,6 +425,8 @@ def validate(config: TrainConfig) -> None:
         if not 0.0 < low <= high <= 1.0:
             raise MokdError(f"setting {key!r} must be (low, high) with 0 < low <= high <= 1, got {(low, high)}")
     require_tensorboard(config.tensorboard)
+    if config.knn_data is not None:
+        parse_data_spec(config.knn_data)  # a malformed spec fails before any training
     check_output_dir(Path(config.output_dir), option="--output-dir")
     check_num_workers(config.num_workers, option="setting 'num_workers'")
     check_device(config.device, option="setting 'device'")

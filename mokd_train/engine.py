@@ -44,12 +44,12 @@ from mokd_train.losses import NonFiniteLossError
 from mokd_train.monitor import MONITORED, diagnose
 from mokd_train import online_knn
 from mokd_train.online_knn import OnlineKnn
-from mokd_eval.tensorboard_log import TensorBoardLog
 from mokd_train.methods import CONSTANT_EMA, build_peer_pair
 from mokd_train.methods.base import PeerPair
 from mokd_train.pair import MokdPair, PairConfig
 from mokd_eval.resources import apply_resources
 from mokd_eval.schedules import cosine_schedule
+from mokd_eval.tensorboard_log import TensorBoardLog
 
 SGD_MOMENTUM = 0.9
 LR_REFERENCE_BATCH = 256
@@ -589,9 +589,8 @@ class Trainer:
         for warning in warnings:
             self.log(f"warning: {warning}")
         self._record({"kind": "epoch", "step": self.progress.global_step, "epoch": self.progress.epoch,
-                            "steps": steps, "mean_losses": means, "monitor": monitor, "warnings": warnings,
-                            "seconds": round(seconds, 3),
-                            "images_per_s": round(steps * self.cfg.batch_size / seconds, 2)})
+                      "steps": steps, "mean_losses": means, "monitor": monitor, "warnings": warnings,
+                      "seconds": round(seconds, 3), "images_per_s": round(steps * self.cfg.batch_size / seconds, 2)})
 
     def _diverged(self, what: str) -> MokdError:
         """The stop message of a diverged run, naming the checkpoint that really resumes it."""

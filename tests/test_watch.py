@@ -128,3 +128,21 @@ def test_linear_protocol_writes_its_epoch_records_to_tensorboard(tmp_path):
         series = tensorboard_series(board, tag)
         assert [step for step, _ in series] == [1, 2]
         assert [value for _, value in series] == pytest.approx([record[tag] for record in history], rel=1e-6)
+
+
+def test_online_knn_under_two_gloo_processes_equals_mokd_eval_knn_on_one(tmp_path):
+    """Sharded extraction, gathered once: the k-NN of a 2-process run is the single-process k-NN of its teachers."""
+    import dataclasses
+
+    import torch.multiprocessing as mp
+    from test_train_ddp import WORLD_SIZE, ddp_config, free_port, run_rank
+
+    config = dataclasses.replace(ddp_config(tmp_path / "ddp"), max_steps=5, knn_every=1, curves=False)
+    mp.spawn(run_rank, args=(free_port(), config), nprocs=WORLD_SIZE, join=True)
+    (entry,) = json.loads((tmp_path / "ddp" / "knn.json").read_text())["history"]
+    assert entry["step"] == 5
+    offline = run_knn(tmp_path / "ddp" / "checkpoint.pth", data="shapes:50", ks=(20,), temperature=0.07,
+                      features=FeatureOptions(cache=FeatureCache(None), batch_size=64, num_workers=0, device="cpu"),
+                      image_size=16, echo=lambda message: None)
+    for result in offline["results"]:
+        assert entry[result["key"]] == pytest.approx(result["metrics"]["knn"]["20"])
