@@ -816,11 +816,12 @@ def mokd_train(preset: str | None, config_path: Path | None, debug: bool, **sett
     from mokd_train.engine import train
     from mokd_train.slurm import OPTION_NAMES
 
-    if _submitted(click.get_current_context().params, "mokd_train", on_requeue={"resume": True}):
-        return
     for name in OPTION_NAMES:
         settings.pop(name)
-    summary = train(resolve_config(preset, config_path, settings))  # prints the resolved config on rank 0
+    config = resolve_config(preset, config_path, settings)  # checked here, also before a submission
+    if _submitted(click.get_current_context().params, "mokd_train", on_requeue={"resume": True}):
+        return
+    summary = train(config)  # prints the resolved config on rank 0
     if summary["rank"] == 0:
         click.echo(f"checkpoint: {summary['checkpoint']}")
 

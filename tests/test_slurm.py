@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from submitit.local.local import LocalJobEnvironment
 
 import cli
 from mokd_eval.errors import MokdError
+from mokd_eval.registry import ALIASES
 from mokd_train import checkpointing
 from mokd_train.slurm import RequeueableCommand, SlurmRequest, request_from_options, submit
 
@@ -86,23 +88,41 @@ def test_slurm_options_are_checked_before_submission(tmp_path):
     assert (request.nodes, request.tasks_per_node, request.hours) == (2, 4, 1.0)
 
 
-def test_suite_slurm_submits_the_same_suite_which_runs_in_the_job(checkpoint_factory, tmp_path, monkeypatch):
-    """`mokd-eval suite --slurm` submits the suite with --slurm off; the submitted callable runs that suite."""
-    from click.testing import CliRunner
+class FakeJob:
+    """What `submit` returns, for the printed job id and log paths."""
 
+    job_id = "42"
+
+    class paths:
+        stdout, stderr = Path("slurm/42_0_log.out"), Path("slurm/42_0_log.err")
+
+
+@pytest.fixture
+def submitted(monkeypatch) -> list:
+    """(job, request) of every submission, none of which reaches a cluster."""
     import mokd_train.slurm as slurm
-    from mokd_eval.registry import ALIASES
 
-    submitted = []
-
-    class FakeJob:
-        job_id = "42"
-
-        class paths:
-            stdout, stderr = Path("slurm/42_0_log.out"), Path("slurm/42_0_log.err")
-
+    jobs: list = []
     monkeypatch.setattr(slurm, "require_submitit", lambda: None)
-    monkeypatch.setattr(slurm, "submit", lambda job, request, name: submitted.append((job, request)) or FakeJob())
+    monkeypatch.setattr(slurm, "submit", lambda job, request, name: jobs.append((job, request)) or FakeJob())
+    return jobs
+
+
+def test_mokd_train_slurm_checks_the_config_then_submits_with_resume_on_requeue(tmp_path, submitted):
+    refused = CliRunner().invoke(cli.mokd_train, ["--preset", "tiny", "--slurm"])
+    assert refused.exit_code == 2 and "no output directory" in refused.output and not submitted
+    result = CliRunner().invoke(cli.mokd_train, ["--preset", "tiny", "--output-dir", str(tmp_path / "run"), "--slurm",
+                                                 "--gpus-per-node", "2", "--slurm-folder", str(tmp_path / "logs")])
+    assert result.exit_code == 0, result.output
+    assert "submitted job 42" in result.output and not (tmp_path / "run").exists()
+    (job, request), = submitted
+    assert (request.nodes, request.tasks_per_node, request.hours, request.folder) == (1, 2, 72.0, tmp_path / "logs")
+    assert job.params["slurm"] is False and job.params["output_dir"] == str(tmp_path / "run")
+    assert job.checkpoint().function.params["resume"] is True
+
+
+def test_suite_slurm_submits_the_same_suite_which_runs_in_the_job(checkpoint_factory, tmp_path, submitted):
+    """`mokd-eval suite --slurm` submits the suite with --slurm off; the submitted callable runs that suite."""
     path, _ = checkpoint_factory.mokd_native(ALIASES["r_tiny"], ALIASES["r_tiny"], name="pair.pth")
     skip = "linear,semisup1,semisup10,cifar10,cifar100,coco,consistency,tsne,mad,report"
     args = ["suite", str(path), "--data", "shapes:50", "--out-dir", str(tmp_path / "suite"), "--skip", skip,
