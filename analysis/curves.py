@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from matplotlib.lines import Line2D
+
 from analysis import style
 from mokd_eval.errors import MokdError
 
@@ -131,6 +133,8 @@ def _finish(ax, title: str, *, legend: bool) -> None:
     if not ax.lines:
         ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color=style.CONTROL_COLOUR)
         return
-    if legend:  # one entry per line style (the runs are in the figure legend)
-        unique = dict(zip((line.get_label() for line in ax.lines), ax.lines))
-        ax.legend(unique.values(), unique.keys(), frameon=False, fontsize=5)
+    if legend:  # one black entry per line style (the runs' colours are in the figure legend)
+        styles = {line.get_label(): line for line in ax.lines}
+        handles = [Line2D([], [], color="black", linestyle=line.get_linestyle(), linewidth=line.get_linewidth(),
+                          alpha=line.get_alpha()) for line in styles.values()]
+        ax.legend(handles, styles.keys(), frameon=False, fontsize=5)

@@ -1,7 +1,7 @@
 """Benchmark: what watching a run costs. Goals (issue 21): the online k-NN at most 10 % of the epoch time on the
 `tiny` preset with --knn-every 1, the TensorBoard writer under 1 % of a step.
 
-Usage: OMP_NUM_THREADS=1 python benchmarks/bench_watch.py [--epochs 2] [--records 500]
+Usage: OMP_NUM_THREADS=1 python benchmarks/bench_watch.py [--epochs 1] [--records 500]
 
 1. Trains `tiny` (digits, 32 px, batch 32) for `--epochs` epochs with --knn-every 1 --tensorboard and reads the
    k-NN's share of each epoch from log.jsonl (`epoch_share` = k-NN seconds / (epoch + k-NN seconds); the k-NN
@@ -48,7 +48,7 @@ def writer_seconds(records: list[dict], repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--records", type=int, default=500)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
