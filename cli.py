@@ -180,8 +180,16 @@ def _training_options(function: Callable) -> Callable:
         click.option("--eval-batch-size", type=int, default=256, show_default=True,
                      callback=_positive("--eval-batch-size"), help="Batch for evaluation and feature extraction."),
         click.option("--resume", is_flag=True, help="Continue from the per-epoch checkpoints of an earlier run."),
+        _tensorboard_option(),
         *_device_option_list("min(4, usable CPUs - 1): the main process trains"), *_output_option_list(),
     ])
+
+
+def _tensorboard_option() -> Callable:
+    from mokd_eval.tensorboard_log import INSTALL_HINT, require_tensorboard
+
+    return click.option("--tensorboard", is_flag=True, callback=_validated(require_tensorboard),
+                        help=f"Also write the training scalars to <run dir>/tensorboard/ ({INSTALL_HINT}).")
 
 
 def _train_settings(kwargs: dict[str, Any]):
@@ -191,7 +199,35 @@ def _train_settings(kwargs: dict[str, Any]):
                         warmup_epochs=kwargs["warmup_epochs"], accum_steps=kwargs["accum_steps"],
                         max_batch_per_step=kwargs["max_batch_per_step"], eval_batch_size=kwargs["eval_batch_size"],
                         num_workers=kwargs["num_workers"], resume=kwargs["resume"], seed=kwargs["seed"],
-                        precision=kwargs["precision"])
+                        precision=kwargs["precision"], tensorboard=kwargs["tensorboard"])
+
+
+def _slurm_options(function: Callable) -> Callable:
+    """--slurm and what to ask SLURM for (mokd_train.slurm; docs/watching-and-slurm.md)."""
+    return _apply(function, [
+        click.option("--slurm", is_flag=True, help="Submit to SLURM through submitit (pip install 'mokd[slurm]'), "
+                                                   "requeued and resumed on preemption or time-out."),
+        click.option("--nodes", type=int, default=1, show_default=True, help="--slurm: nodes."),
+        click.option("--gpus-per-node", type=int, default=8, show_default=True,
+                     help="--slurm: GPUs per node (one process each; 0 = one CPU process per node)."),
+        click.option("--partition", default=None, help="--slurm: partition (default: the cluster's)."),
+        click.option("--time", type=float, default=72.0, show_default=True, help="--slurm: hours per job."),
+        click.option("--slurm-folder", type=click.Path(path_type=Path), default=Path("slurm-logs"),
+                     show_default=True, help="--slurm: where submitit writes job scripts and logs."),
+    ])
+
+
+def _submitted(params: dict[str, Any], command: str, on_requeue: dict[str, Any] | None = None) -> bool:
+    """With --slurm, submit this command (same parameters, --slurm off) as a SLURM job and say so: True.
+    Without, False (run here)."""
+    from mokd_train.slurm import OPTION_NAMES, RequeueableCommand, describe_job, request_from_options, submit
+
+    request = request_from_options({name: params[name] for name in OPTION_NAMES})
+    if request is None:
+        return False
+    job = RequeueableCommand("cli", command, {**params, "slurm": False}, on_requeue)
+    click.echo(describe_job(submit(job, request, name=f"mokd-{command}")))
+    return True
 
 
 def _feature_settings(kwargs: dict[str, Any]):
@@ -464,6 +500,7 @@ def _parse_sizes(ctx: click.Context, param: click.Parameter, text: str | None) -
               callback=_positive("--checkpoint-period"))
 @_output_dir_option(None, "Detector checkpoints (default results/coco/<checkpoint name>/<key>).")
 @click.option("--resume", is_flag=True, help="Continue from detector_last.pt in the output directory.")
+@_tensorboard_option()
 @click.option("--eval-only", is_flag=True, help="Only evaluate --weights (a detector_final.pt).")
 @click.option("--weights", type=click.Path(path_type=Path), default=None)
 @click.option("--key", default=None, help="Which model of a pair checkpoint (default: its ResNets).")
@@ -670,6 +707,19 @@ def attention(checkpoint: Path, layer: int, images: int, **kwargs: Any) -> None:
 
 
 @mokd_eval.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--out-stem", type=click.Path(path_type=Path), default=None,
+              help="Figure path without extension (default: RUN_DIR/curves for one run, "
+                   "results/curves/<run>_vs_<run> for several).")
+def curves(run_dirs: tuple[Path, ...], out_stem: Path | None) -> None:
+    """Training curves of mokd-train runs (losses, lrs, collapse monitor, online k-NN), overlaid; PNG and PDF."""
+    from analysis.curves import default_stem, draw_curves
+
+    paths = draw_curves(list(run_dirs), out_stem or default_stem(list(run_dirs)))
+    click.echo(f"curves: {paths['png']} and {paths['pdf']}")
+
+
+@mokd_eval.command()
 @click.argument("results_dir", type=click.Path(path_type=Path))
 @_out_dir_option(Path("report"), "Where report.md, tables/*.{md,tex,csv} and report.json go.")
 @click.option("--strict", is_flag=True, help="Fail (exit 2) when a results file is unreadable, truncated or broken.")
@@ -702,6 +752,7 @@ def report(results_dir: Path, out_dir: Path, strict: bool) -> None:
 @click.option("--scale", type=click.Choice(["paper", "small"]), default="paper", show_default=True,
               help="small: training batches sized to the data (8 steps per epoch; off-protocol where it matters).")
 @click.option("--plan", is_flag=True, help="Print every step's resolved protocol and exit without running anything.")
+@_slurm_options
 def suite(checkpoint: Path, out_dir: Path | None, skip: str | None, epochs: int | None, cifar_data: str | None,
           coco_data: str | None, coco_iters: int | None, semisup_splits: Path | None, scale: str, plan: bool,
           **kwargs: Any) -> None:
@@ -716,6 +767,8 @@ def suite(checkpoint: Path, out_dir: Path | None, skip: str | None, epochs: int 
     check_suite_options(scale, semisup_splits)
     directory = out_dir or check_output_dir(Path("results") / "suite" / checkpoint.stem, option="--out-dir")
     out = kwargs["out"] or check_output_file(directory / "suite" / f"{checkpoint.stem}.json")
+    if not plan and _submitted(click.get_current_context().params, "suite"):
+        return
     features = _feature_settings(kwargs)
     dist = setup(kwargs["device"])
     context = SuiteContext(checkpoint=checkpoint, out_dir=directory, data=kwargs["data"], features=features,
@@ -783,6 +836,7 @@ def _training_setting_options(function: Callable) -> Callable:
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="YAML file of settings (keys = the flag names); flags override it.")
 @click.option("--debug", is_flag=True, help="Show Python tracebacks for user errors.")
+@_slurm_options
 @_training_setting_options
 def mokd_train(preset: str | None, config_path: Path | None, debug: bool, **settings: Any) -> None:
     """Train a MOKD model pair (or, with --mode independent, its DINO baseline) and write checkpoints.
@@ -791,8 +845,14 @@ def mokd_train(preset: str | None, config_path: Path | None, debug: bool, **sett
     dino+dogo / dino+mcl are adaptations: DINO self-distillation plus the peer method's cross terms."""
     from mokd_train.config import resolve_config
     from mokd_train.engine import train
+    from mokd_train.slurm import OPTION_NAMES
 
-    summary = train(resolve_config(preset, config_path, settings))  # prints the resolved config on rank 0
+    for name in OPTION_NAMES:
+        settings.pop(name)
+    config = resolve_config(preset, config_path, settings)  # checked here, also before a submission
+    if _submitted(click.get_current_context().params, "mokd_train", on_requeue={"resume": True}):
+        return
+    summary = train(config)  # prints the resolved config on rank 0
     if summary["rank"] == 0:
         click.echo(f"checkpoint: {summary['checkpoint']}")
 

@@ -34,6 +34,7 @@ from mokd_eval.features import FeatureKind, feature_function
 from mokd_eval.registry import ArchSpec
 from mokd_eval.resources import apply_resources
 from mokd_eval.schedules import cosine_schedule
+from mokd_eval.tensorboard_log import TensorBoardLog
 
 CHECKPOINT_NAME = "checkpoint.pth"
 LOG_NAME = "log.jsonl"
@@ -101,6 +102,7 @@ class FitSettings:
     num_workers: int | None = None
     seed: int = 0
     precision: str = "fp32"  # the paper's; bf16 / fp16 autocast on CUDA when asked
+    tensorboard: bool = False  # epoch records also under <run_dir>/tensorboard/ (rank 0)
 
     def scaled_lr(self) -> float:
         return self.lr * self.batch_size / 256
@@ -217,6 +219,7 @@ def fit(model: Classifier, train_set: Dataset, settings: FitSettings, *, run_dir
         start_epoch = resumed = int(state["epoch"])
         history = list(state["history"])
 
+    board = TensorBoardLog(run_dir, resumed) if settings.tensorboard and context.is_main else None
     images_seen, train_seconds = 0, 0.0
     for epoch in range(start_epoch, settings.epochs):
         sampler.set_epoch(epoch)
@@ -268,9 +271,14 @@ def fit(model: Classifier, train_set: Dataset, settings: FitSettings, *, run_dir
                      "history": history, "signature": signature}
             atomic.save_torch(state, checkpoint_path)
             atomic.write_text(run_dir / LOG_NAME, "".join(json.dumps(entry) + "\n" for entry in history))
+            if board is not None:
+                board.write(record, step=epoch + 1)
+                board.flush()
         context.barrier()
         if on_epoch_end is not None:
             on_epoch_end(epoch)
+    if board is not None:
+        board.close()
     if train_seconds > 0:
         rate = images_seen / train_seconds
     else:  # every epoch was done before this (resumed) run: report the recorded rate

@@ -27,6 +27,7 @@ from mokd_eval.features import FeatureKind
 from mokd_eval.finetune import topk_counts
 from mokd_eval.registry import ArchSpec
 from mokd_eval.schedules import cosine_schedule
+from mokd_eval.tensorboard_log import TensorBoardLog
 
 HEAD_FORMAT = "mokd_linear_head"
 VIT_SWEEP_BLOCKS = (1, 4)
@@ -132,9 +133,11 @@ def train_head_sweep(features: np.ndarray, labels: np.ndarray, fit_index: np.nda
                      spec: ArchSpec, source: FeatureKind, variants: Sequence[FeatureKind], lrs: Sequence[float],
                      num_classes: int, epochs: int, batch_size: int, warmup_epochs: int, seed: int,
                      checkpoint_path: Path | None = None, resume: bool = False, device: str = "cpu",
-                     desc: str = "heads", on_epoch_end: Callable[[int], None] | None = None) -> SweepResult:
+                     desc: str = "heads", on_epoch_end: Callable[[int], None] | None = None,
+                     tensorboard: bool = False) -> SweepResult:
     """Train every (variant, lr) head on `features[fit_index]` with SGD (momentum 0.9, no weight decay, lr x
-    batch/256, warm-up + cosine) and pick the best on `features[heldout_index]` by top-1 (then top-5)."""
+    batch/256, warm-up + cosine) and pick the best on `features[heldout_index]` by top-1 (then top-5).
+    `tensorboard`: the epoch records also go to <checkpoint_path's folder>/tensorboard/."""
     torch_device = torch.device(device)
     columns = [torch.as_tensor(variant_columns(spec, source, v)) for v in variants]
     all_x = torch.as_tensor(np.ascontiguousarray(features))  # float16 caches stay float16 in memory
@@ -166,6 +169,7 @@ def train_head_sweep(features: np.ndarray, labels: np.ndarray, fit_index: np.nda
         start_epoch = resumed = int(state["epoch"])
         history = list(state["history"])
 
+    board = TensorBoardLog(checkpoint_path.parent, resumed) if tensorboard and checkpoint_path is not None else None
     start = time.perf_counter()
     step_macs = batch_size * len(lrs) * num_classes * sum(len(c) for c in columns)
     with _cpu_threads_for(step_macs, torch_device):
@@ -199,6 +203,9 @@ def train_head_sweep(features: np.ndarray, labels: np.ndarray, fit_index: np.nda
             history.append({"epoch": epoch + 1, "best_head_loss": loss_sum / seen,
                             "best_head_train_acc": 100 * correct.max().item() / seen,
                             "images_per_s": seen / max(time.perf_counter() - epoch_start, 1e-9)})
+            if board is not None:
+                board.write(history[-1], step=epoch + 1)
+                board.flush()
             if checkpoint_path is not None:
                 atomic.save_torch({"epoch": epoch + 1, "heads": bank.state_dict(), "optimizer": optimizer.state_dict(),
                                    "rng": torch.get_rng_state(), "history": history, "signature": signature},
@@ -206,6 +213,8 @@ def train_head_sweep(features: np.ndarray, labels: np.ndarray, fit_index: np.nda
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
     seconds = time.perf_counter() - start
+    if board is not None:
+        board.close()
 
     counts = torch.zeros(len(variants), len(lrs), 3, dtype=torch.float64)  # top1, top5, n per head
     with torch.no_grad():

@@ -175,7 +175,7 @@ def _cached(entry: LoadedBackbone, eval_data: EvalData, features: FeatureOptions
         trained_images = len(fit_pos)
     common = {"spec": entry.spec, "source": source, "num_classes": eval_data.train.num_classes,
               "epochs": settings.epochs, "batch_size": settings.batch_size, "warmup_epochs": settings.warmup_epochs,
-              "seed": options.seed, "resume": options.resume, "device": device}
+              "seed": options.seed, "resume": options.resume, "device": device, "tensorboard": options.tensorboard}
     with timer.stage("train"):
         if images < CROSS_VALIDATE_BELOW:
             sweep = cross_validated_sweep(train.features, train.labels, folds, variants=variants, lrs=list(lrs),

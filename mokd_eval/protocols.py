@@ -72,6 +72,7 @@ class TrainOptions:
     heldout_fraction: float = HELDOUT_FRACTION
     precision: str = PAPER_PRECISION
     scale: str = "paper"  # "small": batches sized to the data (off-protocol where that changes them)
+    tensorboard: bool = False
 
 
 SCALES = ("paper", "small")
@@ -125,7 +126,8 @@ def resolve_settings(preset: Preset, options: TrainOptions, train_size: int) -> 
                                   "training")
     settings = FitSettings(epochs=epochs, batch_size=batch, lr=preset.lr, warmup_epochs=warmup,
                            accum_steps=options.accum_steps, max_batch_per_step=options.max_batch_per_step,
-                           num_workers=options.num_workers, seed=options.seed, precision=options.precision)
+                           num_workers=options.num_workers, seed=options.seed, precision=options.precision,
+                           tensorboard=options.tensorboard)
     return settings, warnings
 
 

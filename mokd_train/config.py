@@ -22,6 +22,7 @@ from mokd_eval.data import parse_data_spec
 from mokd_eval.errors import MokdError
 from mokd_eval.registry import ArchSpec, build_backbone, resolve_arch
 from mokd_eval.validation import check_device, check_image_size, check_num_workers, check_output_dir
+from mokd_eval.tensorboard_log import require_tensorboard
 from mokd_train.methods import DEFAULT_LAMBDAS, FAITHFUL_PEERS, METHODS, method_defaults, method_label
 
 MODES = ("mokd", "independent")
@@ -112,6 +113,11 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many optimisation steps in total; 0 = no limit
     log_every: int = 10
     export_official: bool = False
+    # watching a run (docs/watching-and-slurm.md)
+    tensorboard: bool = False  # scalars under <output_dir>/tensorboard/ (needs the `tensorboard` extra)
+    knn_every: int = 0  # online k-NN of both teachers every N epochs and at the end; 0 = off
+    knn_data: str | None = None  # labelled data of the online k-NN; None = the training data spec
+    curves: bool = True  # draw curves.png/.pdf from log.jsonl at the end of the run
     # --- other methods (issue 10): read only by --method dogo / mcl / dino+dogo / dino+mcl ---
     queue_size: int = 65536  # MCL: keys per queue
     peer_lr: float | None = None  # dogo / mcl lr, not batch-scaled; None = the method's (Adam 3e-4 / SGD 0.03)
@@ -172,6 +178,10 @@ FIELD_HELP: dict[str, str] = {
     "save_every": "keep a numbered checkpoint copy every N epochs",
     "checkpoint_every_steps": "also checkpoint every N steps inside an epoch (0: epoch ends only)",
     "max_steps": "stop after N optimisation steps in total (0: no limit)",
+    "tensorboard": "write every logged scalar to <output-dir>/tensorboard/ (pip install 'mokd[tensorboard]')",
+    "knn_every": "evaluate both teachers' k-NN every N epochs and at the end (0: never); history in knn.json",
+    "knn_data": "labelled dataset of the online k-NN (default: the training --data)",
+    "curves": "draw <output-dir>/curves.png and .pdf from the log at the end of the run",
     "export_official": "also write the official MOKD checkpoint layout under <output-dir>/official/ (CNN-ViT pairs)",
 }
 
@@ -368,7 +378,7 @@ def validate(config: TrainConfig) -> None:
     positive = ("img_size", "epochs", "batch_size", "out_dim", "mlp_hidden_dim", "mlp_bottleneck_dim",
                 "thead_depth", "local_size", "save_every", "log_every")
     non_negative = ("n_local", "warmup_epochs", "clip_grad", "freeze_last_layer",
-                    "checkpoint_every_steps", "max_steps", "drop_path", "warmup_teacher_temp_epochs",
+                    "checkpoint_every_steps", "max_steps", "knn_every", "drop_path", "warmup_teacher_temp_epochs",
                     "cnn_self_warmup_teacher_temp_epochs", "lr_cnn", "lr_vit", "min_lr_cnn", "min_lr_vit",
                     "weight_decay_cnn", "weight_decay_vit", "weight_decay_end_vit")
     for key in positive:
@@ -414,6 +424,9 @@ def validate(config: TrainConfig) -> None:
         low, high = getattr(config, key)
         if not 0.0 < low <= high <= 1.0:
             raise MokdError(f"setting {key!r} must be (low, high) with 0 < low <= high <= 1, got {(low, high)}")
+    require_tensorboard(config.tensorboard)
+    if config.knn_data is not None:
+        parse_data_spec(config.knn_data)  # a malformed spec fails before any training
     check_output_dir(Path(config.output_dir), option="--output-dir")
     check_num_workers(config.num_workers, option="setting 'num_workers'")
     check_device(config.device, option="setting 'device'")

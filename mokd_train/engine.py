@@ -42,11 +42,14 @@ from mokd_eval.distributed import DistContext
 from mokd_train.distributed import EpochShardSampler, ddp_wrapper, synchronise_batchnorm
 from mokd_train.losses import NonFiniteLossError
 from mokd_train.monitor import MONITORED, diagnose
+from mokd_train import online_knn
+from mokd_train.online_knn import OnlineKnn
 from mokd_train.methods import CONSTANT_EMA, build_peer_pair
 from mokd_train.methods.base import PeerPair
 from mokd_train.pair import MokdPair, PairConfig
 from mokd_eval.resources import apply_resources
 from mokd_eval.schedules import cosine_schedule
+from mokd_eval.tensorboard_log import TensorBoardLog
 
 SGD_MOMENTUM = 0.9
 LR_REFERENCE_BATCH = 256
@@ -333,6 +336,7 @@ class Trainer:
         self.last_monitor: dict[str, float] = {}
         self.checkpoint_path: Path | None = None
         self.step_seconds: list[float] = []
+        self.board: TensorBoardLog | None = None
 
     # -- helpers --
 
@@ -389,15 +393,63 @@ class Trainer:
                      f"process, "
                      f"{self.steps_per_epoch} steps per epoch")
             write_json(self.output_dir / CONFIG_NAME, cfg.to_dict())
-            resumed_step = self.progress.global_step if self.resumed_from is not None else None
-            self.journal = JsonLinesLog(self.output_dir / LOG_NAME, resumed_step)
+            self.journal = JsonLinesLog(self.output_dir / LOG_NAME, self._resumed_step())
+            self.board = TensorBoardLog(self.output_dir, self._resumed_step()) if cfg.tensorboard else None
+        self.knn = self._online_knn()
         start = time.perf_counter()
-        while not self._done():
-            self._train_epoch()
+        try:
+            while not self._done():
+                self._train_epoch()
+            if self.knn is not None and self.knn.last_step() != self.progress.global_step:
+                self._evaluate_knn(epoch_seconds=None)  # a run stopped by max_steps mid-epoch
+        finally:
+            if self.board is not None:
+                self.board.close()
         total = time.perf_counter() - start
         if self.checkpoint_path is None:
             self.checkpoint_path = self.resumed_from
+        if self.context.is_main and cfg.curves:
+            self._draw_curves()
         return self._summary(total)
+
+    def _resumed_step(self) -> int | None:
+        return self.progress.global_step if self.resumed_from is not None else None
+
+    def _online_knn(self) -> OnlineKnn | None:
+        if not self.cfg.knn_every:
+            return None
+        return OnlineKnn(self.cfg.knn_data or self.cfg.data, self.cfg.img_size, self.output_dir,
+                         batch_size=max(self.rank_batch, 64), num_workers=self.resources.workers,
+                         device=self.cfg.device, resumed_step=self._resumed_step())
+
+    def _record(self, record: dict[str, Any]) -> None:
+        """One log record to log.jsonl and, with --tensorboard, to TensorBoard (rank 0 only)."""
+        self.journal.write(record)
+        if self.board is not None:
+            self.board.write(record)
+
+    def _evaluate_knn(self, epoch_seconds: float | None) -> None:
+        """Both teachers' k-NN (the students for a method without teachers); its cost is logged as a share of
+        the epoch it follows."""
+        networks = self.pair.teachers if len(self.pair.teachers) else self.pair.students
+        named = [(f"teacher{index + 1}" if len(self.pair.teachers) else f"student{index + 1}", network.backbone,
+                  self.specs[index]) for index, network in enumerate(networks)]
+        record = self.knn.evaluate(named, step=self.progress.global_step, epoch=self.progress.epoch,
+                                   is_main=self.context.is_main)
+        if record is None:
+            return
+        share = record["seconds"] / (record["seconds"] + epoch_seconds) if epoch_seconds else None
+        self._record({"kind": "knn", **record, "epoch_share": round(share, 4) if share is not None else None})
+        accuracies = ", ".join(f"{name} top-1 {record[name]['top1']:.2f}" for name, _, _ in named)
+        cost = f" = {100 * share:.1f} % of the epoch" if share is not None else ""
+        self.log(f"online k-NN (k = {record['k']}, {self.knn.data.spec.text}) after step {record['step']}: "
+                 f"{accuracies}; {record['seconds']:.1f} s{cost}")
+
+    def _draw_curves(self) -> None:
+        from analysis.curves import draw_curves
+
+        paths = draw_curves([self.output_dir], self.output_dir / "curves")
+        self.log(f"curves: {paths['png']}")
 
     def _train_epoch(self) -> None:
         cfg, progress = self.cfg, self.progress
@@ -426,7 +478,10 @@ class Trainer:
             if progress.step_in_epoch == self.steps_per_epoch:
                 progress.epoch += 1
                 progress.step_in_epoch = 0
-                self._report_epoch(sums, monitor_sums, steps_here, time.perf_counter() - epoch_start)
+                epoch_seconds = time.perf_counter() - epoch_start
+                self._report_epoch(sums, monitor_sums, steps_here, epoch_seconds)
+                if self.knn is not None and online_knn.due(progress.epoch, cfg.knn_every, cfg.epochs):
+                    self._evaluate_knn(epoch_seconds)
                 self._save(numbered=progress.epoch % cfg.save_every == 0 or progress.epoch == cfg.epochs)
             elif self._done() or self._periodic_save_due():
                 self._save(numbered=False)
@@ -502,7 +557,7 @@ class Trainer:
         if progress.global_step % cfg.log_every:
             return
         temps = self.pair.teacher_temperatures(epoch)
-        self.journal.write({
+        self._record({
             "kind": "step", "step": progress.global_step, "epoch": epoch,
             "step_in_epoch": progress.step_in_epoch, "losses": stats,
             "lr": {**lr, **{f"{index + 1}_thead": _group_value(self.optimizers[index], "thead", "lr")
@@ -533,10 +588,9 @@ class Trainer:
                 warnings += diagnose(own, f"model {index} ({self.specs[index - 1].name})", self.cfg.out_dim)
         for warning in warnings:
             self.log(f"warning: {warning}")
-        self.journal.write({"kind": "epoch", "step": self.progress.global_step, "epoch": self.progress.epoch,
-                            "steps": steps, "mean_losses": means, "monitor": monitor, "warnings": warnings,
-                            "seconds": round(seconds, 3),
-                            "images_per_s": round(steps * self.cfg.batch_size / seconds, 2)})
+        self._record({"kind": "epoch", "step": self.progress.global_step, "epoch": self.progress.epoch,
+                      "steps": steps, "mean_losses": means, "monitor": monitor, "warnings": warnings,
+                      "seconds": round(seconds, 3), "images_per_s": round(steps * self.cfg.batch_size / seconds, 2)})
 
     def _diverged(self, what: str) -> MokdError:
         """The stop message of a diverged run, naming the checkpoint that really resumes it."""

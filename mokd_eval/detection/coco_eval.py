@@ -85,6 +85,7 @@ class CocoSettings:
     checkpoint_period: int = 5000
     output_dir: Path | None = None
     resume: bool = False
+    tensorboard: bool = False  # losses and lr per iteration under <output dir>/tensorboard/
     eval_only: bool = False
     weights: Path | None = None
     key: str | None = None
@@ -209,7 +210,8 @@ def _torchvision_run(candidate: Candidate, data: CocoData, settings: CocoSetting
         with timer.stage("train"):
             training = train_detector(model, dataset, solver, output_dir=out_dir, categories=data.category_ids,
                                       context=context, seed=settings.seed, resume=settings.resume,
-                                      num_workers=workers, extra=extra, echo=echo, precision=settings.precision)
+                                      num_workers=workers, extra=extra, echo=echo, precision=settings.precision,
+                                      tensorboard=settings.tensorboard)
         if config.norm == "syncbn" and settings.precise_bn_iters > 0:
             with timer.stage("precise_bn"):
                 precise_bn(model, dataset, settings.precise_bn_iters, max(1, settings.batch_size // context.world_size),

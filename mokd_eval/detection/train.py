@@ -24,6 +24,7 @@ from mokd_eval.detection.coco_data import CocoSplit, DetectionDataset, collate
 from mokd_eval.detection.evaluation import evaluate, to_coco_results
 from mokd_eval.distributed import DistContext, autocast_for
 from mokd_eval.errors import MokdError
+from mokd_eval.tensorboard_log import TensorBoardLog
 
 SCHEDULES = {"1x": 90_000, "2x": 180_000}
 PAPER_SCHEDULE = "2x"  # A.5: "trained for 180k iterations, i.e., the 2x schedule"
@@ -146,8 +147,10 @@ def check_categories(path: Path, saved: list[int], data_categories: list[int]) -
 
 def train_detector(model: nn.Module, dataset: DetectionDataset, solver: Solver, *, output_dir: Path,
                    categories: list[int], context: DistContext, seed: int, resume: bool, num_workers: int,
-                   extra: dict[str, Any], echo: Callable[[str], None], precision: str = "fp32") -> dict[str, Any]:
-    """Train `model` in place for `solver.iters` iterations; returns the loss history and throughput."""
+                   extra: dict[str, Any], echo: Callable[[str], None], precision: str = "fp32",
+                   tensorboard: bool = False) -> dict[str, Any]:
+    """Train `model` in place for `solver.iters` iterations; returns the loss history and throughput.
+    `tensorboard`: each iteration's losses and lr also go to <output_dir>/tensorboard/ (rank 0)."""
     device = context.device
     model.to(device).train()
     optimizer = torch.optim.SGD(param_groups(model, solver.weight_decay), lr=solver.scaled_lr,
@@ -173,6 +176,7 @@ def train_detector(model: nn.Module, dataset: DetectionDataset, solver: Solver, 
     per_rank = max(1, solver.batch_size // context.world_size)
     remaining = solver.iters - state.iteration
     history: list[dict[str, float]] = []
+    board = TensorBoardLog(output_dir, state.iteration if resume else None) if tensorboard and context.is_main else None
     start = time.perf_counter()
     if remaining > 0:
         loader = _loader(dataset, per_rank, remaining * per_rank, seed * 1000 + context.rank + state.iteration,
@@ -201,9 +205,13 @@ def train_detector(model: nn.Module, dataset: DetectionDataset, solver: Solver, 
             record = {k: round(float(v.detach()), 4) for k, v in losses.items()}
             history.append({"iteration": state.iteration, "lr": lr, "loss": round(value, 4), **record})
             bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2g}")
+            if board is not None:
+                board.write(history[-1], step=state.iteration)
             if context.is_main and (state.iteration % solver.checkpoint_period == 0 or state.iteration == solver.iters):
                 save_checkpoint(last, model, optimizer, scaler, state, extra)
         bar.close()
+    if board is not None:
+        board.close()
     seconds = time.perf_counter() - start
     return {"iterations_run": remaining, "seconds": round(seconds, 3),
             "iters_per_second": round(remaining / seconds, 4) if remaining > 0 and seconds > 0 else None,
