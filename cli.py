@@ -31,8 +31,21 @@ def _report_user_errors(debug: bool, action: Callable[[], Any]) -> Any:
         sys.exit(130)
 
 
+class NumberCheckedCommand(click.Command):
+    """A command whose numeric options are checked for finiteness and range once parsed (issue 18)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        from mokd_eval.validation import check_numeric_options
+
+        rest = super().parse_args(ctx, args)
+        check_numeric_options(ctx.params, {param.name: param.opts[0] for param in self.params if param.opts})
+        return rest
+
+
 class GuardedGroup(click.Group):
     """A click group whose subcommands report `MokdError` as one line, without traceback."""
+
+    command_class = NumberCheckedCommand
 
     def invoke(self, ctx: click.Context) -> Any:
         debug = bool(ctx.params.get("debug")) or os.environ.get("MOKD_DEBUG") == "1"
@@ -308,10 +321,10 @@ def cifar(checkpoint: Path, dataset: str, **kwargs: Any) -> None:
     """Fine-tuning transfer to CIFAR-10/100 (paper A.4); --data is the folder of the python pickles."""
     from mokd_eval.cifar_eval import cifar_table, run_cifar
 
+    options = _train_settings(kwargs)
     if not kwargs["data"]:
         raise MokdError(f"--data PATH is required: the folder holding the {dataset} python pickles "
                         "(cifar-10-batches-py / cifar-100-python) or that folder itself")
-    options = _train_settings(kwargs)
     _run_training_command(kwargs, "cifar", checkpoint, lambda out, context, echo: run_cifar(
         checkpoint, dataset=dataset, data=kwargs["data"], options=options, out=out, context=context,
         device=kwargs["device"], model=kwargs["model"], key=kwargs["key"], trust=kwargs["trust"],

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, Subset
 from mokd_eval import atomic
 from mokd_eval.distributed import DistContext
 from mokd_eval.errors import MokdError
+from mokd_eval.validation import POSITIVE, check_number
 from mokd_eval.finetune import Classifier, FitResult, FitSettings, clamp_batch, evaluate, fit, settings_record
 from mokd_eval.splits import heldout_split
 
@@ -59,9 +60,9 @@ def parse_lrs(text: str | None) -> tuple[float, ...] | None:
         values = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise MokdError(f"--lr takes numbers separated by commas (e.g. 0.01,0.03,0.1), not {text!r}") from None
-    if not values or min(values) <= 0:
+    if not values:
         raise MokdError(f"--lr needs positive values, got {text!r}")
-    return values
+    return tuple(check_number(value, "--lr", POSITIVE) for value in values)
 
 
 def resolve_settings(preset: Preset, options: TrainOptions, train_size: int) -> tuple[FitSettings, list[str]]:

@@ -85,8 +85,10 @@ def test_checkpoints_evaluate_the_online_networks_in_mokd_eval_knn(digits_runs, 
 def small_config(output_dir: Path, method: str, **overrides):
     settings = dict(method=method, output_dir=str(output_dir), data="shapes:50", arch2="test_vit", img_size=16,
                     local_size=8, batch_size=8, epochs=2, out_dim=64, mlp_hidden_dim=32, mlp_bottleneck_dim=16,
-                    queue_size=16, num_workers=0, log_every=1, warmup_epochs=0, warmup_teacher_temp_epochs=1,
+                    num_workers=0, log_every=1, warmup_epochs=0, warmup_teacher_temp_epochs=1,
                     cnn_self_warmup_teacher_temp_epochs=1)
+    if method.endswith("mcl"):  # only the MCL methods have a queue (others refuse the setting)
+        settings["queue_size"] = 16
     settings.update(overrides)
     return resolve_config("tiny", None, settings)
 
