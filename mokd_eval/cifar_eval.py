@@ -65,7 +65,8 @@ def run_cifar(checkpoint: str | Path, *, dataset: str, data: str | Path, options
                 train_set=train.with_transform(augment), train_eval_set=train.with_transform(evaluation),
                 labels=train.targets, val_set=val.with_transform(evaluation), settings=settings,
                 lrs=options.lrs or (preset.lr,), options=options, run_dir=root / entry.key, context=context,
-                desc=f"{entry.key} {dataset}", signature={"num_classes": train.num_classes, "image_size": size},
+                desc=f"{entry.key} {dataset}",
+                signature={"num_classes": train.num_classes, "image_size": size, "data": train.fingerprint},
                 echo=echo)
         protocol = {"mode": "finetune", "dataset": dataset, "image_size": size, "train_transform": augment_text,
                     "eval_transform": evaluation_text, **outcome.protocol()}

@@ -99,7 +99,8 @@ def _protocol(entry: LoadedBackbone, eval_data: EvalData, requested: FeatureKind
             make_model=make_model, train_set=train_set, train_eval_set=eval_data.train, labels=eval_data.train.targets,
             val_set=eval_data.val, settings=settings, lrs=options.lrs or (preset.lr,), options=options,
             run_dir=run_dir, context=context, desc=f"{entry.key} linear",
-            signature={"num_classes": eval_data.train.num_classes, "feature": kind.describe(), "mode": "protocol"},
+            signature={"num_classes": eval_data.train.num_classes, "feature": kind.describe(), "mode": "protocol",
+                       "data": eval_data.train.fingerprint},
             after_fit=lambda model: verify_unchanged(model.backbone, before, what), echo=echo)
     head_path = run_dir / "head.pt"
     if context.is_main:
@@ -132,7 +133,8 @@ def _cached(entry: LoadedBackbone, eval_data: EvalData, features: FeatureOptions
     with timer.stage("train"):
         sweep = train_head_sweep(train.features, train.labels, fit_pos, held_pos, spec=entry.spec, source=source,
                                  variants=variants, lrs=list(lrs),
-                                 num_classes=eval_data.train.num_classes, epochs=settings.epochs,
+                                 num_classes=eval_data.train.num_classes, data=eval_data.train.fingerprint,
+                                 epochs=settings.epochs,
                                  batch_size=settings.batch_size, warmup_epochs=settings.warmup_epochs,
                                  seed=options.seed, checkpoint_path=run_dir / "checkpoint.pth", resume=options.resume,
                                  device=device, desc=f"{entry.key} heads")

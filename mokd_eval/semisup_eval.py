@@ -117,7 +117,8 @@ def run_semisup(checkpoint: str | Path, *, percent: float, split_file: Path | No
                 make_model=make_model, train_set=labelled, train_eval_set=labelled_eval, labels=labels,
                 val_set=eval_data.val, settings=settings, lrs=options.lrs or (preset.lr,), options=options,
                 run_dir=root / entry.key, context=context, desc=f"{entry.key} {mode}",
-                signature={"num_classes": train.num_classes, "mode": mode, "split_sha256": split["sha256"]},
+                signature={"num_classes": train.num_classes, "mode": mode, "split_sha256": split["sha256"],
+                           "data": train.fingerprint},
                 after_fit=after_fit, echo=echo)
         protocol = {"mode": mode, "label": _mode_label(mode), "feature": kind.describe(), "split": split,
                     "train_transform": augment_text, "eval_transform": eval_data.transform,

@@ -146,6 +146,13 @@ def check_output_file(path: Path, *, option: str = "--out") -> Path:
     return path
 
 
+def check_not_overwriting(path: Path, *, option: str, overwrite: bool) -> Path:
+    """An existing file is another run's or the user's: replacing it must be asked for."""
+    if path.exists() and not overwrite:
+        raise MokdError(f"{option} {path} already exists: pass --overwrite to replace it, or choose another name")
+    return path
+
+
 def check_output_dir(path: Path, *, option: str) -> Path:
     """A directory we will write into: not a file, and creatable and writable."""
     path = Path(path).expanduser()

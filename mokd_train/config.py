@@ -113,6 +113,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many optimisation steps in total; 0 = no limit
     log_every: int = 10
     export_official: bool = False
+    skip_bad_images: bool = False  # an unreadable image is replaced by the next readable one of the split
     # --- other methods (issue 10): read only by --method dogo / mcl / dino+dogo / dino+mcl ---
     queue_size: int = 65536  # MCL: keys per queue
     peer_lr: float | None = None  # dogo / mcl lr, not batch-scaled; None = the method's (Adam 3e-4 / SGD 0.03)
@@ -173,6 +174,8 @@ FIELD_HELP: dict[str, str] = {
     "save_every": "keep a numbered checkpoint copy every N epochs",
     "checkpoint_every_steps": "also checkpoint every N steps inside an epoch (0: epoch ends only)",
     "max_steps": "stop after N optimisation steps in total (0: no limit)",
+    "skip_bad_images": "replace an unreadable image (or a broken link in an image folder) by the next readable one "
+                       "of the split, deterministically, instead of failing",
     "export_official": "also write the official MOKD checkpoint layout under <output-dir>/official/ (CNN-ViT pairs)",
 }
 
@@ -292,7 +295,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise MokdError(f"config file {path} does not exist") from None
+        raise MokdError(f"--config {path} does not exist: give a YAML file of settings") from None
+    except IsADirectoryError:
+        raise MokdError(f"--config {path} is a directory: give a YAML file of settings") from None
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or "not UTF-8 text"
+        raise MokdError(f"--config {path} cannot be read ({reason}): give a readable YAML file") from None
     except yaml.YAMLError as error:
         raise MokdError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from None
     if loaded is None:
