@@ -47,7 +47,7 @@ def run_linear(checkpoint: str | Path, *, mode: str, data: str | None, features:
         raise MokdError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
     timer = StageTimer()
     with timer.stage("load"):
-        eval_data = open_eval_data(data, image_size=image_size, skip_bad_images=skip_bad_images)
+        eval_data = open_eval_data(data, image_size=image_size, skip_bad_images=skip_bad_images, echo=echo)
         echo(f"data: {eval_data.spec.text} ({len(eval_data.train)} train / {len(eval_data.val)} val images, "
              f"{eval_data.train.num_classes} classes)")
         loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo)

@@ -61,7 +61,7 @@ def run_semisup(checkpoint: str | Path, *, percent: float, split_file: Path | No
         raise MokdError(f"--percent must be in (0, 100], got {percent:g}")
     timer = StageTimer()
     with timer.stage("load"):
-        eval_data = open_eval_data(data, image_size=image_size, skip_bad_images=skip_bad_images)
+        eval_data = open_eval_data(data, image_size=image_size, skip_bad_images=skip_bad_images, echo=echo)
         train = eval_data.train
         names = [train.item_name(index) for index in range(len(train))]
         if split_file is not None:
