@@ -125,9 +125,6 @@ def _cached(entry: LoadedBackbone, eval_data: EvalData, features: FeatureOptions
     preset = linear_preset(entry)
     lrs = options.lrs or tuple(preset.lr * factor for factor in SWEEP_FACTORS)
     fit_pos, held_pos = heldout_split(train.labels, options.heldout_fraction, options.seed)
-    if context.is_main:
-        atomic.write_json(run_dir / "heldout.json", {"fraction": options.heldout_fraction, "seed": options.seed,
-                                                     "indices": held_pos.tolist()})
     settings, warnings = resolve_settings(preset, options, len(fit_pos))
     device = "cuda" if features.device != "cpu" and torch.cuda.is_available() else "cpu"
     with timer.stage("train"):
@@ -138,6 +135,9 @@ def _cached(entry: LoadedBackbone, eval_data: EvalData, features: FeatureOptions
                                  batch_size=settings.batch_size, warmup_epochs=settings.warmup_epochs,
                                  seed=options.seed, checkpoint_path=run_dir / "checkpoint.pth", resume=options.resume,
                                  device=device, desc=f"{entry.key} heads")
+    if context.is_main:  # after the sweep, which refuses a resume from another run before touching any file
+        atomic.write_json(run_dir / "heldout.json", {"fraction": options.heldout_fraction, "seed": options.seed,
+                                                     "indices": held_pos.tolist()})
     best = sweep.heads[sweep.winner]
     winner_kind = variants[best["variant"]]
     if len(lrs) > 2 and best["lr"] in (min(lrs), max(lrs)):

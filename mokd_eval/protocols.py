@@ -112,9 +112,6 @@ def train_with_search(*, make_model: Callable[[], Classifier], train_set: Datase
     search: list[dict[str, Any]] = []
     if len(lrs) > 1:
         fit_pos, held_pos = heldout_split(labels, options.heldout_fraction, options.seed)
-        if context.is_main:
-            atomic.write_json(run_dir / "heldout.json", {"fraction": options.heldout_fraction, "seed": options.seed,
-                                                         "positions": held_pos.tolist()})
         for lr in lrs:
             model = make_model()
             run_settings = replace(settings, lr=lr, batch_size=min(settings.batch_size, len(fit_pos)))
@@ -126,6 +123,9 @@ def train_with_search(*, make_model: Callable[[], Classifier], train_set: Datase
                               num_workers=options.num_workers, context=context, desc=f"{desc} held-out")
             search.append({"lr": lr, "heldout_top1": scores["top1"], "heldout_top5": scores["top5"]})
             echo(f"  {desc}: lr {lr:g} -> held-out top-1 {scores['top1']:.2f}")
+        if context.is_main:  # after the fits, which refuse a resume from another run before touching any file
+            atomic.write_json(run_dir / "heldout.json", {"fraction": options.heldout_fraction, "seed": options.seed,
+                                                         "positions": held_pos.tolist()})
         best = max(search, key=lambda row: (row["heldout_top1"], row["heldout_top5"]))
         lr = best["lr"]
     else:
