@@ -32,7 +32,7 @@ def _report_user_errors(debug: bool, action: Callable[[], Any]) -> Any:
 
 
 class NumberCheckedCommand(click.Command):
-    """A command whose numeric options are checked for finiteness and range once parsed (issue 18)."""
+    """A command whose numeric options are checked for finiteness and range once parsed, before any work."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         from mokd_eval.validation import check_numeric_options

@@ -247,8 +247,8 @@ NUMBER_RULES: dict[str, Range] = {
     "batch_size": POSITIVE, "seed": NON_NEGATIVE, "lambda1": NON_NEGATIVE, "lambda2": NON_NEGATIVE,
     "out_dim": POSITIVE, "mlp_hidden_dim": POSITIVE, "mlp_bottleneck_dim": POSITIVE, "thead_dim": POSITIVE,
     "thead_heads": POSITIVE, "thead_depth": POSITIVE, "drop_path": FRACTION, "n_local": NON_NEGATIVE,
-    "local_size": POSITIVE, **_PROBABILITY_RULES, "lr_cnn": POSITIVE, "min_lr_cnn": NON_NEGATIVE,
-    "weight_decay_cnn": NON_NEGATIVE, "lr_vit": POSITIVE, "min_lr_vit": NON_NEGATIVE,
+    "local_size": POSITIVE, **_PROBABILITY_RULES, "lr_cnn": NON_NEGATIVE, "min_lr_cnn": NON_NEGATIVE,
+    "weight_decay_cnn": NON_NEGATIVE, "lr_vit": NON_NEGATIVE, "min_lr_vit": NON_NEGATIVE,
     "weight_decay_vit": NON_NEGATIVE, "weight_decay_end_vit": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE,
     "clip_grad": NON_NEGATIVE, "freeze_last_layer": NON_NEGATIVE, "momentum_teacher": FRACTION,
     "momentum_teacher_end": FRACTION, "warmup_teacher_temp": POSITIVE, "teacher_temp": POSITIVE,
@@ -395,7 +395,8 @@ def validate(config: TrainConfig) -> None:
     if "ct" in config.losses and config.method == "mokd" and config.mode == "mokd" and config.n_local < 1:
         raise MokdError("the cross search term 'ct' needs local crops: set n_local >= 1 or drop 'ct' from losses")
     for key, allowed in NUMBER_RULES.items():
-        check_number(getattr(config, key), f"setting {key!r}", allowed)
+        what = f"setting {key!r}" + (" is a probability:" if key in AUGMENTATION_PROBABILITIES else "")
+        check_number(getattr(config, key), what, allowed)
     if config.method == "mokd" and config.export_official and config.thead_l2norm:
         raise MokdError("--export-official writes the official layout, whose T-Head does not normalise its pooled "
                         "tokens: a run with thead_l2norm has no official equivalent; drop one of the two")
@@ -436,7 +437,7 @@ SETTING_METHODS: dict[str, frozenset[str]] = {
     **{key: _MOKD_RECIPE for key in ("cnn_optimizer", "lr_cnn", "min_lr_cnn", "weight_decay_cnn", "lr_vit",
                                      "min_lr_vit", "weight_decay_vit", "weight_decay_end_vit")},
 }
-CROSS_TERM_SETTINGS = ("lambda1", "lambda2", "losses")  # read only when the two models train together
+CROSS_TERM_SETTINGS = ("lambda1", "lambda2")  # read only when the two models train together
 
 
 def refuse_unused_settings(config: TrainConfig, given: set[str]) -> None:

@@ -50,7 +50,7 @@ def test_mokd_train_refuses_nan_inf_and_meaningless_zero_before_training(tmp_pat
 
 @pytest.mark.parametrize("text,setting", [("teacher_temp: .nan\n", "teacher_temp"),
                                           ("lr_vit: .inf\n", "lr_vit"),
-                                          ("lr_cnn: 0\n", "lr_cnn"),
+                                          ("warmup_teacher_temp: 0\n", "warmup_teacher_temp"),
                                           ("lambda1: -.inf\n", "lambda1")])
 def test_yaml_numbers_are_checked_like_flags(tmp_path, text, setting):
     config = tmp_path / "run.yaml"

@@ -21,6 +21,7 @@ from mokd_train.config import resolve_config
     (["--method", "dino+dogo", "--thead-depth", "2"], "--thead-depth does not apply to --method dino+dogo"),
     (["--method", "mcl", "--losses", "sm,cm"], "--losses does not apply to --method mcl"),
     (["--mode", "independent", "--lambda2", "0.5"], "--lambda2 does not apply to --mode independent"),
+    (["--mode", "independent", "--lambda1", "1", "--lambda2", "1"], "--lambda1, --lambda2 do not apply"),
 ])
 def test_unused_settings_are_refused_naming_the_method(tmp_path, args, message):
     run = tmp_path / "run"

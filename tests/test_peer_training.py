@@ -21,10 +21,12 @@ def digits_args(method: str, output_dir: Path) -> list[str]:
     return ["--preset", "tiny", "--method", method, "--data", "digits", "--arch2", "test_vit", "--img-size", "16",
             "--local-size", "8", "--batch-size", "32", "--epochs", "1", "--max-steps", str(STEPS),
             "--warmup-epochs", "0", "--out-dim", "128", "--mlp-hidden-dim", "64", "--mlp-bottleneck-dim", "32",
-            "--queue-size", "64", "--num-workers", "0", "--log-every", "1", "--output-dir", str(output_dir),
+            "--num-workers", "0", "--log-every", "1", "--output-dir", str(output_dir),
+            # only the MCL methods have a queue, and DoGo / MCL their own optimisers (others refuse these settings)
+            *(["--queue-size", "64"] if method.endswith("mcl") else []),
             # the optimizers and lrs these 12-step checks were calibrated with (the tiny recipe's AdamW at 1.6e-2 is
             # sized to 352 steps)
-            "--cnn-optimizer", "sgd", "--lr-cnn", "0.5", "--lr-vit", "5e-4"]
+            *(["--cnn-optimizer", "sgd", "--lr-cnn", "0.5", "--lr-vit", "5e-4"] if method.startswith("dino+") else [])]
 
 
 def step_losses(output_dir: Path) -> list[dict[str, float]]:
