@@ -31,8 +31,21 @@ def _report_user_errors(debug: bool, action: Callable[[], Any]) -> Any:
         sys.exit(130)
 
 
+class NumberCheckedCommand(click.Command):
+    """A command whose numeric options are checked for finiteness and range once parsed, before any work."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        from mokd_eval.validation import check_numeric_options
+
+        rest = super().parse_args(ctx, args)
+        check_numeric_options(ctx.params, {param.name: param.opts[0] for param in self.params if param.opts})
+        return rest
+
+
 class GuardedGroup(click.Group):
     """A click group whose subcommands report `MokdError` as one line, without traceback."""
+
+    command_class = NumberCheckedCommand
 
     def invoke(self, ctx: click.Context) -> Any:
         debug = bool(ctx.params.get("debug")) or os.environ.get("MOKD_DEBUG") == "1"
@@ -181,6 +194,7 @@ def _training_options(function: Callable) -> Callable:
                      callback=_positive("--eval-batch-size"), help="Batch for evaluation and feature extraction."),
         click.option("--resume", is_flag=True, help="Continue from the per-epoch checkpoints of an earlier run."),
         _tensorboard_option(),
+        click.option("--overwrite", is_flag=True, help="Discard an earlier run's results and checkpoints at --out."),
         *_device_option_list("min(4, usable CPUs - 1): the main process trains"), *_output_option_list(),
     ])
 
@@ -359,6 +373,7 @@ def cifar(checkpoint: Path, dataset: str, augment: str, **kwargs: Any) -> None:
     imagefolder:PATH (train/ and val/ class folders of PNGs)."""
     from mokd_eval.cifar_eval import cifar_table, run_cifar
 
+    options = _train_settings(kwargs)
     if not kwargs["data"]:
         raise MokdError(f"--data PATH is required: the folder holding the {dataset} python pickles "
                         "(cifar-10-batches-py / cifar-100-python) or that folder itself, or imagefolder:PATH")
@@ -373,8 +388,11 @@ def _run_training_command(kwargs: dict[str, Any], command: str, checkpoint: Path
                           run: Callable[..., dict[str, Any]], table: Callable[[dict[str, Any]], str]) -> None:
     """Join torchrun's group (or run alone), run the command, print its table and write its JSON on rank 0."""
     from mokd_eval.distributed import setup, teardown
+    from mokd_eval.protocols import run_root
+    from mokd_eval.results import start_training_run
 
     out = _results_path(kwargs["out"], command, checkpoint.stem)
+    start_training_run(out, run_root(out), resume=kwargs["resume"], overwrite=kwargs["overwrite"])
     context = setup(kwargs["device"])
     try:
         payload = run(out, context, click.echo if context.is_main else _silent)
@@ -583,13 +601,17 @@ def _figure_stem(path: Path) -> Path:
 @click.option("--key", default=None, help="Which model of a pair checkpoint (default: the file's default model).")
 @click.option("--trust-checkpoint", "trust", is_flag=True,
               help="Allow a checkpoint that needs arbitrary unpickling (runs code from the file).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
 @_out_option("Results JSON (default: results/export/<checkpoint name>.json).")
-def export(checkpoint: Path, fmt: str, output: Path, key: str | None, trust: bool, out: Path | None) -> None:
+def export(checkpoint: Path, fmt: str, output: Path, key: str | None, trust: bool, overwrite: bool,
+           out: Path | None) -> None:
     """Write one backbone for detectron2 (MoCo naming), torchvision or timm."""
     from mokd_eval.export import export_backbone
     from mokd_eval.pipeline import load_models, model_record
     from mokd_eval.results import build_results
+    from mokd_eval.validation import check_not_overwriting
 
+    check_not_overwriting(output, option="--output", overwrite=overwrite)
     path = _results_path(out, "export", checkpoint.stem)
     loaded = load_models(checkpoint, model=None, key=key, trust=trust, echo=click.echo)
     if len(loaded) > 1:

@@ -98,7 +98,7 @@ def run_consistency(checkpoint_a: Path, checkpoint_b: Path | None = None, *, con
     """k-NN predictions of A, B (and A') on one validation set, compared; returns the results payload."""
     timer = StageTimer()
     with timer.stage("load"):
-        eval_data = open_eval_data(data, image_size=image_size, skip_bad_images=skip_bad_images)
+        eval_data = open_eval_data(data, image_size=image_size, skip_bad_images=skip_bad_images, echo=echo)
         echo(f"data: {eval_data.spec.text} ({len(eval_data.val)} val images, {eval_data.train.num_classes} classes)")
         models = select_models(checkpoint_a, checkpoint_b, control, keys=keys, model=model, trust=trust, echo=echo)
 

@@ -119,7 +119,7 @@ def run_mad(checkpoints: Sequence[Path], *, data: str | None, model: str | None 
     """Measure every model of every checkpoint (and the random-init controls) on the same images."""
     timer = StageTimer()
     with timer.stage("load"):
-        eval_data = open_eval_data(data, image_size=image_size, skip_bad_images=skip_bad_images)
+        eval_data = open_eval_data(data, image_size=image_size, skip_bad_images=skip_bad_images, echo=echo)
         batch, indices = sample_images(eval_data.val, images, seed)
         size = batch.shape[-1]
         measured = []

@@ -34,12 +34,17 @@ def engine_name() -> str:
     return "openTSNE" if importlib.util.find_spec("openTSNE") is not None else "scikit-learn"
 
 
+def effective_perplexity(points: int, requested: float = PERPLEXITY) -> float:
+    """The perplexity t-SNE can use on `points` rows: at most (n - 1) / 3, the neighbours a point has."""
+    return min(requested, (points - 1) / 3)
+
+
 def embed(features: np.ndarray, *, seed: int = 0, perplexity: float = PERPLEXITY) -> np.ndarray:
     """2-D t-SNE of L2-normalised rows; perplexity is lowered to (n - 1) / 3 for very small sets."""
     if len(features) < 4:
         raise MokdError(f"t-SNE needs at least 4 points, got {len(features)}; draw more classes or images")
     rows = features.astype(np.float32) / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
-    perplexity = min(perplexity, (len(rows) - 1) / 3)
+    perplexity = effective_perplexity(len(rows), perplexity)
     if engine_name() == "openTSNE":
         from openTSNE import TSNE as OpenTSNE
 
@@ -114,7 +119,7 @@ def run_tsne(checkpoints: Sequence[Path], *, data: str | None, features: Feature
     `out_stem`. Returns the results payload."""
     timer = StageTimer()
     with timer.stage("load"):
-        eval_data = open_eval_data(data, image_size=image_size, skip_bad_images=skip_bad_images)
+        eval_data = open_eval_data(data, image_size=image_size, skip_bad_images=skip_bad_images, echo=echo)
         num_classes = eval_data.train.num_classes
         drawn = draw_classes(num_classes, classes, seed)
         models = [entry for checkpoint in checkpoints
@@ -130,6 +135,10 @@ def run_tsne(checkpoints: Sequence[Path], *, data: str | None, features: Feature
             embeddings.append(embed(chosen.features[mask], seed=seed))
         results.append({**model_record(entry), "metrics": {"tsne": {"points": int(mask.sum())}}})
     assert labels is not None
+    perplexity = effective_perplexity(len(labels))
+    if perplexity < PERPLEXITY:
+        echo(f"warning: t-SNE perplexity lowered from {PERPLEXITY:g} to {perplexity:g}: only {len(labels)} points; "
+             "the results record the value used")
     aligned = aligned_embeddings(embeddings, labels, drawn)
     names = [f"{entry.checkpoint.path.stem}:{entry.key} ({entry.spec.name})" for entry in models]
     class_names = list(getattr(eval_data.train, "classes", None) or [str(c) for c in range(num_classes)])
@@ -137,7 +146,8 @@ def run_tsne(checkpoints: Sequence[Path], *, data: str | None, features: Feature
         figures = plot_tsne(aligned, labels, drawn, names, class_names, out_stem)
     embedding_path = atomic.save_numpy(out_stem.with_name(out_stem.name + ".npy"), aligned.astype(np.float32))
     labels_path = atomic.save_numpy(out_stem.with_name(out_stem.name + ".labels.npy"), labels)
-    protocol = {"name": "tsne", "engine": engine_name(), "perplexity": PERPLEXITY, "init": "pca",
+    protocol = {"name": "tsne", "engine": engine_name(), "perplexity": perplexity, "perplexity_requested": PERPLEXITY,
+                "init": "pca",
                 "learning_rate": "auto", "split": split, "feature": features.kind.describe(),
                 "precision": features.precision,
                 "normalisation": "L2", "alignment": "similarity Procrustes on class centroids, to the first model"}

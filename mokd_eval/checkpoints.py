@@ -190,6 +190,26 @@ def load_object(path: str | os.PathLike, *, trust: bool = False) -> tuple[Any, d
     return _load_trusted(path, blocked)
 
 
+def load_resume_state(path: Path, keys: set[str]) -> dict[str, Any]:
+    """A per-epoch resume file that mokd wrote (`linear`, fine-tuning), holding at least `keys`: loaded with
+    tensors and containers only, never trusted; a damaged or foreign file is a one-line error saying how to
+    start that training over."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError... for damaged files
+        blocked = _blocked_global(str(error)) if isinstance(error, pickle.UnpicklingError) else None
+        reason = (f"it holds the Python global {blocked}, which no resume file of mokd holds" if blocked
+                  else f"truncated or corrupted: {type(error).__name__}")
+    else:
+        missing = sorted(keys - set(state)) if isinstance(state, dict) else sorted(keys)
+        reason = f"not a mokd resume file: it lacks {', '.join(missing)}" if missing else ""
+    if reason:
+        raise MokdError(f"cannot resume from {path} ({reason}); delete it to start that training afresh, "
+                        "or drop --resume")
+    return state
+
+
 def _blocked_global(message: str) -> str | None:
     """The global the weights-only unpickler refused, from its message (its wording varies across torch
     releases: "GLOBAL x.y was not an allowed global", "unsupported GLOBAL x.y whose module x is blocked")."""

@@ -116,7 +116,8 @@ def run_cifar(checkpoint: str | Path, *, dataset: str, data: str | Path, options
                 train_set=train.with_transform(augmentation), train_eval_set=train.with_transform(evaluation),
                 labels=train.targets, val_set=val.with_transform(evaluation), settings=settings,
                 lrs=options.lrs or (preset.lr,), options=options, run_dir=root / entry.key, context=context,
-                desc=f"{entry.key} {dataset}", signature={"num_classes": train.num_classes, "image_size": size},
+                desc=f"{entry.key} {dataset}",
+                signature={"num_classes": train.num_classes, "image_size": size, "data": train.fingerprint},
                 echo=echo)
         protocol = {"dataset": dataset, "train_transform": augment_text, "eval_transform": evaluation_text,
                     **outcome.protocol(), **cifar_protocol(entry, outcome.settings, outcome.lr, outcome.selection,

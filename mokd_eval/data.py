@@ -80,8 +80,10 @@ def parse_data_spec(text: str | None) -> DataSpec:
     kind, sep, arg = raw.strip().partition(":")
     kind = kind.lower()
 
+    source = "--data" if text is not None else f"${DATA_ENV_VAR} (used when --data is not given)"
+
     def bad(reason: str) -> MokdError:
-        return MokdError(f"--data {raw!r}: {reason}; use one of: {SPEC_FORMS}")
+        return MokdError(f"{source} {raw!r}: {reason}; use one of: {SPEC_FORMS}")
 
     if kind in _KINDS_WITH_PATH:
         if not arg.strip():
@@ -168,13 +170,45 @@ class LabelledDataset(Dataset):
             return Image.fromarray(self._pixels[index])
         path, _ = self._folder.samples[index]
         try:
-            return self._folder.loader(path)
-        except (OSError, SyntaxError) as error:  # PIL reports broken files as OSError or SyntaxError
+            return read_image(path)
+        except UNREADABLE_IMAGE_ERRORS as error:
             if self.skip_bad_images:
                 return None
-            reason = ("not an image file PIL can decode" if isinstance(error, UnidentifiedImageError)
-                      else getattr(error, "strerror", None) or str(error))
-            raise MokdError(f"cannot read image {path} ({reason}); fix or remove it, or pass --skip-bad-images") from None
+            raise MokdError(f"cannot read image {path} ({unreadable_reason(error)}); fix or remove it, "
+                            "or pass --skip-bad-images") from None
+
+
+class UnsupportedImage(ValueError):
+    """An image file that decodes, but into pixels whose range mokd cannot map to 8 bits without guessing."""
+
+
+# PIL reports broken files as OSError or SyntaxError, and oversized ones as DecompressionBombError.
+UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError, UnsupportedImage)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def read_image(path: str) -> Image.Image:
+    """The one image reader: an 8-bit RGB image. 16-bit greyscale is scaled to 8 bits (PIL's convert would clip
+    every value above 255 to white); 32-bit integer and float pixels are refused, their range being unknown."""
+    with open(path, "rb") as handle:
+        image = Image.open(handle)
+        image.load()
+    if image.mode in _SIXTEEN_BIT_MODES:
+        grey = np.rint(np.asarray(image, dtype=np.float64) / 257.0).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if image.mode in ("I", "F"):
+        raise UnsupportedImage(f"{'32-bit integer' if image.mode == 'I' else 'floating-point'} pixels (PIL mode "
+                               f"{image.mode}) have no known range; save it with 8 or 16 bits per channel")
+    return image.convert("RGB")
+
+
+def unreadable_reason(error: BaseException) -> str:
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image file PIL can decode"
+    if isinstance(error, Image.DecompressionBombError):
+        return (f"more pixels than PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS}; "
+                "if the image is genuine, shrink it")
+    return getattr(error, "strerror", None) or str(error)
 
 
 def open_dataset(
@@ -261,10 +295,65 @@ class _FolderWithClasses(datasets.ImageFolder):
 
     def __init__(self, root: Path, classes: list[str]) -> None:
         self._given_classes = classes
-        super().__init__(str(root), allow_empty=True)
+        self.bad_entries: list[tuple[str, str]] = []
+        super().__init__(str(root), loader=read_image, allow_empty=True)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         return self._given_classes, {name: index for index, name in enumerate(self._given_classes)}
+
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], *args: Any,
+                     **kwargs: Any) -> list[tuple[str, int]]:
+        """Every image under each class folder; broken entries are kept as samples (they fail, or are skipped
+        and counted, when read) and listed in `bad_entries`."""
+        samples = []
+        roots = {name: Path(directory) / name for name in class_to_idx}
+        # Shared by the classes: a directory is read once in the whole split, and a link back to the split or
+        # to a class folder is not a way into another class.
+        seen = {_identity(path) for path in [Path(directory), *roots.values()] if path.is_dir()}
+        for name, index in class_to_idx.items():
+            files, bad = scan_images(roots[name], seen)
+            samples += [(path, index) for path in files]
+            self.bad_entries += bad
+        return samples
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return info.st_dev, info.st_ino
+
+
+def scan_images(root: Path, seen: set[tuple[int, int]]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Image files under `root` in sorted order, following directory links but never into a directory already
+    in `seen` (a link loop would otherwise count the same images many times). Returns the files, broken entries
+    among them (a dangling or looping link, an unlistable directory) included, and those entries with reasons."""
+    per_directory: list[tuple[str, list[str]]] = []
+    bad: list[tuple[str, str]] = []
+    stack = [root] if root.is_dir() else []
+    while stack:
+        directory = stack.pop()
+        try:
+            if directory != root:
+                if _identity(directory) in seen:
+                    continue
+                seen.add(_identity(directory))
+            entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+        except OSError as error:
+            bad.append((str(directory), f"cannot list this folder: {error.strerror or error}"))
+            continue
+        files = []
+        for entry in entries:
+            try:
+                if entry.is_dir():
+                    stack.append(Path(entry.path))
+                    continue
+                entry.stat()  # a dangling or looping link fails here
+                if datasets.folder.has_file_allowed_extension(entry.name, datasets.folder.IMG_EXTENSIONS):
+                    files.append(entry.path)
+            except OSError as error:
+                bad.append((entry.path, f"a broken link: {error.strerror or error}"))
+                files.append(entry.path)
+        per_directory.append((str(directory), files))
+    return [path for _, files in sorted(per_directory) for path in files], bad
 
 
 def _open_imagefolder(
@@ -286,6 +375,11 @@ def _open_imagefolder(
     if unknown:
         raise MokdError(f"{split_dir} has class folders missing from {root / 'train'}: {', '.join(unknown)}")
     folder = _FolderWithClasses(split_dir, classes)
+    if folder.bad_entries and not skip_bad_images:
+        path, reason = folder.bad_entries[0]
+        more = f" (and {len(folder.bad_entries) - 1} more)" if len(folder.bad_entries) > 1 else ""
+        raise MokdError(f"cannot read {path} ({reason}){more}, found while scanning {split_dir}; fix or remove it, "
+                        "or pass --skip-bad-images to skip and count it")
     if not folder.samples:
         raise MokdError(f"{split_dir} contains no images (extensions {', '.join(datasets.folder.IMG_EXTENSIONS)})")
     if split == "train":
@@ -304,9 +398,17 @@ def _folder_fingerprint(split_dir: Path, paths: list[str], classes: list[str], s
     """Hash of the split, classes and each file's relative path, size and mtime: file bytes are never read."""
     lines = [f"imagefolder split={split}", "classes=" + "/".join(classes)]
     for path in sorted(paths):
-        stat = os.stat(path)
+        stat = _stat_or_link(path)
         lines.append(f"{os.path.relpath(path, split_dir)}\t{stat.st_size}\t{stat.st_mtime_ns}")
     return _hash_lines(lines)
+
+
+def _stat_or_link(path: str) -> os.stat_result:
+    """The file's own stat; for a broken link (skipped when read), the link's."""
+    try:
+        return os.stat(path)
+    except OSError:
+        return os.lstat(path)
 
 
 # --- CIFAR -------------------------------------------------------------------------------------

@@ -20,10 +20,12 @@ import torch
 from mokd_eval import atomic
 from mokd_eval.checkpoints import LoadedBackbone
 from mokd_eval.errors import MokdError
+from mokd_eval.registry import resolve_arch
 
 FORMATS = ("detectron2", "torchvision", "timm")
 TIMM_RESNETS = {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet34", (3, 4, 23, 3): "resnet101",
                 (3, 8, 36, 3): "resnet152"}
+TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 _BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var")
 
 
@@ -36,6 +38,34 @@ def timm_name(loaded: LoadedBackbone) -> str:
     if spec.layers == (3, 4, 6, 3) and spec.bottleneck:
         return "resnet50"
     return TIMM_RESNETS.get(spec.layers, spec.name)
+
+
+def stock_model_name(loaded: LoadedBackbone, fmt: str) -> str | None:
+    """The torchvision or timm model whose tensors are exactly these (names and shapes), checked by building it
+    on the meta device; None when no stock model takes them (a CPU-sized or CIFAR-stem net, a custom width).
+    detectron2 builds its ResNets like torchvision's."""
+    import timm
+    import torchvision
+
+    name = timm_name(loaded)
+    expected = {key: tuple(value.shape) for key, value in loaded.module.state_dict().items()}
+    with torch.device("meta"):
+        if fmt == "timm":
+            model = timm.create_model(name, num_classes=0) if timm.is_model(name) else None
+        else:
+            model = getattr(torchvision.models, name)() if name in TORCHVISION_RESNETS else None
+            if model is not None:
+                model.fc = torch.nn.Identity()
+    if model is None:
+        return None
+    return name if {key: tuple(value.shape) for key, value in model.state_dict().items()} == expected else None
+
+
+def _overrides(loaded: LoadedBackbone) -> str:
+    """resolve_arch's keyword arguments that rebuild `loaded.spec` from its name."""
+    default = resolve_arch(loaded.spec.name)
+    return "".join(f", {key}={getattr(loaded.spec, key)!r}" for key in ("img_size", "patch_size", "stem")
+                   if getattr(loaded.spec, key) != getattr(default, key))
 
 
 def detectron2_name(name: str) -> str | None:
@@ -72,6 +102,11 @@ def export_backbone(loaded: LoadedBackbone, fmt: str, out: Path) -> dict[str, An
     if fmt in ("detectron2", "torchvision") and loaded.spec.is_vit:
         raise MokdError(f"--format {fmt} exports ResNets only; '{loaded.key}' is a ViT ({loaded.spec.name}): "
                         "use --format timm or pick a ResNet with --key")
+    stock = stock_model_name(loaded, fmt)
+    if fmt == "detectron2" and stock is None:
+        raise MokdError(f"--format detectron2: '{loaded.key}' ({loaded.spec.describe()}) matches no torchvision "
+                        "ResNet, so no detectron2 ResNet config can load it; use --format timm (loads into mokd's "
+                        "own builder) instead")
     if fmt == "detectron2":
         payload = {"model": detectron2_state(state), "__author__": f"mokd export of {loaded.checkpoint.path.name}"
                    f" '{loaded.key}'", "matching_heuristics": True}
@@ -80,8 +115,12 @@ def export_backbone(loaded: LoadedBackbone, fmt: str, out: Path) -> dict[str, An
     else:
         atomic.save_torch(state, out)
         names = list(state)
-    target = {"detectron2": "detectron2 MODEL.WEIGHTS (MoCo naming)",
-              "torchvision": f"torchvision.models.{timm_name(loaded)}() with fc = Identity",
-              "timm": f"timm.create_model('{timm_name(loaded)}', num_classes=0)"}[fmt]
+    if stock is None:
+        target = (f"no stock {fmt} model has this architecture: mokd_eval.registry.build_backbone("
+                  f"mokd_eval.registry.resolve_arch({loaded.spec.name!r}{_overrides(loaded)})).load_state_dict")
+    else:
+        target = {"detectron2": f"detectron2 MODEL.WEIGHTS of a ResNet-{stock[len('resnet'):]} (MoCo naming)",
+                  "torchvision": f"torchvision.models.{stock}() with fc = Identity",
+                  "timm": f"timm.create_model('{stock}', num_classes=0)"}[fmt]
     return {"key": loaded.key, "arch": loaded.spec.name, "format": fmt, "file": str(out), "tensors": len(names),
             "loads_into": target}

@@ -83,6 +83,9 @@ def feature_function(backbone: nn.Module, spec: ArchSpec, kind: FeatureKind) -> 
         raise MokdError(f"feature type {kind.describe()} needs a ViT; {spec.name} is a ResNet")
     if kind.name == "patch_mean":
         return lambda images: backbone.forward_features(images)[:, 1:].mean(dim=1)
+    if spec.depth and kind.n_last > spec.depth:  # timm would fail on an assert deep inside
+        raise MokdError(f"--feature {kind.describe()}: {spec.name} has {spec.depth} blocks; "
+                        f"use last_cls:1 to last_cls:{spec.depth}")
 
     def last_cls(images: torch.Tensor) -> torch.Tensor:
         outputs = backbone.forward_intermediates(images, indices=kind.n_last, return_prefix_tokens=True, norm=True,

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from mokd_eval import atomic
+from mokd_eval.checkpoints import load_resume_state
 from mokd_eval.distributed import DistContext, autocast_for
 from mokd_eval.errors import MokdError
 from mokd_eval.features import FeatureKind, feature_function
@@ -209,8 +210,8 @@ def fit(model: Classifier, train_set: Dataset, settings: FitSettings, *, run_dir
     checkpoint_path = run_dir / CHECKPOINT_NAME
     start_epoch, history, resumed = 0, [], None
     if resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        _check_signature(state.get("signature", {}), signature, checkpoint_path)
+        state = load_resume_state(checkpoint_path, {"signature", "model", "optimizer", "rng", "epoch", "history"})
+        _check_signature(state["signature"], signature, checkpoint_path)
         model.load_trainable_state(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
@@ -290,6 +291,9 @@ def _check_signature(stored: dict[str, Any], current: dict[str, Any], path: Path
     if stored.get("num_classes") != current.get("num_classes"):
         raise MokdError(f"{path} was trained for {stored.get('num_classes')} classes but the dataset has "
                         f"{current.get('num_classes')}: use another output directory or drop --resume")
+    if stored.get("data") != current.get("data"):
+        raise MokdError(f"{path} was trained on other data (fingerprint {str(stored.get('data'))[:12]} vs "
+                        f"{str(current.get('data'))[:12]}): use another output directory (--out) or drop --resume")
     differing = sorted(key for key in current if stored.get(key) != current[key])
     if differing:
         details = ", ".join(f"{key} {stored.get(key)!r} vs {current[key]!r}" for key in differing)

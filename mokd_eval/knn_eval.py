@@ -38,7 +38,7 @@ def run_knn(checkpoint: str | Path, *, data: str | None, ks: Sequence[int], temp
     with timer.stage("load"):
         loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo, image_size=image_size)
         resolution = evaluation_resolution(loaded, image_size)
-        eval_data = open_eval_data(data, image_size=resolution.size, skip_bad_images=skip_bad_images)
+        eval_data = open_eval_data(data, image_size=resolution.size, skip_bad_images=skip_bad_images, echo=echo)
         echo(f"data: {eval_data.spec.text} ({len(eval_data.train)} train / {len(eval_data.val)} val images, "
              f"{eval_data.train.num_classes} classes; {eval_data.transform})")
         echo(resolution.describe(eval_data.spec))

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mokd_eval import atomic
+from mokd_eval.checkpoints import load_resume_state
 from mokd_eval.errors import MokdError
 from mokd_eval.features import FeatureKind
 from mokd_eval.finetune import topk_counts
@@ -131,12 +132,13 @@ class _HeadBank(nn.Module):
 
 def train_head_sweep(features: np.ndarray, labels: np.ndarray, fit_index: np.ndarray, heldout_index: np.ndarray, *,
                      spec: ArchSpec, source: FeatureKind, variants: Sequence[FeatureKind], lrs: Sequence[float],
-                     num_classes: int, epochs: int, batch_size: int, warmup_epochs: int, seed: int,
+                     num_classes: int, data: str = "", epochs: int, batch_size: int, warmup_epochs: int, seed: int,
                      checkpoint_path: Path | None = None, resume: bool = False, device: str = "cpu",
                      desc: str = "heads", on_epoch_end: Callable[[int], None] | None = None,
                      tensorboard: bool = False) -> SweepResult:
     """Train every (variant, lr) head on `features[fit_index]` with SGD (momentum 0.9, no weight decay, lr x
-    batch/256, warm-up + cosine) and pick the best on `features[heldout_index]` by top-1 (then top-5).
+    batch/256, warm-up + cosine) and pick the best on `features[heldout_index]` by top-1 (then top-5). `data` is
+    the training split's fingerprint: a resume must come from the same data, not only the same class count.
     `tensorboard`: the epoch records also go to <checkpoint_path's folder>/tensorboard/."""
     torch_device = torch.device(device)
     columns = [torch.as_tensor(variant_columns(spec, source, v)) for v in variants]
@@ -152,14 +154,17 @@ def train_head_sweep(features: np.ndarray, labels: np.ndarray, fit_index: np.nda
     optimizer = torch.optim.SGD(bank.parameters(), lr=float(schedule[0]), momentum=0.9, weight_decay=0.0)
     signature = {"num_classes": num_classes, "variants": [v.describe() for v in variants], "lrs": list(lrs),
                  "epochs": epochs, "batch_size": batch_size, "warmup_epochs": warmup_epochs, "seed": seed,
-                 "fit_images": len(fit_index)}
+                 "fit_images": len(fit_index), "data": data}
     start_epoch, history, resumed = 0, [], None
     if resume and checkpoint_path is not None and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        stored = state.get("signature", {})
+        state = load_resume_state(checkpoint_path, {"signature", "heads", "optimizer", "rng", "epoch", "history"})
+        stored = state["signature"]
         if stored.get("num_classes") != num_classes:
             raise MokdError(f"{checkpoint_path} holds heads for {stored.get('num_classes')} classes but the dataset "
                             f"has {num_classes}: use another --out or drop --resume")
+        if stored.get("data") != data:
+            raise MokdError(f"{checkpoint_path} holds heads trained on other data (fingerprint "
+                            f"{str(stored.get('data'))[:12]} vs {data[:12]}): use another --out or drop --resume")
         if stored != signature:
             raise MokdError(f"{checkpoint_path} was made with other sweep settings: resume with the same options "
                             "or use another --out")

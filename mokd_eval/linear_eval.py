@@ -76,7 +76,7 @@ def run_linear(checkpoint: str | Path, *, mode: str, data: str | None, features:
     with timer.stage("load"):
         loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo)
         resolution = evaluation_resolution(loaded, image_size)
-        eval_data = open_eval_data(data, image_size=resolution.size, skip_bad_images=skip_bad_images)
+        eval_data = open_eval_data(data, image_size=resolution.size, skip_bad_images=skip_bad_images, echo=echo)
         echo(f"data: {eval_data.spec.text} ({len(eval_data.train)} train / {len(eval_data.val)} val images, "
              f"{eval_data.train.num_classes} classes)")
         echo(resolution.describe(eval_data.spec))
@@ -129,7 +129,8 @@ def _protocol(entry: LoadedBackbone, eval_data: EvalData, requested: FeatureKind
             make_model=make_model, train_set=train_set, train_eval_set=eval_data.train, labels=eval_data.train.targets,
             val_set=eval_data.val, settings=settings, lrs=options.lrs or (preset.lr,), options=options,
             run_dir=run_dir, context=context, desc=f"{entry.key} linear",
-            signature={"num_classes": eval_data.train.num_classes, "feature": kind.describe(), "mode": "protocol"},
+            signature={"num_classes": eval_data.train.num_classes, "feature": kind.describe(), "mode": "protocol",
+                       "data": eval_data.train.fingerprint},
             after_fit=lambda model: verify_unchanged(model.backbone, before, what), echo=echo)
     head_path = run_dir / "head.pt"
     if context.is_main:
@@ -160,8 +161,7 @@ def _cached(entry: LoadedBackbone, eval_data: EvalData, features: FeatureOptions
         settings, warnings = resolve_settings(preset, options, images - max(len(fold) for fold in folds))
         selection = f"{CROSS_VALIDATION_FOLDS}-fold cross-validation on the training set"
         heldout = {"folds": CROSS_VALIDATION_FOLDS, "images": images, "indices_file": str(run_dir / "folds.json")}
-        if context.is_main:
-            atomic.write_json(run_dir / "folds.json", {"seed": options.seed, "folds": [f.tolist() for f in folds]})
+        indices = {"seed": options.seed, "folds": [f.tolist() for f in folds]}
         trained_images = images * CROSS_VALIDATION_FOLDS  # k fits on (k-1)/k of the rows, then one on all
     else:
         fit_pos, held_pos = heldout_split(train.labels, options.heldout_fraction, options.seed)
@@ -169,13 +169,12 @@ def _cached(entry: LoadedBackbone, eval_data: EvalData, features: FeatureOptions
         selection = f"held-out {options.heldout_fraction:.0%} of the training set"
         heldout = {"fraction": options.heldout_fraction, "images": len(held_pos),
                    "indices_file": str(run_dir / "heldout.json")}
-        if context.is_main:
-            atomic.write_json(run_dir / "heldout.json", {"fraction": options.heldout_fraction, "seed": options.seed,
-                                                         "indices": held_pos.tolist()})
+        indices = {"fraction": options.heldout_fraction, "seed": options.seed, "indices": held_pos.tolist()}
         trained_images = len(fit_pos)
     common = {"spec": entry.spec, "source": source, "num_classes": eval_data.train.num_classes,
               "epochs": settings.epochs, "batch_size": settings.batch_size, "warmup_epochs": settings.warmup_epochs,
-              "seed": options.seed, "resume": options.resume, "device": device, "tensorboard": options.tensorboard}
+              "seed": options.seed, "resume": options.resume, "device": device, "tensorboard": options.tensorboard,
+              "data": eval_data.train.fingerprint}
     with timer.stage("train"):
         if images < CROSS_VALIDATE_BELOW:
             sweep = cross_validated_sweep(train.features, train.labels, folds, variants=variants, lrs=list(lrs),
@@ -184,6 +183,8 @@ def _cached(entry: LoadedBackbone, eval_data: EvalData, features: FeatureOptions
             sweep = train_head_sweep(train.features, train.labels, fit_pos, held_pos, variants=variants,
                                      lrs=list(lrs), checkpoint_path=run_dir / "checkpoint.pth",
                                      desc=f"{entry.key} heads", **common)
+    if context.is_main:  # after the sweep, which refuses a resume from another run before touching any file
+        atomic.write_json(Path(heldout["indices_file"]), indices)
     best = sweep.heads[sweep.winner]
     winner_kind = variants[best["variant"]]
     if len(lrs) > 2 and best["lr"] in (min(lrs), max(lrs)):

@@ -29,15 +29,36 @@ class EvalData:
         """How the dataset is described in a results JSON."""
         return {"spec": self.spec.text, "train_images": len(self.train), "val_images": len(self.val),
                 "num_classes": self.train.num_classes, "transform": self.transform,
-                "fingerprint": {"train": self.train.fingerprint, "val": self.val.fingerprint}}
+                "fingerprint": {"train": self.train.fingerprint, "val": self.val.fingerprint},
+                "caveats": self.caveats()}
+
+    def caveats(self) -> list[str]:
+        """Metrics this data makes trivially perfect or meaningless (a one-class folder scores 100 %)."""
+        classes, in_val = self.train.num_classes, len(set(self.val.targets.tolist()))
+        notes = []
+        if classes <= TOP5:
+            which = "top-1 and top-5 are" if classes == 1 else "top-5 is"
+            notes.append(f"{self.spec.text} has {classes} class{'es' if classes > 1 else ''}: {which} 100 % by "
+                         "construction")
+        if in_val == 1 and classes > 1:
+            notes.append(f"{self.spec.text}: every val image is of one class, so top-1 measures that class only")
+        return notes
 
 
-def open_eval_data(data: str | None, *, image_size: int | None = None, skip_bad_images: bool = False) -> EvalData:
+TOP5 = 5
+
+
+def open_eval_data(data: str | None, *, image_size: int | None = None, skip_bad_images: bool = False,
+                   echo: Callable[[str], None] = print) -> EvalData:
+    """Both splits under the evaluation transform; what the data makes of the metrics is said as a warning."""
     spec = parse_data_spec(data)
     transform, description = eval_transform(spec, image_size)
     train = open_dataset(spec, "train", transform, skip_bad_images=skip_bad_images)
     val = open_dataset(spec, "val", transform, skip_bad_images=skip_bad_images)
-    return EvalData(spec, train, val, description, image_side(spec, image_size))
+    eval_data = EvalData(spec, train, val, description, image_side(spec, image_size))
+    for note in eval_data.caveats():
+        echo(f"warning: {note}")
+    return eval_data
 
 
 # A.1 / A.2: the paper trains on 224 px global crops and evaluates at 224 px, its training size.

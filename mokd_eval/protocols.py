@@ -24,6 +24,7 @@ from torch.utils.data import Dataset, Subset
 from mokd_eval import atomic
 from mokd_eval.distributed import DistContext
 from mokd_eval.errors import MokdError
+from mokd_eval.validation import POSITIVE, check_number
 from mokd_eval.finetune import Classifier, FitResult, FitSettings, clamp_batch, evaluate, fit, settings_record
 from mokd_eval.splits import heldout_split
 
@@ -106,9 +107,9 @@ def parse_lrs(text: str | None) -> tuple[float, ...] | None:
         values = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise MokdError(f"--lr takes numbers separated by commas (e.g. 0.01,0.03,0.1), not {text!r}") from None
-    if not values or min(values) <= 0:
+    if not values:
         raise MokdError(f"--lr needs positive values, got {text!r}")
-    return values
+    return tuple(check_number(value, "--lr", POSITIVE) for value in values)
 
 
 def resolve_settings(preset: Preset, options: TrainOptions, train_size: int) -> tuple[FitSettings, list[str]]:
@@ -161,9 +162,6 @@ def train_with_search(*, make_model: Callable[[], Classifier], train_set: Datase
     search: list[dict[str, Any]] = []
     if len(lrs) > 1:
         fit_pos, held_pos = heldout_split(labels, options.heldout_fraction, options.seed)
-        if context.is_main:
-            atomic.write_json(run_dir / "heldout.json", {"fraction": options.heldout_fraction, "seed": options.seed,
-                                                         "positions": held_pos.tolist()})
         for lr in lrs:
             model = make_model()
             run_settings = replace(settings, lr=lr, batch_size=min(settings.batch_size, len(fit_pos)))
@@ -175,6 +173,9 @@ def train_with_search(*, make_model: Callable[[], Classifier], train_set: Datase
                               num_workers=options.num_workers, context=context, desc=f"{desc} held-out")
             search.append({"lr": lr, "heldout_top1": scores["top1"], "heldout_top5": scores["top5"]})
             echo(f"  {desc}: lr {lr:g} -> held-out top-1 {scores['top1']:.2f}")
+        if context.is_main:  # after the fits, which refuse a resume from another run before touching any file
+            atomic.write_json(run_dir / "heldout.json", {"fraction": options.heldout_fraction, "seed": options.seed,
+                                                         "positions": held_pos.tolist()})
         best = max(search, key=lambda row: (row["heldout_top1"], row["heldout_top5"]))
         lr = best["lr"]
     else:

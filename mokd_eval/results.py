@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.metadata
 import platform
+import shutil
 import subprocess
 import time
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from mokd_eval import atomic
+from mokd_eval.errors import MokdError
 
 RESULTS_SCHEMA_VERSION = 1
 _PACKAGES = ("mokd", "torch", "torchvision", "timm", "faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11",
@@ -96,6 +98,22 @@ def build_results(*, command: str, protocol: dict[str, Any], dataset: dict[str, 
 
 def default_out_path(command: str, name: str, root: str | Path = "results") -> Path:
     return Path(root) / command / f"{name}.json"
+
+
+def start_training_run(out: Path, run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """A training command's results JSON and its run folder (checkpoints, head, logs) hold one run: a new run
+    never starts over another's, or a failure half-way would leave a mix of the two on disk."""
+    earlier = [path for path in (out, run_dir) if path.is_file() or (path.is_dir() and any(path.iterdir()))]
+    if not earlier or resume:
+        return
+    if not overwrite:
+        raise MokdError(f"{earlier[0]} holds an earlier run: pass --resume to continue it, --overwrite to discard "
+                        "it and start afresh, or choose another --out")
+    for path in earlier:  # tolerant: every torchrun rank removes the same files
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def write_results(path: str | Path, payload: dict[str, Any]) -> Path:

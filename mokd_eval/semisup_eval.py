@@ -92,7 +92,7 @@ def run_semisup(checkpoint: str | Path, *, percent: float, split_file: Path | No
     with timer.stage("load"):
         loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo)
         resolution = evaluation_resolution(loaded, image_size)
-        eval_data = open_eval_data(data, image_size=resolution.size, skip_bad_images=skip_bad_images)
+        eval_data = open_eval_data(data, image_size=resolution.size, skip_bad_images=skip_bad_images, echo=echo)
         echo(resolution.describe(eval_data.spec))
         train = eval_data.train
         names = [train.item_name(index) for index in range(len(train))]
@@ -150,7 +150,8 @@ def run_semisup(checkpoint: str | Path, *, percent: float, split_file: Path | No
                 make_model=make_model, train_set=labelled, train_eval_set=labelled_eval, labels=labels,
                 val_set=eval_data.val, settings=settings, lrs=options.lrs or (preset.lr,), options=options,
                 run_dir=root / entry.key, context=context, desc=f"{entry.key} {mode}",
-                signature={"num_classes": train.num_classes, "mode": mode, "split_sha256": split["sha256"]},
+                signature={"num_classes": train.num_classes, "mode": mode, "split_sha256": split["sha256"],
+                           "data": train.fingerprint},
                 after_fit=after_fit, echo=echo)
         protocol = {"label": _mode_label(mode), "split": split, "train_transform": augment_text,
                     "eval_transform": eval_data.transform, **outcome.protocol(),

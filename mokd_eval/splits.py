@@ -30,10 +30,12 @@ def expected_count(train_size: int, percent: float) -> int:
 def read_split_file(path: str | Path, names: Sequence[str], *, percent: float | None) -> np.ndarray:
     """Indices (sorted) of the training items a split file lists, after checking every name and the count."""
     path = Path(path)
+    if path.is_dir():
+        raise MokdError(f"--split-file {path} is a directory: pass the list file inside it (one file name per line)")
     if not path.is_file():
-        raise MokdError(f"split file {path} does not exist: pass a SimCLR-style list (one file name per line)")
-    try:
-        listed = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        raise MokdError(f"--split-file {path} does not exist: pass a SimCLR-style list (one file name per line)")
+    try:  # utf-8-sig: a byte-order mark (Windows editors) is not part of the first name
+        listed = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as error:
         raise MokdError(f"cannot read split file {path} ({error}): it must be text, one file name per line") from None
     if not listed:

@@ -7,9 +7,12 @@ written is found before minutes of computation are spent, not when the result is
 
 from __future__ import annotations
 
+import math
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 from mokd_eval.errors import MokdError
 from mokd_eval.registry import ArchSpec
@@ -63,6 +66,70 @@ def check_positive(value: int | float | None, option: str) -> int | float | None
     return value
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option accepts: always finite, and within these bounds (None = unbounded)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: `low` itself is refused (a quantity that must be positive)
+    nonzero: bool = False  # True: 0 is refused inside the bounds (a 1-based index that also counts from the end)
+
+    def allows(self, value: float) -> bool:
+        if self.nonzero and value == 0:
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def describe(self) -> str:
+        if self.low is None:
+            return "a non-zero finite number" if self.nonzero else "a finite number"
+        lower = f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"a number {lower}" + ("" if self.high is None else f" and <= {self.high:g}")
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_ONE = Range(1)
+FRACTION = Range(0, 1)
+ANY_FINITE = Range()
+
+# The numeric options of `mokd-eval`, by flag: every command's option of that name accepts these values.
+# tests/test_cli_errors.py fails for a numeric option missing here, so a new option gets a rule.
+EVAL_NUMBER_RULES: dict[str, Range] = {
+    "--temperature": POSITIVE, "--lr": POSITIVE, "--percent": Range(0, 100, low_open=True),
+    "--k": AT_LEAST_ONE, "--classes": AT_LEAST_ONE, "--images": AT_LEAST_ONE, "--layer": Range(nonzero=True),
+    "--seed": NON_NEGATIVE, "--seeds": AT_LEAST_ONE, "--epochs": AT_LEAST_ONE, "--warmup-epochs": NON_NEGATIVE,
+    "--batch-size": AT_LEAST_ONE, "--eval-batch-size": AT_LEAST_ONE, "--accum-steps": AT_LEAST_ONE,
+    "--max-batch-per-step": AT_LEAST_ONE, "--num-workers": Range(0, MAX_NUM_WORKERS),
+    "--image-size": Range(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), "--test-size": Range(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE),
+    "--max-size": Range(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), "--iters": AT_LEAST_ONE, "--coco-iters": AT_LEAST_ONE,
+    "--warmup-iters": AT_LEAST_ONE, "--rois-per-image": AT_LEAST_ONE, "--test-proposals": AT_LEAST_ONE,
+    "--precise-bn-iters": NON_NEGATIVE, "--checkpoint-period": AT_LEAST_ONE,
+}
+
+
+def check_number(value: float | None, option: str, allowed: Range = ANY_FINITE) -> float | None:
+    """NaN and infinity are never meaningful settings; bounds say where a value stops making sense."""
+    if value is None or isinstance(value, bool):
+        return value
+    if not math.isfinite(value):
+        raise MokdError(f"{option} {value} is not a finite number: use {allowed.describe()}")
+    if not allowed.allows(value):
+        raise MokdError(f"{option} {value:g} is out of range: use {allowed.describe()}")
+    return value
+
+
+def check_numeric_options(values: Mapping[str, Any], flags: Mapping[str, str],
+                          rules: Mapping[str, Range] = EVAL_NUMBER_RULES) -> None:
+    """Check every given number against its flag's rule; `flags` maps a parameter name to its flag."""
+    for name, flag in flags.items():
+        value = values.get(name)
+        if isinstance(value, (int, float)):
+            check_number(value, flag, rules.get(flag, ANY_FINITE))
+
+
 def check_device(text: str, *, option: str = "--device") -> str:
     """Syntax only: whether CUDA exists is decided when the device is chosen."""
     normalised = text.strip().lower()
@@ -77,6 +144,13 @@ def check_output_file(path: Path, *, option: str = "--out") -> Path:
     if path.is_dir():
         raise MokdError(f"{option} {path} is a directory: give a file name such as {path / 'results.json'}")
     _check_writable_directory(path.parent, what=f"{option} {path}")
+    return path
+
+
+def check_not_overwriting(path: Path, *, option: str, overwrite: bool) -> Path:
+    """An existing file is another run's or the user's: replacing it must be asked for."""
+    if path.exists() and not overwrite:
+        raise MokdError(f"{option} {path} already exists: pass --overwrite to replace it, or choose another name")
     return path
 
 

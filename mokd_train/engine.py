@@ -45,6 +45,7 @@ from mokd_train.monitor import MONITORED, diagnose
 from mokd_train import online_knn
 from mokd_train.online_knn import OnlineKnn
 from mokd_train.methods import CONSTANT_EMA, build_peer_pair
+from mokd_train.run_lock import output_dir_lock
 from mokd_train.methods.base import PeerPair
 from mokd_train.pair import MokdPair, PairConfig
 from mokd_eval.resources import apply_resources
@@ -62,7 +63,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     validate(cfg)
     context = distributed.setup(cfg.device)
     try:
-        return Trainer(cfg, context).run()
+        with output_dir_lock(Path(cfg.output_dir), enabled=context.is_main):
+            return Trainer(cfg, context).run()
     finally:
         distributed.teardown(context)
 
@@ -104,10 +106,13 @@ class SeededCrops(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> list[torch.Tensor]:
         epoch, index = key
         sample_seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
-            crops, _label = self.dataset[index]
-        return crops
+        for offset in range(len(self.dataset)):  # with --skip-bad-images an unreadable image reads as None
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed)
+                item = self.dataset[(index + offset) % len(self.dataset)]
+            if item is not None:
+                return item[0]
+        raise MokdError("no image of the training split could be read (--skip-bad-images skipped them all)")
 
 
 def multicrop_config(cfg: TrainConfig, data_spec: DataSpec) -> MultiCropConfig:
@@ -293,7 +298,8 @@ class Trainer:
         _seed_everything(cfg.seed)
 
         data_spec = parse_data_spec(cfg.data)
-        dataset = open_dataset(data_spec, "train", MultiCropAugmentation(multicrop_config(cfg, data_spec)))
+        dataset = open_dataset(data_spec, "train", MultiCropAugmentation(multicrop_config(cfg, data_spec)),
+                               skip_bad_images=cfg.skip_bad_images)
         self.crops = SeededCrops(dataset, cfg.seed)
         samples = EpochShardSampler.samples_per_rank(len(dataset), context.world_size)
         self.steps_per_epoch = samples // self.rank_batch

@@ -110,3 +110,51 @@ def test_mokd_train_rejects_bad_settings_in_one_line_before_training(tmp_path, a
     assert result.exit_code == 2, result.output
     assert len(lines) == 1 and message in lines[0], result.output
     assert not (tmp_path / "run").exists()
+
+
+def numeric_options(command: click.Command) -> list[click.Option]:
+    """Every option of `command` that takes a number, read from the click declaration itself (so a new option
+    is swept as soon as it exists), plus the comma-list --lr of the training protocols."""
+    from mokd_eval.validation import EVAL_NUMBER_RULES
+
+    return [param for param in command.params if isinstance(param, click.Option)
+            and (isinstance(param.type, click.types._NumberParamTypeBase) or param.opts[0] in EVAL_NUMBER_RULES)
+            and not param.is_flag]
+
+
+def number_cases() -> list[tuple[str, str, str]]:
+    from mokd_eval.validation import EVAL_NUMBER_RULES
+
+    cases = []
+    for name in COMMANDS:
+        for option in numeric_options(mokd_eval.commands[name]):
+            flag = option.opts[0]
+            for value in ("nan", "inf", "-inf", "0"):
+                if value == "0" and EVAL_NUMBER_RULES[flag].allows(0):
+                    continue  # 0 is meaningful there (seed 0, no warm-up, no workers): the run would start
+                cases.append((name, flag, value))
+    return cases
+
+
+def test_every_numeric_eval_option_has_a_rule():
+    from mokd_eval.validation import EVAL_NUMBER_RULES
+
+    flags = {option.opts[0] for name in COMMANDS for option in numeric_options(mokd_eval.commands[name])}
+    assert flags and flags <= set(EVAL_NUMBER_RULES), sorted(flags - set(EVAL_NUMBER_RULES))
+
+
+@pytest.mark.parametrize("command,option,value", number_cases())
+def test_every_command_refuses_nan_inf_and_meaningless_zero_for_each_numeric_option(tmp_path, command, option,
+                                                                                    value):
+    subcommand = mokd_eval.commands[command]
+    skip = {param.name for param in subcommand.params if option in param.opts}
+    out = ["--out", str(tmp_path / "r.json")] if "--out" in _flags(subcommand) else []
+    result, _ = invoke(mokd_eval, [command, option, value, *out, *filler_arguments(subcommand, skip)])
+    assert result.exit_code == 2, result.output
+    assert option in result.output and "Traceback" not in result.output, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert list(tmp_path.iterdir()) == []
+
+
+def _flags(command: click.Command) -> set[str]:
+    return {opt for param in command.params for opt in param.opts}

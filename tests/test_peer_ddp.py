@@ -35,7 +35,8 @@ def peer_config(output_dir: Path, method: str) -> TrainConfig:
     return resolve_config("tiny", None, dict(
         method=method, output_dir=str(output_dir), data="shapes:50", arch2="r_tiny" if method == "dogo" else "test_vit",
         img_size=16, batch_size=8,
-        epochs=2, max_steps=3, queue_size=16, num_workers=0, log_every=1, drop_path=0.0))
+        epochs=2, max_steps=3, num_workers=0, log_every=1, drop_path=0.0,
+        **({"queue_size": 16} if method == "mcl" else {})))
 
 
 def run_rank(rank: int, port: int, root: Path) -> None:

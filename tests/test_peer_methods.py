@@ -17,7 +17,9 @@ METHODS = ("dogo", "mcl", "dino+dogo", "dino+mcl")
 
 def make_cfg(method: str, **overrides):
     settings = dict(method=method, output_dir="unused", img_size=16, local_size=8, arch2="test_vit", out_dim=64,
-                    mlp_hidden_dim=32, mlp_bottleneck_dim=16, batch_size=B, queue_size=4 * B, drop_path=0.0)
+                    mlp_hidden_dim=32, mlp_bottleneck_dim=16, batch_size=B, drop_path=0.0)
+    if method.endswith("mcl"):  # only the MCL methods have a queue (others refuse the setting)
+        settings["queue_size"] = 4 * B
     settings.update(overrides)
     return resolve_config("tiny", None, settings)
 

@@ -21,10 +21,12 @@ def digits_args(method: str, output_dir: Path) -> list[str]:
     return ["--preset", "tiny", "--method", method, "--data", "digits", "--arch2", "test_vit", "--img-size", "16",
             "--local-size", "8", "--batch-size", "32", "--epochs", "1", "--max-steps", str(STEPS),
             "--warmup-epochs", "0", "--out-dim", "128", "--mlp-hidden-dim", "64", "--mlp-bottleneck-dim", "32",
-            "--queue-size", "64", "--num-workers", "0", "--log-every", "1", "--output-dir", str(output_dir),
+            "--num-workers", "0", "--log-every", "1", "--output-dir", str(output_dir),
+            # only the MCL methods have a queue, and DoGo / MCL their own optimisers (others refuse these settings)
+            *(["--queue-size", "64"] if method.endswith("mcl") else []),
             # the optimizers and lrs these 12-step checks were calibrated with (the tiny recipe's AdamW at 1.6e-2 is
             # sized to 352 steps)
-            "--cnn-optimizer", "sgd", "--lr-cnn", "0.5", "--lr-vit", "5e-4"]
+            *(["--cnn-optimizer", "sgd", "--lr-cnn", "0.5", "--lr-vit", "5e-4"] if method.startswith("dino+") else [])]
 
 
 def step_losses(output_dir: Path) -> list[dict[str, float]]:
@@ -85,8 +87,10 @@ def test_checkpoints_evaluate_the_online_networks_in_mokd_eval_knn(digits_runs, 
 def small_config(output_dir: Path, method: str, **overrides):
     settings = dict(method=method, output_dir=str(output_dir), data="shapes:50", arch2="test_vit", img_size=16,
                     local_size=8, batch_size=8, epochs=2, out_dim=64, mlp_hidden_dim=32, mlp_bottleneck_dim=16,
-                    queue_size=16, num_workers=0, log_every=1, warmup_epochs=0, warmup_teacher_temp_epochs=1,
+                    num_workers=0, log_every=1, warmup_epochs=0, warmup_teacher_temp_epochs=1,
                     cnn_self_warmup_teacher_temp_epochs=1)
+    if method.endswith("mcl"):  # only the MCL methods have a queue (others refuse the setting)
+        settings["queue_size"] = 16
     settings.update(overrides)
     return resolve_config("tiny", None, settings)
 

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +19,10 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from mokd_eval.data import UNREADABLE_IMAGE_ERRORS, read_image, unreadable_reason
 from mokd_eval.detection import shapes_coco
 from mokd_eval.errors import MokdError
 
@@ -114,7 +115,39 @@ def _read_json(path: Path) -> dict[str, Any]:
                         "pass the instances_<split>2017.json of a COCO-layout dataset")
     if not dataset["categories"]:
         raise MokdError(f"{path} has no categories: it is not a COCO instances file")
+    categories = {category.get("id") for category in dataset["categories"] if isinstance(category, dict)}
+    for annotation in dataset["annotations"]:
+        problem = annotation_problem(annotation, categories)
+        if problem:
+            name = annotation.get("id", "?") if isinstance(annotation, dict) else "?"
+            raise MokdError(f"{path}: annotation id {name} {problem}; fix or remove that annotation")
     return dataset
+
+
+def annotation_problem(annotation: Any, categories: set[Any]) -> str | None:
+    """What makes one instance annotation unusable for Mask R-CNN training, or None: checked when the file is
+    read, so a bad entry never surfaces as a KeyError or a pycocotools TypeError mid-training."""
+    if not isinstance(annotation, dict):
+        return "is not an object"
+    box = annotation.get("bbox")
+    if not (isinstance(box, list) and len(box) == 4 and all(_is_finite_number(value) for value in box)):
+        return f"has bbox {box!r}: it needs 4 finite numbers [x, y, width, height]"
+    if annotation.get("category_id") not in categories:
+        return f"has category_id {annotation.get('category_id')!r}, which is not in 'categories'"
+    segmentation = annotation.get("segmentation")
+    if isinstance(segmentation, dict):  # RLE
+        return None if {"counts", "size"} <= set(segmentation) else "has an RLE segmentation without counts/size"
+    if not isinstance(segmentation, list) or not segmentation:
+        return "has no segmentation (a list of polygons or an RLE object)"
+    for polygon in segmentation:
+        if not (isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0
+                and all(_is_finite_number(value) for value in polygon)):
+            return "has a polygon that is not at least 3 finite (x, y) points (6 or more numbers, an even count)"
+    return None
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _folder_split(root: Path, split: str) -> CocoSplit:
@@ -131,10 +164,9 @@ def _folder_split(root: Path, split: str) -> CocoSplit:
     def read(image_id: int) -> np.ndarray:
         path = images / coco.imgs[image_id]["file_name"]
         try:
-            with Image.open(path) as image:
-                return np.asarray(image.convert("RGB"))
-        except (OSError, SyntaxError) as error:
-            raise MokdError(f"cannot read image {path} ({error}): fix or remove it") from None
+            return np.asarray(read_image(str(path)))
+        except UNREADABLE_IMAGE_ERRORS as error:
+            raise MokdError(f"cannot read image {path} ({unreadable_reason(error)}): fix or remove it") from None
 
     stat = annotations.stat()
     return CocoSplit(coco, read, _hash(f"{annotations} {stat.st_size} {stat.st_mtime_ns}"))

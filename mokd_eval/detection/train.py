@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torchvision.ops.misc import FrozenBatchNorm2d
 from tqdm import tqdm
 
 from mokd_eval import atomic
@@ -145,6 +146,14 @@ def check_categories(path: Path, saved: list[int], data_categories: list[int]) -
                         f"{data_categories[:6]}{'...' if len(data_categories) > 6 else ''}: use the same --data")
 
 
+def divergence_message(value: float, iteration: int, model: nn.Module) -> str:
+    """Suggest --norm syncbn only to a run that does not use it already."""
+    frozen = any(isinstance(module, FrozenBatchNorm2d) for module in model.modules())
+    advice = ("lower --lr or use --norm syncbn (random-init ResNets diverge with frozen BN)" if frozen
+              else "lower --lr, or check the annotations for degenerate boxes")
+    return f"loss became {value} at iteration {iteration}: {advice}"
+
+
 def train_detector(model: nn.Module, dataset: DetectionDataset, solver: Solver, *, output_dir: Path,
                    categories: list[int], context: DistContext, seed: int, resume: bool, num_workers: int,
                    extra: dict[str, Any], echo: Callable[[str], None], precision: str = "fp32",
@@ -191,8 +200,7 @@ def train_detector(model: nn.Module, dataset: DetectionDataset, solver: Solver, 
                 losses = net(images, targets)
             total = sum(losses.values())
             if not math.isfinite(value := float(total.detach())):
-                raise MokdError(f"loss became {value} at iteration {state.iteration}: lower --lr or use "
-                                "--norm syncbn (random-init ResNets diverge with frozen BN)")
+                raise MokdError(divergence_message(value, state.iteration, model))
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(total).backward()
