@@ -867,8 +867,9 @@ def mokd_train(preset: str | None, config_path: Path | None, debug: bool, **sett
     dino+dogo / dino+mcl are adaptations: DINO self-distillation plus the peer method's cross terms."""
     from mokd_train.config import resolve_config
     from mokd_train.engine import train
-    from mokd_train.slurm import OPTION_NAMES
+    from mokd_train.slurm import OPTION_NAMES, check_slurm_numbers
 
+    check_slurm_numbers(settings)
     for name in OPTION_NAMES:
         settings.pop(name)
     config = resolve_config(preset, config_path, settings)  # checked here, also before a submission

@@ -107,6 +107,7 @@ EVAL_NUMBER_RULES: dict[str, Range] = {
     "--max-size": Range(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), "--iters": AT_LEAST_ONE, "--coco-iters": AT_LEAST_ONE,
     "--warmup-iters": AT_LEAST_ONE, "--rois-per-image": AT_LEAST_ONE, "--test-proposals": AT_LEAST_ONE,
     "--precise-bn-iters": NON_NEGATIVE, "--checkpoint-period": AT_LEAST_ONE,
+    "--nodes": AT_LEAST_ONE, "--gpus-per-node": NON_NEGATIVE, "--time": POSITIVE,
 }
 
 

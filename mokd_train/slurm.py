@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mokd_eval.errors import MokdError
-from mokd_eval.validation import check_output_dir, check_positive
+from mokd_eval.validation import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Range, check_number, check_output_dir
 
 INSTALL_HINT = "pip install 'mokd[slurm]'"
 SIGNAL_DELAY_S = 120  # time between SLURM's warning signal and the kill: enough to leave a step cleanly
@@ -38,16 +38,23 @@ class SlurmRequest:
         return max(self.gpus_per_node, 1)
 
 
+# The numbers of a SLURM request, by parameter name (the one validation place's ranges).
+SLURM_NUMBER_RULES: dict[str, Range] = {"nodes": AT_LEAST_ONE, "gpus_per_node": NON_NEGATIVE, "time": POSITIVE}
+
+
+def check_slurm_numbers(options: dict[str, Any]) -> None:
+    """NaN, infinity and meaningless values are refused whether or not --slurm is given."""
+    for name, allowed in SLURM_NUMBER_RULES.items():
+        check_number(options[name], "--" + name.replace("_", "-"), allowed)
+
+
 def request_from_options(options: dict[str, Any]) -> SlurmRequest | None:
     """The SlurmRequest of the command-line options (keys OPTION_NAMES), None without --slurm. Checks the
     values and that submitit is installed, before anything is submitted."""
+    check_slurm_numbers(options)
     if not options["slurm"]:
         return None
     require_submitit()
-    check_positive(options["nodes"], "--nodes")
-    check_positive(options["time"], "--time")
-    if options["gpus_per_node"] < 0:
-        raise MokdError(f"--gpus-per-node must be >= 0, got {options['gpus_per_node']}")
     folder = check_output_dir(Path(options["slurm_folder"]), option="--slurm-folder")
     return SlurmRequest(options["nodes"], options["gpus_per_node"], options["partition"], options["time"], folder)
 

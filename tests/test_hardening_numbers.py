@@ -14,7 +14,11 @@ from cli import mokd_eval, mokd_train
 from mokd_eval.errors import MokdError
 from mokd_eval.protocols import parse_lrs
 from mokd_eval.validation import NON_NEGATIVE, POSITIVE, Range, check_number
-from mokd_train.config import NUMBER_RULES, resolve_config
+from mokd_train.config import NUMBER_RULES as SETTING_RULES, resolve_config
+from mokd_train.slurm import SLURM_NUMBER_RULES
+
+# Every numeric option of mokd-train: its settings and the numbers of a SLURM request.
+NUMBER_RULES = {**SETTING_RULES, **SLURM_NUMBER_RULES}
 
 
 def train_numeric_options() -> list[click.Option]:

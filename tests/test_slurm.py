@@ -81,9 +81,11 @@ def test_a_submitted_run_preempted_midway_is_requeued_and_finishes_with_the_unin
 def test_slurm_options_are_checked_before_submission(tmp_path):
     options = {"slurm": True, "nodes": 0, "gpus_per_node": 1, "partition": None, "time": 1.0,
                "slurm_folder": str(tmp_path)}
-    with pytest.raises(MokdError, match="--nodes must be positive"):
+    with pytest.raises(MokdError, match="--nodes 0 is out of range"):
         request_from_options(options)
-    assert request_from_options({**options, "slurm": False}) is None
+    with pytest.raises(MokdError, match="--time nan is not a finite number"):  # checked with or without --slurm
+        request_from_options({**options, "slurm": False, "nodes": 1, "time": float("nan")})
+    assert request_from_options({**options, "slurm": False, "nodes": 1}) is None
     request = request_from_options({**options, "nodes": 2, "gpus_per_node": 4})
     assert (request.nodes, request.tasks_per_node, request.hours) == (2, 4, 1.0)
 
