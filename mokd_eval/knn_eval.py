@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mokd_eval.knn import knn_classify
+from mokd_eval.knn import check_search_device, knn_classify
 from mokd_eval.pipeline import FeatureOptions, load_models, model_features, model_record, open_eval_data
 from mokd_eval.results import StageTimer, build_results, format_table
 
@@ -15,6 +15,7 @@ def run_knn(checkpoint: str | Path, *, data: str | None, ks: Sequence[int], temp
             image_size: int | None = None, skip_bad_images: bool = False, fp16_bank: bool = False,
             seed: int = 0, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate each selected model of `checkpoint` and return the results payload (not yet written)."""
+    check_search_device(features.device)
     timer = StageTimer()
     with timer.stage("load"):
         eval_data = open_eval_data(data, image_size=image_size, skip_bad_images=skip_bad_images)
