@@ -58,16 +58,21 @@ def relative_row_error(found: np.ndarray, reference: np.ndarray) -> float:
 
 
 def shapes_split(split: str) -> object:
-    spec = parse_data_spec("shapes:200")
+    """400 train / 100 val `shapes` images at 32 px, as evaluations read them."""
+    spec = parse_data_spec("shapes:500")
     return open_dataset(spec, split, eval_transform(spec)[0])
 
 
 def train_config(output_dir: Path, device: str, **overrides) -> TrainConfig:
-    """The engine tests' shrunk `tiny` pair; drop-path off, whose masks come from each device's own generator."""
+    """The engine tests' shrunk `tiny` pair; drop-path off, whose masks come from each device's own generator. The
+    second model's step runs after the first model's update, and AdamW's first step moves every weight by +-lr
+    whatever its gradient's size, so a near-zero gradient whose sign differs by rounding moves a weight by 2 lr:
+    at 5e-4 per 256 (as the DDP test) that stays far below the loss tolerance."""
     settings = dict(output_dir=str(output_dir), data="shapes:50", arch2="test_vit", img_size=16, local_size=8,
                     n_local=2, batch_size=8, epochs=1, warmup_epochs=0, out_dim=128, mlp_hidden_dim=64,
                     mlp_bottleneck_dim=32, num_workers=0, log_every=1, max_steps=1, drop_path=0.0,
-                    warmup_teacher_temp_epochs=1, cnn_self_warmup_teacher_temp_epochs=2, device=device, amp="none")
+                    warmup_teacher_temp_epochs=1, cnn_self_warmup_teacher_temp_epochs=2, lr_vit=5e-4, lr_cnn=5e-4,
+                    device=device, amp="none")
     settings.update(overrides)
     return resolve_config("tiny", None, settings)
 
@@ -135,10 +140,11 @@ def test_faiss_gpu_search_matches_the_cpu_index():
                       for device in ("cpu", "cuda"))
     for k in (1, 20):
         np.testing.assert_array_equal(on_gpu.predictions[k], on_cpu.predictions[k])
-        assert on_gpu.metrics[k] == on_cpu.metrics[k]
+        assert on_gpu.metrics[k]["top1"] == on_cpu.metrics[k]["top1"]
     faiss = knn.faiss
     cpu_index = faiss.IndexFlatIP(64)
-    gpu_index = faiss.GpuIndexFlatIP(faiss.StandardGpuResources(), 64)
+    resources = faiss.StandardGpuResources()  # must outlive the GPU index
+    gpu_index = faiss.GpuIndexFlatIP(resources, 64)
     for index in (cpu_index, gpu_index):
         index.add(bank)
     cpu_similarities, cpu_neighbours = cpu_index.search(queries, 20)
