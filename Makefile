@@ -43,4 +43,4 @@ gpu-check: install
 	$(PY) benchmarks/gpu_check.py --json gpu-check.json
 
 clean:
-	rm -rf demo-output results .pytest_cache
+	rm -rf demo-output results .pytest_cache gpu-check.json

@@ -226,6 +226,12 @@ def _resolve_ks(ks: Sequence[int], n_train: int, on_large_k: str, warnings: list
     return tuple(sorted(resolved))
 
 
+def check_search_device(device: str) -> None:
+    """Fail before any work when k-NN could not search: no faiss installed, or `device` needs GPU support it lacks."""
+    _require_faiss()
+    _gpu_device(device)
+
+
 def _require_faiss() -> None:
     if faiss is None:
         raise MokdError(f"k-NN needs faiss, which is not installed: {INSTALL_FAISS}")

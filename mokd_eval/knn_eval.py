@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mokd_eval.checkpoints import LoadedBackbone
-from mokd_eval.knn import knn_classify
+from mokd_eval.knn import check_search_device, knn_classify
 from mokd_eval.pipeline import (FeatureOptions, Resolution, evaluation_resolution, load_models, model_features,
                                 model_record, open_eval_data, paper_resolution)
 from mokd_eval.protocols import PAPER_PRECISION, overall_verdict, paper_verdict, verdict_line
@@ -34,6 +34,7 @@ def run_knn(checkpoint: str | Path, *, data: str | None, ks: Sequence[int], temp
             image_size: int | None = None, skip_bad_images: bool = False, fp16_bank: bool = False,
             seed: int = 0, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate each selected model of `checkpoint` and return the results payload (not yet written)."""
+    check_search_device(features.device)
     timer = StageTimer()
     with timer.stage("load"):
         loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo, image_size=image_size)

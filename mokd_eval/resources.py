@@ -55,10 +55,10 @@ def extraction_workers(cores: int, device_type: str) -> int:
     """DataLoader workers of feature extraction (inference only), unless given.
 
     On CUDA the GPU computes, so loading gets the cores (one kept for the main process; at most 8). On CPU the
-    forward and the loading share the cores: decoding and resizing a 500 x 375 JPEG costs ~4 ms of one core
+    forward and the loading share the cores: decoding and resizing a 500 x 375 JPEG costs ~7 ms of one core
     against ~50 core-ms for an R18 forward at 224 px, so one worker per 8 cores (1 to 4) keeps the forward fed;
-    more workers take cores from the forward (measured on a 2-core machine: 2 workers 78 %, 1 worker 104 % of the
-    bare forward rate, both under heavy load from other processes).
+    more workers take cores from the forward (measured on a 2-core machine under heavy load from other processes:
+    2 workers 78 %, 1 worker 104 % of the bare forward rate; docs/gpu.md#extraction-on-cpu).
     """
     if device_type == "cuda":
         return max(1, min(MAX_CUDA_WORKERS, cores - 1))

@@ -244,3 +244,19 @@ def test_missing_faiss_names_the_install_command(monkeypatch):
                                          r"'\.\[gpu\]'") as error:
         knn_classify(**_knn_inputs(), device="cpu")
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("faiss_module, device, message", [
+    (None, "cpu", "k-NN needs faiss, which is not installed"),
+    (_CpuOnlyFaiss(), "cuda", "installed faiss is CPU-only"),
+])
+def test_knn_command_checks_faiss_before_any_work(monkeypatch, tmp_path, faiss_module, device, message):
+    """The faiss error comes before the checkpoint is even opened (this one does not exist)."""
+    from mokd_eval.knn_eval import run_knn
+    from mokd_eval.features import FeatureCache
+    from mokd_eval.pipeline import FeatureOptions
+
+    monkeypatch.setattr(knn_module, "faiss", faiss_module)
+    options = FeatureOptions(cache=FeatureCache(None), batch_size=8, num_workers=0, device=device)
+    with pytest.raises(MokdError, match=message):
+        run_knn(tmp_path / "missing.pth", data="digits", ks=(5,), temperature=0.07, features=options)
