@@ -94,12 +94,14 @@ def assert_losses_close(found: list[dict[str, float]], reference: list[dict[str,
 
 
 @pytest.mark.cuda
-def test_cuda_extraction_matches_cpu_and_gives_the_same_knn_predictions():
-    """The pipeline on CUDA (its bf16 autocast) against CPU fp32: features within bf16 rounding, k-NN top-1 kept."""
+def test_cuda_bf16_extraction_matches_cpu_and_gives_the_same_knn_predictions():
+    """The pipeline on CUDA with `--precision bf16` against CPU fp32: features within bf16 rounding, k-NN top-1
+    kept."""
     spec = ALIASES["r_tiny"]
     backbone = make_source_backbone(spec)
     train_set, val_set = shapes_split("train"), shapes_split("val")
-    runs = {device: [extract_features(backbone, spec, dataset, batch_size=32, num_workers=0, device=device)
+    runs = {device: [extract_features(backbone, spec, dataset, batch_size=32, num_workers=0, device=device,
+                                      precision="bf16" if device == "cuda" else "fp32")
                      for dataset in (train_set, val_set)] for device in ("cpu", "cuda")}
     for cpu_run, cuda_run in zip(runs["cpu"], runs["cuda"]):
         np.testing.assert_array_equal(cuda_run.labels, cpu_run.labels)
@@ -113,18 +115,16 @@ def test_cuda_extraction_matches_cpu_and_gives_the_same_knn_predictions():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("arch", ["r_tiny", "vit_t"])
-def test_cuda_fp32_forward_matches_cpu(arch, tiny_vit_spec, ieee_fp32):
-    """fp32 on CUDA (no autocast, no TF32) against CPU, CNN channels_last as the extractor runs it. When the
-    extractor gets its fp32 option (issue 17), this comparison belongs there."""
+def test_cuda_fp32_extraction_matches_cpu(arch, tiny_vit_spec, ieee_fp32):
+    """The extractor's default fp32 (no autocast, no TF32; CNNs channels_last) on CUDA against CPU."""
     spec = ALIASES["r_tiny"] if arch == "r_tiny" else tiny_vit_spec
     backbone = make_source_backbone(spec)
-    images = torch.stack([shapes_split("val")[index][0] for index in range(16)])
-    layout = torch.channels_last if not spec.is_vit else torch.contiguous_format
-    with torch.inference_mode():
-        reference = backbone(images).numpy()
-        on_cuda = backbone.to("cuda", memory_format=layout)(images.to("cuda").contiguous(memory_format=layout))
-    assert on_cuda.dtype == torch.float32
-    assert relative_row_error(on_cuda.cpu().numpy(), reference) < FP32_FEATURE_TOLERANCE
+    val_set = shapes_split("val")
+    runs = {device: extract_features(backbone, spec, val_set, batch_size=16, num_workers=0, device=device)
+            for device in ("cpu", "cuda")}
+    assert runs["cuda"].features.dtype == np.float32
+    np.testing.assert_array_equal(runs["cuda"].labels, runs["cpu"].labels)
+    assert relative_row_error(runs["cuda"].features, runs["cpu"].features) < FP32_FEATURE_TOLERANCE
 
 
 @pytest.mark.cuda
