@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mokd_eval.errors import MokdError
+from mokd.core.errors import MokdError
 
 # Bound on the attention matrices the CNN variant builds at once (elements): res2 at 224 px is 3136^2 per image.
 CNN_ATTENTION_ELEMENTS = 2**26

@@ -12,14 +12,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from analysis.attention_distance import record_attention
-from analysis.mad_eval import sample_images
-from mokd_eval import atomic
-from mokd_eval.data import IMAGENET_MEAN, IMAGENET_STD
-from mokd_eval.distributed import choose_device
-from mokd_eval.errors import MokdError
-from mokd_eval.pipeline import load_models, model_record, open_eval_data
-from mokd_eval.results import StageTimer, build_results, format_table
+from mokd_analysis.attention_distance import record_attention
+from mokd_analysis.mad_eval import sample_images
+from mokd.core import atomic
+from mokd.core.data import IMAGENET_MEAN, IMAGENET_STD
+from mokd.core.distributed import choose_device
+from mokd.core.errors import MokdError
+from mokd.core.pipeline import load_models, model_record, open_eval_data
+from mokd.core.results import StageTimer, build_results, format_table
 
 TITLE_SPACE = 0.45  # inches above the grid for the figure title and the head titles
 
@@ -47,7 +47,7 @@ def class_token_maps(module: torch.nn.Module, images: torch.Tensor, layer: int, 
 
 def plot_maps(images: torch.Tensor, maps: np.ndarray, title: str, stem: Path) -> dict[str, str]:
     """Rows = images; first column the image, then one map per head (each scaled to its own range)."""
-    from analysis import style
+    from mokd_analysis import style
 
     n_images, heads = maps.shape[:2]
     cols = heads + 1

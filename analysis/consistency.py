@@ -14,11 +14,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from sklearn.metrics import cohen_kappa_score
 
-from mokd_eval.checkpoints import LoadedBackbone
-from mokd_eval.errors import MokdError
+from mokd.core.checkpoints import LoadedBackbone
+from mokd.core.errors import MokdError
 from mokd_eval.knn import knn_classify
-from mokd_eval.pipeline import FeatureOptions, load_models, model_features, model_record, open_eval_data
-from mokd_eval.results import StageTimer, build_results, format_table
+from mokd.core.pipeline import FeatureOptions, load_models, model_features, model_record, open_eval_data
+from mokd.core.results import StageTimer, build_results, format_table
 
 CONSISTENCY_K = 20
 CONSISTENCY_TEMPERATURE = 0.07

@@ -14,8 +14,8 @@ from typing import Any
 
 from matplotlib.lines import Line2D
 
-from analysis import style
-from mokd_eval.errors import MokdError
+from mokd_analysis import style
+from mokd.core.errors import MokdError
 
 LOG_NAME = "log.jsonl"  # written by mokd_train.engine
 TERM_STYLES = ("-", "--", ":", "-.")

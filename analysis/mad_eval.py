@@ -12,12 +12,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from analysis.attention_distance import CNNDistance, ViTDistance, resnet_points
-from mokd_eval.distributed import choose_device
-from mokd_eval.errors import MokdError
-from mokd_eval.pipeline import load_models, model_record, open_eval_data
-from mokd_eval.registry import ArchSpec, build_backbone, resolve_arch
-from mokd_eval.results import StageTimer, build_results, format_table
+from mokd_analysis.attention_distance import CNNDistance, ViTDistance, resnet_points
+from mokd.core.distributed import choose_device
+from mokd.core.errors import MokdError
+from mokd.core.pipeline import load_models, model_record, open_eval_data
+from mokd.core.registry import ArchSpec, build_backbone, resolve_arch
+from mokd.core.results import StageTimer, build_results, format_table
 
 RANDOM_INIT = "random init"
 
@@ -80,7 +80,7 @@ def measure(entry: Measured, images: torch.Tensor, *, batch_size: int, device: t
 def plot_mad(curves: Sequence[dict[str, Any]], stem: Path) -> dict[str, str]:
     """Paper Fig. 5 style: one panel per architecture, distance vs layer, one dot per head, a line through each
     model's per-layer mean, random init in grey."""
-    from analysis import style
+    from mokd_analysis import style
 
     groups: dict[str, list[dict[str, Any]]] = {}
     for curve in curves:

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from mokd_eval import atomic
-from mokd_eval.checkpoints import read_checkpoint
-from mokd_eval.errors import MokdError
-from mokd_eval.pipeline import training_summary
-from mokd_eval.results import build_results
+from mokd.core import atomic
+from mokd.core.checkpoints import read_checkpoint
+from mokd.core.errors import MokdError
+from mokd.core.pipeline import training_summary
+from mokd.core.results import build_results
 
 MISSING = "–"
 CONFLICT_MARK = "*"

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mokd_eval.checkpoints import file_sha256, read_checkpoint
-from mokd_eval.distributed import DistContext
-from mokd_eval.errors import MokdError
-from mokd_eval.pipeline import FeatureOptions
+from mokd.core.checkpoints import file_sha256, read_checkpoint
+from mokd.core.distributed import DistContext
+from mokd.core.errors import MokdError
+from mokd.core.pipeline import FeatureOptions
 from mokd_eval.protocols import SCALES, TrainOptions
-from mokd_eval.results import build_results, write_results
+from mokd.core.results import build_results, write_results
 
 REPORT_STEP = "report"
 # SimCLR's list files (A.3 uses "the same splits of 1% and 10% of ImageNet [...] in [9]"), in --semisup-splits DIR.
@@ -155,9 +155,9 @@ STEPS: tuple[Step, ...] = (
     Step("cifar100", "mokd_eval.cifar_eval:run_cifar",
          lambda c: {**_training(dataset="cifar100")(c), "data": c.cifar_data}, _needs_cifar),
     Step("coco", "mokd_eval.detection.coco_eval:run_coco", _coco_args, _needs_coco),
-    Step("consistency", "analysis.consistency:run_consistency", _consistency_args, _needs_a_pair),
-    Step("tsne", "analysis.tsne:run_tsne", _checkpoint_list),
-    Step("mad", "analysis.mad_eval:run_mad", _checkpoint_list),
+    Step("consistency", "mokd_analysis.consistency:run_consistency", _consistency_args, _needs_a_pair),
+    Step("tsne", "mokd_analysis.tsne:run_tsne", _checkpoint_list),
+    Step("mad", "mokd_analysis.mad_eval:run_mad", _checkpoint_list),
 )
 STEP_NAMES = tuple(step.name for step in STEPS) + (REPORT_STEP,)
 
@@ -236,7 +236,7 @@ def run_step(step: Step, context: SuiteContext) -> dict[str, Any]:
 
 def run_suite(context: SuiteContext, *, skip: set[str], steps: Sequence[Step] = STEPS) -> dict[str, Any]:
     """Every step in order (skipped ones listed with the reason), then the report over `out_dir`."""
-    from analysis.report import run_report
+    from mokd_analysis.report import run_report
 
     context.sha256 = file_sha256(context.checkpoint)
     statuses = []
@@ -263,7 +263,7 @@ def run_suite(context: SuiteContext, *, skip: set[str], steps: Sequence[Step] = 
 
 
 def suite_table(payload: dict[str, Any]) -> str:
-    from mokd_eval.results import format_table
+    from mokd.core.results import format_table
 
     rows = [[s["step"], s["status"], s.get("results") or s.get("reason", "")] for s in payload["steps"]]
     return format_table(["step", "status", "results / reason"], rows, title=f"suite: {payload['config']['checkpoint']}")
@@ -287,7 +287,7 @@ class _Planner:
     """Resolves each step's protocol records from the models, the data and the suite's options."""
 
     def __init__(self, context: SuiteContext) -> None:
-        from mokd_eval.pipeline import evaluation_resolution, load_models, open_eval_data
+        from mokd.core.pipeline import evaluation_resolution, load_models, open_eval_data
 
         self.context = context
         self.loaded = load_models(context.checkpoint, model=context.model, key=context.key, trust=context.trust,
@@ -317,7 +317,7 @@ class _Planner:
         return records
 
     def semisup(self, percent: int) -> list[dict[str, Any]]:
-        from mokd_eval.features import FeatureKind
+        from mokd.core.features import FeatureKind
         from mokd_eval.protocols import resolve_settings, selection_text
         from mokd_eval.semisup_eval import (EPOCHS_BY_PERCENT, FINETUNE_WARMUP, finetune_preset, semisup_protocol,
                                             split_source)
@@ -343,7 +343,7 @@ class _Planner:
     def cifar(self, dataset: str) -> list[dict[str, Any]]:
         from mokd_eval.cifar_eval import (CIFAR_EPOCHS, CIFAR_WARMUP, cifar_protocol, cifar_resolution,
                                           cifar_spec_text)
-        from mokd_eval.data import open_dataset, parse_data_spec
+        from mokd.core.data import open_dataset, parse_data_spec
         from mokd_eval.protocols import Preset, resolve_settings, selection_text
         from mokd_eval.semisup_eval import FINETUNE_BASE_LR, FINETUNE_BATCH
 

@@ -15,10 +15,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from scipy.linalg import orthogonal_procrustes
 
-from mokd_eval import atomic
-from mokd_eval.errors import MokdError
-from mokd_eval.pipeline import FeatureOptions, load_models, model_record, open_eval_data, split_features
-from mokd_eval.results import StageTimer, build_results, format_table
+from mokd.core import atomic
+from mokd.core.errors import MokdError
+from mokd.core.pipeline import FeatureOptions, load_models, model_record, open_eval_data, split_features
+from mokd.core.results import StageTimer, build_results, format_table
 
 PERPLEXITY = 30.0
 
@@ -82,7 +82,7 @@ def aligned_embeddings(embeddings: list[np.ndarray], labels: np.ndarray, classes
 def plot_tsne(embeddings: np.ndarray, labels: np.ndarray, classes: Sequence[int], model_names: Sequence[str],
               class_names: Sequence[str], stem: Path) -> dict[str, str]:
     """One axes: colour = class, marker = model; the caption line says the models are Procrustes-aligned."""
-    from analysis import style
+    from mokd_analysis import style
 
     with style.paper_style():
         fig, axes = style.figure(style.COLUMN_WIDTH, 2.6)

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from analysis.attention_distance import ViTDistance, mean_attention_distance
-from analysis.tsne import aligned_embeddings, embed, engine_name, plot_tsne
-from mokd_eval.registry import build_backbone, resolve_arch
+from mokd_analysis.attention_distance import ViTDistance, mean_attention_distance
+from mokd_analysis.tsne import aligned_embeddings, embed, engine_name, plot_tsne
+from mokd.core.registry import build_backbone, resolve_arch
 
 
 def per_layer_reforward(model: torch.nn.Module, images: torch.Tensor, patch: int) -> np.ndarray:

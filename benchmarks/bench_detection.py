@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from mokd_eval.detection.model import DetectorConfig, build_detector
-from mokd_eval.registry import ALIASES, build_backbone
+from mokd.core.registry import ALIASES, build_backbone
 
 NUM_CLASSES = 80
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mokd_eval.atomic import save_numpy, write_json
+from mokd.core.atomic import save_numpy, write_json
 from mokd_eval.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_classify
 
 DINO_NUM_CHUNKS = 100
@@ -207,10 +207,10 @@ def synchronize(device: torch.device) -> None:
 def extraction_case(model_name: str, data_text: str, image_size: int | None, args: argparse.Namespace) -> dict:
     """Feature extraction through the real pipeline (dataset, transform, DataLoader workers, cache off) vs the
     same backbone's fastest bare forward (contiguous or channels_last) on the same images preloaded as one tensor."""
-    from mokd_eval.data import eval_transform, image_side, open_dataset, parse_data_spec
-    from mokd_eval.distributed import choose_device
-    from mokd_eval.features import extract_features
-    from mokd_eval.registry import build_backbone, resolve_arch
+    from mokd.core.data import eval_transform, image_side, open_dataset, parse_data_spec
+    from mokd.core.distributed import choose_device
+    from mokd.core.features import extract_features
+    from mokd.core.registry import build_backbone, resolve_arch
 
     data_spec = parse_data_spec(data_text)
     side = image_side(data_spec, image_size)

@@ -22,15 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from mokd_eval.data import open_dataset, parse_data_spec, train_transform
-from mokd_eval.distributed import setup
-from mokd_eval.features import FeatureCache, FeatureKind
+from mokd.core.data import open_dataset, parse_data_spec, train_transform
+from mokd.core.distributed import setup
+from mokd.core.features import FeatureCache, FeatureKind
 from mokd_eval.finetune import Classifier, FitSettings, fit
 from mokd_eval.linear_eval import run_linear
-from mokd_eval.pipeline import FeatureOptions
+from mokd.core.pipeline import FeatureOptions
 from mokd_eval.protocols import TrainOptions
-from mokd_eval.registry import ALIASES, build_backbone
-from mokd_eval.results import format_table
+from mokd.core.registry import ALIASES, build_backbone
+from mokd.core.results import format_table
 
 CNN = ALIASES["r_tiny"]
 

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mokd_eval.atomic import write_json
+from mokd.core.atomic import write_json
 from mokd_train.config import TrainConfig, arch_specs, resolve_config
 from mokd_train.engine import build_optimizer, clip_gradients_per_tensor, make_optimizer, pair_config, update_model
 from mokd_train.methods import FAITHFUL_PEERS, METHODS, build_peer_pair, method_label

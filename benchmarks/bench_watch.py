@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mokd_eval.tensorboard_log import TensorBoardLog, scalars
+from mokd.core.tensorboard_log import TensorBoardLog, scalars
 from mokd_train.config import PRESETS, resolve_config
 from mokd_train.engine import train
 

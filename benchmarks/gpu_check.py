@@ -130,7 +130,7 @@ def main() -> int:
         return 2
     if args.preflight:
         return 0
-    from mokd_eval.atomic import write_json
+    from mokd.core.atomic import write_json
 
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as directory:
         scratch = Path(directory)

@@ -11,18 +11,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from mokd_eval.checkpoints import LoadedBackbone
-from mokd_eval.data import DataSpec, eval_transform, open_dataset, parse_data_spec, train_transform
-from mokd_eval.distributed import DistContext
-from mokd_eval.errors import MokdError
+from mokd.core.checkpoints import LoadedBackbone
+from mokd.core.data import DataSpec, eval_transform, open_dataset, parse_data_spec, train_transform
+from mokd.core.distributed import DistContext
+from mokd.core.errors import MokdError
 from mokd_eval.finetune import FitSettings
-from mokd_eval.pipeline import Resolution, evaluation_resolution, load_models, model_record, paper_resolution
+from mokd.core.pipeline import Resolution, evaluation_resolution, load_models, model_record, paper_resolution
 from mokd_eval.protocols import (AUGMENT_PADDED, AUGMENT_RESIZED, PAPER_PRECISION, Preset, TrainOptions,
                                  overall_verdict, paper_verdict, resolve_settings, run_root, train_with_search,
                                  training_record, verdict_line)
-from mokd_eval.results import StageTimer, build_results, format_table
+from mokd.core.results import StageTimer, build_results, format_table
 from mokd_eval.semisup_eval import FINETUNE_BASE_LR, FINETUNE_BATCH, make_finetune_model
-from mokd_eval.validation import check_image_size
+from mokd.core.validation import check_image_size
 
 DATASETS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 # A.4: "the warming-up epoch is set to 10, and the training epoch is set to 100"; the rest as A.3.

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mokd_eval import atomic
-from mokd_eval.checkpoints import LoadedBackbone
-from mokd_eval.errors import MokdError
-from mokd_eval.registry import resolve_arch
+from mokd.core import atomic
+from mokd.core.checkpoints import LoadedBackbone
+from mokd.core.errors import MokdError
+from mokd.core.registry import resolve_arch
 
 FORMATS = ("detectron2", "torchvision", "timm")
 TIMM_RESNETS = {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet34", (3, 4, 23, 3): "resnet101",
@@ -116,8 +116,8 @@ def export_backbone(loaded: LoadedBackbone, fmt: str, out: Path) -> dict[str, An
         atomic.save_torch(state, out)
         names = list(state)
     if stock is None:
-        target = (f"no stock {fmt} model has this architecture: mokd_eval.registry.build_backbone("
-                  f"mokd_eval.registry.resolve_arch({loaded.spec.name!r}{_overrides(loaded)})).load_state_dict")
+        target = (f"no stock {fmt} model has this architecture: mokd.core.registry.build_backbone("
+                  f"mokd.core.registry.resolve_arch({loaded.spec.name!r}{_overrides(loaded)})).load_state_dict")
     else:
         target = {"detectron2": f"detectron2 MODEL.WEIGHTS of a ResNet-{stock[len('resnet'):]} (MoCo naming)",
                   "torchvision": f"torchvision.models.{stock}() with fc = Identity",

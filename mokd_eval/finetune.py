@@ -27,15 +27,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
-from mokd_eval import atomic
-from mokd_eval.checkpoints import load_resume_state
-from mokd_eval.distributed import DistContext, autocast_for
-from mokd_eval.errors import MokdError
-from mokd_eval.features import FeatureKind, feature_function
-from mokd_eval.registry import ArchSpec
-from mokd_eval.resources import apply_resources
-from mokd_eval.schedules import cosine_schedule
-from mokd_eval.tensorboard_log import TensorBoardLog
+from mokd.core import atomic
+from mokd.core.checkpoints import load_resume_state
+from mokd.core.distributed import DistContext, autocast_for
+from mokd.core.errors import MokdError
+from mokd.core.features import FeatureKind, feature_function
+from mokd.core.registry import ArchSpec
+from mokd.core.resources import apply_resources
+from mokd.core.schedules import cosine_schedule
+from mokd.core.tensorboard_log import TensorBoardLog
 
 CHECKPOINT_NAME = "checkpoint.pth"
 LOG_NAME = "log.jsonl"

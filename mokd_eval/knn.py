@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mokd_eval.errors import MokdError
+from mokd.core.errors import MokdError
 
 try:  # faiss comes from one of two wheels (extras `cpu`, `gpu`); without either, k-NN says how to install one
     import faiss

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mokd_eval.checkpoints import LoadedBackbone
+from mokd.core.checkpoints import LoadedBackbone
 from mokd_eval.knn import check_search_device, knn_classify
-from mokd_eval.pipeline import (FeatureOptions, Resolution, evaluation_resolution, load_models, model_features,
+from mokd.core.pipeline import (FeatureOptions, Resolution, evaluation_resolution, load_models, model_features,
                                 model_record, open_eval_data, paper_resolution)
 from mokd_eval.protocols import PAPER_PRECISION, overall_verdict, paper_verdict, verdict_line
-from mokd_eval.results import StageTimer, build_results, format_table
+from mokd.core.results import StageTimer, build_results, format_table
 
 # A.2: "implemented based on DINO [...] the best result among k = 10, 20, 100, 200"; DINO's T = 0.07 on the
 # backbone's pooled / CLS feature, an fp32 bank.

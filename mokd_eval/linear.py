@@ -21,14 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mokd_eval import atomic
-from mokd_eval.checkpoints import load_resume_state
-from mokd_eval.errors import MokdError
-from mokd_eval.features import FeatureKind
+from mokd.core import atomic
+from mokd.core.checkpoints import load_resume_state
+from mokd.core.errors import MokdError
+from mokd.core.features import FeatureKind
 from mokd_eval.finetune import topk_counts
-from mokd_eval.registry import ArchSpec
-from mokd_eval.schedules import cosine_schedule
-from mokd_eval.tensorboard_log import TensorBoardLog
+from mokd.core.registry import ArchSpec
+from mokd.core.schedules import cosine_schedule
+from mokd.core.tensorboard_log import TensorBoardLog
 
 HEAD_FORMAT = "mokd_linear_head"
 VIT_SWEEP_BLOCKS = (1, 4)

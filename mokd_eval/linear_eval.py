@@ -13,24 +13,24 @@ from typing import Any, Callable
 
 import torch
 
-from mokd_eval import atomic
-from mokd_eval.checkpoints import LoadedBackbone
-from mokd_eval.data import train_transform
-from mokd_eval.distributed import DistContext
-from mokd_eval.errors import MokdError
-from mokd_eval.features import FeatureKind
+from mokd.core import atomic
+from mokd.core.checkpoints import LoadedBackbone
+from mokd.core.data import train_transform
+from mokd.core.distributed import DistContext
+from mokd.core.errors import MokdError
+from mokd.core.features import FeatureKind
 from mokd_eval.finetune import Classifier, FitSettings
 from mokd_eval.linear import (LINEAR_BASE_LR, SWEEP_FACTORS, cross_validated_sweep, evaluate_head, protocol_feature,
                               save_head, snapshot, sweep_source_feature, sweep_variants, train_head_sweep,
                               variant_columns, verify_unchanged)
-from mokd_eval.pipeline import (EvalData, FeatureOptions, Resolution, evaluation_resolution, load_models,
+from mokd.core.pipeline import (EvalData, FeatureOptions, Resolution, evaluation_resolution, load_models,
                                 model_features, model_record, open_eval_data, paper_resolution)
 from mokd_eval.protocols import (AUGMENT_NONE, AUGMENT_RESIZED, PAPER_PRECISION, Preset, TrainOptions,
                                  overall_verdict, paper_verdict, resolve_settings, run_root, train_with_search,
                                  training_record, verdict_line)
-from mokd_eval.results import StageTimer, build_results, format_table
+from mokd.core.results import StageTimer, build_results, format_table
 from mokd_eval.splits import heldout_split, kfold_split
-from mokd_eval.validation import check_image_size
+from mokd.core.validation import check_image_size
 
 MODES = ("protocol", "cached")
 # Below this many training images the cached probe scores its heads by k-fold cross-validation: a 10 % slice of

@@ -21,10 +21,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
-from mokd_eval import atomic
-from mokd_eval.distributed import DistContext
-from mokd_eval.errors import MokdError
-from mokd_eval.validation import POSITIVE, check_number
+from mokd.core import atomic
+from mokd.core.distributed import DistContext
+from mokd.core.errors import MokdError
+from mokd.core.validation import POSITIVE, check_number
 from mokd_eval.finetune import Classifier, FitResult, FitSettings, clamp_batch, evaluate, fit, settings_record
 from mokd_eval.splits import heldout_split
 

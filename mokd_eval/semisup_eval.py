@@ -14,22 +14,22 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Subset
 
-from mokd_eval.checkpoints import LoadedBackbone
-from mokd_eval.data import train_transform
-from mokd_eval.distributed import DistContext
-from mokd_eval.errors import MokdError
-from mokd_eval.features import FeatureKind
+from mokd.core.checkpoints import LoadedBackbone
+from mokd.core.data import train_transform
+from mokd.core.distributed import DistContext
+from mokd.core.errors import MokdError
+from mokd.core.features import FeatureKind
 from mokd_eval.finetune import Classifier, FitSettings
 from mokd_eval.linear import LINEAR_BASE_LR, protocol_feature, snapshot, verify_unchanged
-from mokd_eval.pipeline import (Resolution, evaluation_resolution, load_models, model_record, open_eval_data,
+from mokd.core.pipeline import (Resolution, evaluation_resolution, load_models, model_record, open_eval_data,
                                 paper_resolution)
 from mokd_eval.protocols import (AUGMENT_RESIZED, PAPER_PRECISION, Preset, TrainOptions, overall_verdict,
                                  paper_verdict, resolve_settings, run_root, train_with_search, training_record,
                                  verdict_line)
-from mokd_eval.results import StageTimer, build_results, format_table
+from mokd.core.results import StageTimer, build_results, format_table
 from mokd_eval.splits import (ALLOWED_PERCENTS, file_sha256, read_split_file, stratified_subset,
                               write_split_file)
-from mokd_eval.validation import check_image_size
+from mokd.core.validation import check_image_size
 
 MODES = ("finetune", "linear")
 # A.3: "fine-tuned with 1024 batch size for 60 epochs and 30 epochs on 1% and 10% subsets", "warmed up [...]

@@ -15,8 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from mokd_eval import atomic
-from mokd_eval.errors import MokdError
+from mokd.core import atomic
+from mokd.core.errors import MokdError
 
 ALLOWED_PERCENTS = (1, 10)
 _SHOWN_MISSING = 5

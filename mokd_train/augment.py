@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from mokd_eval.data import IMAGENET_MEAN, IMAGENET_STD
+from mokd.core.data import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass

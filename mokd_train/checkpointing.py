@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from mokd_eval.atomic import save_torch
-from mokd_eval.checkpoints import load_object
-from mokd_eval.errors import MokdError
-from mokd_eval.registry import ALIASES, TIMM_NAMES, ArchSpec
+from mokd.core.atomic import save_torch
+from mokd.core.checkpoints import load_object
+from mokd.core.errors import MokdError
+from mokd.core.registry import ALIASES, TIMM_NAMES, ArchSpec
 from mokd_train.pair import MokdPair, feature_stride
 
 FORMAT_VERSION = 1

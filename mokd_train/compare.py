@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mokd_train.demo import DEMO_DATA, DEMO_IMAGE_SIZE, DEMO_SETTINGS, raw_pixel_knn
-from mokd_eval.errors import MokdError
-from mokd_eval.features import FeatureCache
+from mokd.core.errors import MokdError
+from mokd.core.features import FeatureCache
 from mokd_eval.knn_eval import run_knn
-from mokd_eval.pipeline import FeatureOptions, open_eval_data
-from mokd_eval.results import StageTimer, build_results, format_table, write_results
+from mokd.core.pipeline import FeatureOptions, open_eval_data
+from mokd.core.results import StageTimer, build_results, format_table, write_results
 from mokd_train.config import resolve_config
 from mokd_train.engine import train
 from mokd_train.methods import METHODS, method_label

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 import yaml
 
-from mokd_eval.data import parse_data_spec
-from mokd_eval.errors import MokdError
-from mokd_eval.registry import ArchSpec, build_backbone, resolve_arch
-from mokd_eval.tensorboard_log import require_tensorboard
-from mokd_eval.validation import (FRACTION, NON_NEGATIVE, POSITIVE, Range, check_device, check_image_size,
+from mokd.core.data import parse_data_spec
+from mokd.core.errors import MokdError
+from mokd.core.registry import ArchSpec, build_backbone, resolve_arch
+from mokd.core.tensorboard_log import require_tensorboard
+from mokd.core.validation import (FRACTION, NON_NEGATIVE, POSITIVE, Range, check_device, check_image_size,
                                   check_num_workers, check_number, check_output_dir)
 from mokd_train.methods import DEFAULT_LAMBDAS, FAITHFUL_PEERS, METHODS, method_defaults, method_label
 
@@ -52,7 +52,7 @@ class TrainConfig:
     position_size: int | None = None
     patch_size: int | None = None  # ViT patch override (applies to the ViT members only)
     stem: str | None = None  # ResNet stem override (applies to the ResNet members only)
-    data: str | None = None  # dataset spec; None = $MOKD_DATA or digits (mokd_eval.data)
+    data: str | None = None  # dataset spec; None = $MOKD_DATA or digits (mokd.core.data)
     output_dir: str | None = None
     epochs: int = 100
     batch_size: int = 256  # global, across all processes

@@ -15,12 +15,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from mokd_eval.errors import MokdError
-from mokd_eval.features import FeatureCache
+from mokd.core.errors import MokdError
+from mokd.core.features import FeatureCache
 from mokd_eval.knn import knn_classify
 from mokd_eval.knn_eval import run_knn
-from mokd_eval.pipeline import EvalData, FeatureOptions, open_eval_data
-from mokd_eval.results import StageTimer, build_results, format_table, write_results
+from mokd.core.pipeline import EvalData, FeatureOptions, open_eval_data
+from mokd.core.results import StageTimer, build_results, format_table, write_results
 from mokd_train.config import resolve_config
 from mokd_train.engine import save_initial_checkpoint, train
 

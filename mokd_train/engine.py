@@ -29,17 +29,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from mokd_eval.atomic import write_json, write_text
-from mokd_eval.data import DataSpec, open_dataset, parse_data_spec
-from mokd_eval.errors import MokdError
-from mokd_eval import distributed
+from mokd.core.atomic import write_json, write_text
+from mokd.core.data import DataSpec, open_dataset, parse_data_spec
+from mokd.core.errors import MokdError
+from mokd.core import distributed
 from mokd_train import checkpointing
 from mokd_train.augment import MultiCropAugmentation, MultiCropConfig
 from mokd_train.checkpointing import Progress
 from mokd_train.config import (AUGMENTATION_PROBABILITIES, TrainConfig, arch_specs, describe, resolved_lambdas,
                                validate)
-from mokd_eval.distributed import DistContext
-from mokd_train.distributed import EpochShardSampler, ddp_wrapper, synchronise_batchnorm
+from mokd.core.distributed import DistContext
+from mokd.core.distributed import EpochShardSampler, ddp_wrapper, synchronise_batchnorm
 from mokd_train.losses import NonFiniteLossError
 from mokd_train.monitor import MONITORED, diagnose
 from mokd_train import online_knn
@@ -48,9 +48,9 @@ from mokd_train.methods import CONSTANT_EMA, build_peer_pair
 from mokd_train.run_lock import output_dir_lock
 from mokd_train.methods.base import PeerPair
 from mokd_train.pair import MokdPair, PairConfig
-from mokd_eval.resources import apply_resources
-from mokd_eval.schedules import cosine_schedule
-from mokd_eval.tensorboard_log import TensorBoardLog
+from mokd.core.resources import apply_resources
+from mokd.core.schedules import cosine_schedule
+from mokd.core.tensorboard_log import TensorBoardLog
 
 SGD_MOMENTUM = 0.9
 LR_REFERENCE_BATCH = 256
@@ -452,7 +452,7 @@ class Trainer:
                  f"{accuracies}; {record['seconds']:.1f} s{cost}")
 
     def _draw_curves(self) -> None:
-        from analysis.curves import draw_curves
+        from mokd_analysis.curves import draw_curves
 
         paths = draw_curves([self.output_dir], self.output_dir / "curves")
         self.log(f"curves: {paths['png']}")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from mokd_eval.posembed import resize_grid_embedding
+from mokd.core.posembed import resize_grid_embedding
 
 INIT_STD = 0.02
 
@@ -118,7 +118,7 @@ class THead(nn.Module):
     through `input_proj` only when their width differs from the head's (not in the official layout).
     The learnable position embedding (no CLS slot) is resized to any other grid, e.g. the smaller grid of
     local crops, exactly as the official code does (bicubic by scale factor with the +0.1 offset,
-    `mokd_eval.posembed`). An optional query token is prepended without
+    `mokd.core.posembed`). An optional query token is prepended without
     position embedding and dropped after the final norm: that is the cross-attention feature search.
     `l2_normalize` normalises the pooled tokens before the last layer, as the MLP-Head does with its bottleneck;
     the official T-Head does not (off by default). In the `tiny` recipe the unnormalised self term `st` collapsed a

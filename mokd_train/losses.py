@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mokd_eval.errors import MokdError
+from mokd.core.errors import MokdError
 
 N_GLOBAL = 2
 

@@ -17,11 +17,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from mokd_eval.atomic import write_json
-from mokd_eval.features import extract_features
+from mokd.core.atomic import write_json
+from mokd.core.features import extract_features
 from mokd_eval.knn import knn_classify
-from mokd_eval.pipeline import EvalData, open_eval_data
-from mokd_eval.registry import ArchSpec
+from mokd.core.pipeline import EvalData, open_eval_data
+from mokd.core.registry import ArchSpec
 
 HISTORY_NAME = "knn.json"
 KS = (20,)  # DINO's k for ImageNet; the monitor follows one number per model

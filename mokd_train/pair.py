@@ -29,9 +29,9 @@ import torch.distributed as dist
 from timm.layers import DropPath
 from torch import nn
 
-from mokd_eval.errors import MokdError
-from mokd_eval.registry import ArchSpec, build_backbone, forward_tokens
-from mokd_eval.validation import resnet_stride
+from mokd.core.errors import MokdError
+from mokd.core.registry import ArchSpec, build_backbone, forward_tokens
+from mokd.core.validation import resnet_stride
 from mokd_train.heads import MLPHead, THead
 from mokd_train.losses import (
     Centers,
@@ -43,7 +43,7 @@ from mokd_train.losses import (
     distillation_loss,
 )
 from mokd_train.monitor import mean_pairwise_cosine, target_entropy
-from mokd_train.schedules import teacher_temperature_schedule
+from mokd.core.schedules import teacher_temperature_schedule
 
 MODES = ("mokd", "independent")
 SELF_TERMS = ("sm", "st")

@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 from typing import Iterator
 
-from mokd_eval.errors import MokdError
+from mokd.core.errors import MokdError
 
 LOCK_NAME = ".mokd-train.lock"
 

@@ -2,7 +2,7 @@
 
 The job runs the very click command the user typed (minus `--slurm`), one process per GPU, with the
 torch.distributed environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) taken from SLURM, so
-`mokd_eval.distributed.setup` joins the group exactly as under torchrun. On preemption or time-out
+`mokd.core.distributed.setup` joins the group exactly as under torchrun. On preemption or time-out
 submitit calls `checkpoint`, which resubmits the same command: training resumes from its latest
 checkpoint (at most `--checkpoint-every-steps` steps are redone) and the suite reuses its finished steps.
 """
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mokd_eval.errors import MokdError
-from mokd_eval.validation import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Range, check_number, check_output_dir
+from mokd.core.errors import MokdError
+from mokd.core.validation import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Range, check_number, check_output_dir
 
 INSTALL_HINT = "pip install 'mokd[slurm]'"
 SIGNAL_DELAY_S = 120  # time between SLURM's warning signal and the kill: enough to leave a step cleanly

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from mokd_eval.registry import ALIASES, ArchSpec, build_backbone
+from mokd.core.registry import ALIASES, ArchSpec, build_backbone
 
 FAKE_HEAD_HIDDEN = 16
 FAKE_HEAD_OUT = 32
@@ -165,7 +165,7 @@ class CheckpointFactory:
 
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
-    """Commands size torch's threads to the machine's load (`mokd_eval.resources.apply_resources`): no test may
+    """Commands size torch's threads to the machine's load (`mokd.core.resources.apply_resources`): no test may
     leave that choice to the tests after it, whose numbers would then depend on the order and load of the run."""
     threads = torch.get_num_threads()
     yield

@@ -22,9 +22,9 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from mokd_eval.data import UNREADABLE_IMAGE_ERRORS, read_image, unreadable_reason
+from mokd.core.data import UNREADABLE_IMAGE_ERRORS, read_image, unreadable_reason
 from mokd_eval.detection import shapes_coco
-from mokd_eval.errors import MokdError
+from mokd.core.errors import MokdError
 
 SHAPES_KIND = "shapes-coco"
 COCO_KEYS = ("images", "annotations", "categories")

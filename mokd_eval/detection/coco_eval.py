@@ -20,13 +20,13 @@ from mokd_eval.detection.model import DetectorConfig, build_detector
 from mokd_eval.detection.train import (FINAL_WEIGHTS, PAPER_SCHEDULE, REFERENCE_BATCH, SCHEDULES, Solver,
                                        check_categories, evaluate_detector, load_detector_file, precise_bn,
                                        train_detector)
-from mokd_eval.distributed import DistContext
-from mokd_eval.errors import MokdError
-from mokd_eval.pipeline import load_models
+from mokd.core.distributed import DistContext
+from mokd.core.errors import MokdError
+from mokd.core.pipeline import load_models
 from mokd_eval.protocols import PAPER_PRECISION, paper_verdict, verdict_line
-from mokd_eval.registry import ArchSpec, build_backbone, resolve_arch
-from mokd_eval.resources import apply_resources
-from mokd_eval.results import StageTimer, build_results, format_table
+from mokd.core.registry import ArchSpec, build_backbone, resolve_arch
+from mokd.core.resources import apply_resources
+from mokd.core.results import StageTimer, build_results, format_table
 
 BACKBONES = ("r18", "r34", "r50", "r101")
 ENGINES = ("auto", "torchvision", "detectron2")

@@ -16,11 +16,11 @@ from typing import Any, Callable
 
 import torch
 
-from mokd_eval import atomic
+from mokd.core import atomic
 from mokd_eval.detection import shapes_coco
 from mokd_eval.detection.coco_data import SHAPES_KIND, CocoData
 from mokd_eval.detection.evaluation import METRICS, json_safe
-from mokd_eval.errors import MokdError
+from mokd.core.errors import MokdError
 from mokd_eval.export import detectron2_state
 
 PIXEL_MEAN_255 = [123.675, 116.28, 103.53]  # ImageNet mean/std on 0..255, RGB (MoCo)
@@ -205,7 +205,7 @@ def run_detectron2(candidate: Any, data: CocoData, settings: Any, context: Any, 
 
     from mokd_eval.detection.coco_eval import detector_config
     from mokd_eval.detection.train import Solver
-    from mokd_eval.resources import apply_resources
+    from mokd.core.resources import apply_resources
 
     if candidate.spec.stem != "imagenet" or candidate.spec.widths != (64, 128, 256, 512):
         raise MokdError(f"{candidate.key}: detectron2's ResNet needs a standard-width ImageNet-stem ResNet")

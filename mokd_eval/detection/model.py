@@ -26,8 +26,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import roi_align
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from mokd_eval.data import IMAGENET_MEAN, IMAGENET_STD
-from mokd_eval.errors import MokdError
+from mokd.core.data import IMAGENET_MEAN, IMAGENET_STD
+from mokd.core.errors import MokdError
 
 TRUNK_STRIDE = 16
 TRUNK_PARTS = ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3")

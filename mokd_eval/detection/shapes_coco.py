@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from mokd_eval import atomic
+from mokd.core import atomic
 
 SHAPES_COCO_VERSION = 1
 SHAPES_COCO_SEED = 20230602

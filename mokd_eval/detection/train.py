@@ -20,12 +20,12 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision.ops.misc import FrozenBatchNorm2d
 from tqdm import tqdm
 
-from mokd_eval import atomic
+from mokd.core import atomic
 from mokd_eval.detection.coco_data import CocoSplit, DetectionDataset, collate
 from mokd_eval.detection.evaluation import evaluate, to_coco_results
-from mokd_eval.distributed import DistContext, autocast_for
-from mokd_eval.errors import MokdError
-from mokd_eval.tensorboard_log import TensorBoardLog
+from mokd.core.distributed import DistContext, autocast_for
+from mokd.core.errors import MokdError
+from mokd.core.tensorboard_log import TensorBoardLog
 
 SCHEDULES = {"1x": 90_000, "2x": 180_000}
 PAPER_SCHEDULE = "2x"  # A.5: "trained for 180k iterations, i.e., the 2x schedule"

@@ -20,12 +20,12 @@ import torch.distributed._functional_collectives as collectives
 import torch.nn.functional as F
 from torch import nn
 
-from mokd_eval.errors import MokdError
-from mokd_eval.registry import ArchSpec, build_backbone, forward_tokens
+from mokd.core.errors import MokdError
+from mokd.core.registry import ArchSpec, build_backbone, forward_tokens
 from mokd_train.heads import MLPHead
 from mokd_train.losses import Centers, batch_center, distillation_loss
 from mokd_train.pair import ema_update, finite_values, frozen_copy_without_drop_path
-from mokd_train.schedules import teacher_temperature_schedule
+from mokd.core.schedules import teacher_temperature_schedule
 
 if TYPE_CHECKING:
     from mokd_train.config import TrainConfig

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mokd_eval.registry import ArchSpec
+from mokd.core.registry import ArchSpec
 from mokd_train.methods.base import PeerNetwork, PeerPair, gather_with_grad
 from mokd_train.methods.losses import nt_xent, relation_kl, relation_log_probs
 

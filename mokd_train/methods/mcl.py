@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mokd_eval.errors import MokdError
-from mokd_eval.registry import ArchSpec
+from mokd.core.errors import MokdError
+from mokd.core.registry import ArchSpec
 from mokd_train.methods.base import SGD_MOMENTUM, PeerNetwork, PeerPair, gather_without_grad
 from mokd_train.methods.losses import contrastive_logits, mcl_terms
 
