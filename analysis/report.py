@@ -221,9 +221,6 @@ class Cells:
         if not fallback:
             self.rows.setdefault(table, {})[row] = None
 
-    def add_row(self, table: str, row: tuple) -> None:
-        self.rows.setdefault(table, {})[row] = None
-
     def text(self, table: str, row: tuple, column: str, conflicts: list[dict[str, Any]]) -> str:
         candidates = self.main.get((table, row, column))
         mark = ""

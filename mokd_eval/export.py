@@ -26,7 +26,6 @@ FORMATS = ("detectron2", "torchvision", "timm")
 TIMM_RESNETS = {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet34", (3, 4, 23, 3): "resnet101",
                 (3, 8, 36, 3): "resnet152"}
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-_BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var")
 
 
 def timm_name(loaded: LoadedBackbone) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Subset
 
-from mokd.core.checkpoints import LoadedBackbone
+from mokd.core.checkpoints import LoadedBackbone, file_sha256
 from mokd.core.data import train_transform
 from mokd.core.distributed import DistContext
 from mokd.core.errors import MokdError
@@ -27,8 +27,7 @@ from mokd_eval.protocols import (AUGMENT_RESIZED, PAPER_PRECISION, Preset, Train
                                  paper_verdict, resolve_settings, run_root, train_with_search, training_record,
                                  verdict_line)
 from mokd.core.results import StageTimer, build_results, format_table
-from mokd_eval.splits import (ALLOWED_PERCENTS, file_sha256, read_split_file, stratified_subset,
-                              write_split_file)
+from mokd_eval.splits import ALLOWED_PERCENTS, read_split_file, stratified_subset, write_split_file
 from mokd.core.validation import check_image_size
 
 MODES = ("finetune", "linear")

@@ -8,7 +8,6 @@ on: they come from the training data, never from the validation set.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +15,8 @@ from typing import Sequence
 import numpy as np
 
 from mokd.core import atomic
+# Re-exported for analysis/suite.py, which imports it from here; the one definition is in mokd.core.checkpoints.
+from mokd.core.checkpoints import file_sha256  # noqa: F401
 from mokd.core.errors import MokdError
 
 ALLOWED_PERCENTS = (1, 10)
@@ -88,10 +89,6 @@ def stratified_subset(labels: np.ndarray, percent: float, seed: int, num_classes
 def write_split_file(path: str | Path, names: Sequence[str], indices: np.ndarray) -> Path:
     """Save a subset in SimCLR's format so it can be passed back with --split-file."""
     return atomic.write_text(path, "".join(f"{names[index]}\n" for index in indices))
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def heldout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

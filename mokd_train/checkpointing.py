@@ -1,6 +1,6 @@
 """Training checkpoints: the native layout, resuming, the official MOKD export, and --init-from.
 
-Native layout (read by mokd_eval/checkpoints.py): `mokd_format`, `archs`, `student1/2`, `teacher1/2`
+Native layout (read by mokd/core/checkpoints/): `mokd_format`, `archs`, `student1/2`, `teacher1/2`
 (raw module state dicts, no `module.` prefix), `epoch` (finished epochs), `step_in_epoch`,
 `global_step`, `config`, `mode`, `centers`, `optimizer1/2`, `scaler1/2` (or None) and `rng`. Only
 tensors and plain Python values, so everything loads with `torch.load(weights_only=True)`.
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from mokd.core.atomic import save_torch
-from mokd.core.checkpoints import load_object
+from mokd.core.checkpoints import load_object, strip_module_prefix
 from mokd.core.errors import MokdError
 from mokd.core.registry import ALIASES, TIMM_NAMES, ArchSpec
 from mokd_train.pair import MokdPair, feature_stride
@@ -360,10 +360,6 @@ def official_state(native: dict[str, Any], specs: tuple[ArchSpec, ArchSpec]) -> 
 # --- --init-from ----------------------------------------------------------------------------------
 
 
-def _strip_module(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {key.removeprefix("module."): value for key, value in state.items()}
-
-
 def _networks_and_centers(raw: Any, path: Path,
                           specs: tuple[ArchSpec, ArchSpec]) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
     """Per-network state dicts (our names) and centers from a native or an official MOKD checkpoint."""
@@ -381,8 +377,9 @@ def _networks_and_centers(raw: Any, path: Path,
                             f"{specs[index].name} ({wanted})")
     networks = {}
     for family, index in (("cnn", cnn), ("vit", vit)):
-        networks[f"student{index + 1}"] = _strip_module(raw[f"student_{family}"])
-        networks[f"teacher{index + 1}"] = _strip_module(raw[f"teacher_{family}"])
+        for role in ("student", "teacher"):
+            key = f"{role}_{family}"
+            networks[f"{role}{index + 1}"] = strip_module_prefix(raw[key], f"{path} '{key}'")
     centers = {}
     for family, index in (("cnn", cnn), ("vit", vit)):
         for term, key in OFFICIAL_LOSS_KEYS.items():

@@ -56,11 +56,6 @@ class CocoData:
     def category_ids(self) -> list[int]:
         return self.train.category_ids
 
-    @property
-    def category_names(self) -> list[str]:
-        cats = self.train.coco.loadCats(self.category_ids)
-        return [cat["name"] for cat in cats]
-
     def record(self) -> dict[str, Any]:
         return {"spec": self.text, "train_images": len(self.train.coco.getImgIds()),
                 "val_images": len(self.val.coco.getImgIds()), "num_classes": len(self.category_ids),

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 METHODS = ("mokd", "dogo", "mcl", "dino+dogo", "dino+mcl")
-ADAPTED = frozenset({"dino+dogo", "dino+mcl"})
 FAITHFUL_PEERS = frozenset({"dogo", "mcl"})
 LABELS = {
     "mokd": "MOKD",
