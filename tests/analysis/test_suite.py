@@ -39,6 +39,28 @@ def test_every_step_is_a_callable_taking_the_suite_context_and_returning_the_pay
         assert hints["context"] is SuiteContext and hints["return"] == dict[str, typing.Any], step.name
 
 
+def test_every_step_calls_its_command_logic_with_arguments_the_logic_takes(tmp_path, monkeypatch):
+    import inspect
+
+    from mokd_analysis import suite
+
+    logic = ["run_knn", "run_linear", "run_semisup", "run_cifar", "run_coco", "run_consistency", "run_tsne", "run_mad"]
+    called = []
+    for name in logic:
+        def checked(*args, original=getattr(suite, name), name=name, **kwargs):
+            inspect.signature(original).bind(*args, **kwargs)  # a renamed or re-signed parameter fails here
+            called.append(name)
+            return {}
+        monkeypatch.setattr(suite, name, checked)
+    monkeypatch.setattr(suite, "_coco_backbone", lambda context: "r18")
+    context = SuiteContext(checkpoint=tmp_path / "c.pth", out_dir=tmp_path, run=RunSettings(data="digits"),
+                           features=FeatureOptions(cache=FeatureCache(None)), cifar_data="cifar",
+                           coco_data="shapes-coco:8")
+    for step in STEPS:
+        assert step.run(context) == {}, step.name
+    assert sorted(set(called)) == sorted(logic)
+
+
 def test_a_step_runs_its_function_on_the_context_and_stores_the_payload(tmp_path):
     context = SuiteContext(checkpoint=tmp_path / "c.pth", out_dir=tmp_path, run=RunSettings(echo=lambda _: None),
                            features=FeatureOptions(cache=FeatureCache(None)))
