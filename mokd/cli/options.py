@@ -171,12 +171,15 @@ def tensorboard_option() -> Callable:
                         help=f"Also write the training scalars to <run dir>/tensorboard/ ({INSTALL_HINT}).")
 
 
+data_option = click.option("--data", default=None, help="Dataset: imagefolder:PATH, cifar10:PATH, cifar100:PATH, "
+                                                        "digits, shapes[:N]. Default: $MOKD_DATA, else digits.")
+
+
 def _data_option_list() -> list[Callable]:
     from mokd.core.validation import check_image_size
 
     return [
-        click.option("--data", default=None, help="Dataset: imagefolder:PATH, cifar10:PATH, cifar100:PATH, digits, "
-                                                  "shapes[:N]. Default: $MOKD_DATA, else digits."),
+        data_option,
         click.option("--image-size", type=int, default=None, callback=validated(check_image_size),
                      help="Evaluation resolution (default: the protocol's)."),
     ]
@@ -252,8 +255,7 @@ def image_options(function: Callable) -> Callable:
     from mokd.core.validation import check_image_size
 
     return apply(function, [
-        click.option("--data", default=None, help="Dataset: imagefolder:PATH, cifar10:PATH, cifar100:PATH, digits, "
-                                                  "shapes[:N]. Default: $MOKD_DATA, else digits."),
+        data_option,
         click.option("--image-size", type=int, default=None, callback=validated(check_image_size),
                      help="Input resolution (default: the protocol's)."),
         click.option("--batch-size", type=int, default=16, show_default=True, callback=positive("--batch-size")),
