@@ -7,7 +7,7 @@ can be shown, not only the last one (DINO's `get_last_selfattention`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from mokd.core import atomic
 from mokd.core.data import IMAGENET_MEAN, IMAGENET_STD
 from mokd.core.distributed import choose_device
 from mokd.core.errors import MokdError
-from mokd.core.pipeline import load_models, model_record, open_eval_data
+from mokd.core.pipeline import RunSettings, load_models, model_record, open_eval_data
 from mokd.core.results import StageTimer, build_results, format_table
 
 TITLE_SPACE = 0.45  # inches above the grid for the figure title and the head titles
@@ -74,21 +74,19 @@ def plot_maps(images: torch.Tensor, maps: np.ndarray, title: str, stem: Path) ->
         return style.save(fig, stem)
 
 
-def run_attention(checkpoint: Path, *, layer: int, data: str | None, model: str | None = None,
-                  key: str | None = None, trust: bool = False, image_size: int | None = None, images: int = 4,
-                  skip_bad_images: bool = False, seed: int = 0, device: str = "auto", out_stem: Path,
-                  echo: Callable[[str], None] = print) -> dict[str, Any]:
+def run_attention(checkpoint: Path, run: RunSettings, *, layer: int, images: int = 4, device: str = "auto",
+                  out_stem: Path) -> dict[str, Any]:
     """Class-token attention maps of `layer` for every ViT of the checkpoint; a checkpoint without one is refused."""
     timer = StageTimer()
     torch_device = choose_device(device, 0)
     with timer.stage("load"):
-        eval_data = open_eval_data(data, image_size=image_size, skip_bad_images=skip_bad_images)
-        loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo)
+        eval_data = open_eval_data(run.data, image_size=run.image_size, skip_bad_images=run.skip_bad_images)
+        loaded = load_models(checkpoint, model=run.model, key=run.key, trust=run.trust, echo=run.echo)
         vits = [entry for entry in loaded if entry.spec.is_vit]
         if not vits:
             raise MokdError(f"{checkpoint}: no ViT among {', '.join(f'{e.key} ({e.spec.name})' for e in loaded)}; "
                             "attention maps need a ViT (choose one with --key)")
-        batch, indices = sample_images(eval_data.val, images, seed)
+        batch, indices = sample_images(eval_data.val, images, run.seed)
     results, figures = [], {}
     with timer.stage("maps"):
         for entry in vits:
@@ -107,9 +105,10 @@ def run_attention(checkpoint: Path, *, layer: int, data: str | None, model: str 
                 "cls_mass_on_patches": maps.sum(axis=(2, 3)).mean(axis=0).round(4).tolist()}}})
     protocol = {"name": "attention", "layer": layer, "images": len(indices), "image_size": int(batch.shape[-1]),
                 "map": "class-token row of softmax(qk^T/sqrt(d)) over the patches, per head"}
-    config = {"checkpoint": str(checkpoint), "model": model, "key": key, "device": device, "image_indices": indices}
+    config = {"checkpoint": str(checkpoint), "model": run.model, "key": run.key, "device": device,
+              "image_indices": indices}
     payload = build_results(command="attention", protocol=protocol, dataset=eval_data.record(), results=results,
-                            timings=timer.as_dict(), seed=seed, config=config)
+                            timings=timer.as_dict(), seed=run.seed, config=config)
     payload["figures"] = figures
     return payload
 

@@ -17,7 +17,8 @@ from sklearn.metrics import cohen_kappa_score
 from mokd.core.checkpoints import LoadedBackbone
 from mokd.core.errors import MokdError
 from mokd_eval.knn import knn_classify
-from mokd.core.pipeline import FeatureOptions, load_models, model_features, model_record, open_eval_data
+from mokd.core.pipeline import (FeatureOptions, RunSettings, load_models, model_features, model_record,
+                                open_eval_data)
 from mokd.core.results import StageTimer, build_results, format_table
 
 CONSISTENCY_K = 20
@@ -89,18 +90,20 @@ def select_models(checkpoint_a: Path, checkpoint_b: Path | None, control: Path |
     return models
 
 
-def run_consistency(checkpoint_a: Path, checkpoint_b: Path | None = None, *, control: Path | None = None,
-                    data: str | None, features: FeatureOptions, keys: Sequence[str | None] = (None, None, None),
-                    model: str | None = None, trust: bool = False, image_size: int | None = None,
-                    skip_bad_images: bool = False, k: int = CONSISTENCY_K,
-                    temperature: float = CONSISTENCY_TEMPERATURE, seed: int = 0,
-                    echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """k-NN predictions of A, B (and A') on one validation set, compared; returns the results payload."""
+def run_consistency(checkpoint_a: Path, checkpoint_b: Path | None, run: RunSettings, *, control: Path | None = None,
+                    features: FeatureOptions, key_b: str | None = None, key_control: str | None = None,
+                    k: int = CONSISTENCY_K, temperature: float = CONSISTENCY_TEMPERATURE) -> dict[str, Any]:
+    """k-NN predictions of A, B (and A') on one validation set, compared; returns the results payload.
+    `run.key` picks model A, `key_b` and `key_control` the models of the other two checkpoints."""
+    keys = (run.key, key_b, key_control)
     timer = StageTimer()
     with timer.stage("load"):
-        eval_data = open_eval_data(data, image_size=image_size, skip_bad_images=skip_bad_images, echo=echo)
-        echo(f"data: {eval_data.spec.text} ({len(eval_data.val)} val images, {eval_data.train.num_classes} classes)")
-        models = select_models(checkpoint_a, checkpoint_b, control, keys=keys, model=model, trust=trust, echo=echo)
+        eval_data = open_eval_data(run.data, image_size=run.image_size, skip_bad_images=run.skip_bad_images,
+                                   echo=run.echo)
+        run.echo(f"data: {eval_data.spec.text} ({len(eval_data.val)} val images, "
+                 f"{eval_data.train.num_classes} classes)")
+        models = select_models(checkpoint_a, checkpoint_b, control, keys=keys, model=run.model, trust=run.trust,
+                               echo=run.echo)
 
     num_classes = eval_data.train.num_classes
     results, predictions, val_labels = [], [], []
@@ -126,10 +129,10 @@ def run_consistency(checkpoint_a: Path, checkpoint_b: Path | None = None, *, con
                 "agreement": "fraction of val images with equal k-NN top-1 predictions",
                 "control": "control model A' replaces A" if control is not None else None}
     config = {"checkpoint": str(checkpoint_a), "checkpoint_b": str(checkpoint_b) if checkpoint_b else None,
-              "control": str(control) if control else None, "keys": list(keys), "model": model,
-              "image_size": image_size}
+              "control": str(control) if control else None, "keys": list(keys), "model": run.model,
+              "image_size": run.image_size}
     payload = build_results(command="consistency", protocol=protocol, dataset=eval_data.record(), results=results,
-                            timings=timer.as_dict(), seed=seed, config=config)
+                            timings=timer.as_dict(), seed=run.seed, config=config)
     payload["consistency"] = analysis
     return payload
 

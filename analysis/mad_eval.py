@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from mokd_analysis.attention_distance import CNNDistance, ViTDistance, resnet_points
 from mokd.core.distributed import choose_device
 from mokd.core.errors import MokdError
-from mokd.core.pipeline import load_models, model_record, open_eval_data
+from mokd.core.pipeline import RunSettings, load_models, model_record, open_eval_data
 from mokd.core.registry import ArchSpec, build_backbone, resolve_arch
 from mokd.core.results import StageTimer, build_results, format_table
 
@@ -111,30 +111,29 @@ def plot_mad(curves: Sequence[dict[str, Any]], stem: Path) -> dict[str, str]:
         return style.save(fig, stem)
 
 
-def run_mad(checkpoints: Sequence[Path], *, data: str | None, model: str | None = None, key: str | None = None,
-            trust: bool = False, image_size: int | None = None, images: int = 64, batch_size: int = 16,
+def run_mad(checkpoints: Sequence[Path], run: RunSettings, *, images: int = 64, batch_size: int = 16,
             device: str = "auto", per_block: bool = False, renormalize: bool = False, random_control: bool = False,
-            skip_bad_images: bool = False, seed: int = 0, out_stem: Path,
-            echo: Callable[[str], None] = print) -> dict[str, Any]:
+            out_stem: Path) -> dict[str, Any]:
     """Measure every model of every checkpoint (and the random-init controls) on the same images."""
     timer = StageTimer()
     with timer.stage("load"):
-        eval_data = open_eval_data(data, image_size=image_size, skip_bad_images=skip_bad_images, echo=echo)
-        batch, indices = sample_images(eval_data.val, images, seed)
+        eval_data = open_eval_data(run.data, image_size=run.image_size, skip_bad_images=run.skip_bad_images,
+                                   echo=run.echo)
+        batch, indices = sample_images(eval_data.val, images, run.seed)
         size = batch.shape[-1]
         measured = []
         for checkpoint in checkpoints:
-            for loaded in load_models(checkpoint, model=model, key=key, trust=trust, echo=echo):
+            for loaded in load_models(checkpoint, model=run.model, key=run.key, trust=run.trust, echo=run.echo):
                 measured.append(Measured(f"{Path(checkpoint).stem}:{loaded.key}", loaded.spec, loaded.module,
                                          model_record(loaded)))
         if not checkpoints:
-            if model is None:
+            if run.model is None:
                 raise MokdError("give a checkpoint, or --model for the random-init control (e.g. --model vit_s)")
-            measured.append(random_init(resolve_arch(model), size, seed))
+            measured.append(random_init(resolve_arch(run.model), size, run.seed))
         elif random_control:
             specs = {entry.spec.name: entry.spec for entry in measured}
-            measured.extend(random_init(spec, size, seed) for spec in specs.values())
-    echo(f"data: {eval_data.spec.text}, {len(indices)} val images at {size}px ({eval_data.transform})")
+            measured.extend(random_init(spec, size, run.seed) for spec in specs.values())
+    run.echo(f"data: {eval_data.spec.text}, {len(indices)} val images at {size}px ({eval_data.transform})")
     torch_device = choose_device(device, 0)
     results, curves = [], []
     with timer.stage("measure"):
@@ -151,10 +150,11 @@ def run_mad(checkpoints: Sequence[Path], *, data: str | None, model: str | None 
     protocol = {"name": "mad", "images": len(indices), "image_size": size, "renormalize": renormalize,
                 "per_block": per_block, "vit": "patch rows/columns of softmax(qk^T/sqrt(d)), CLS excluded",
                 "cnn": "q = k = channel LayerNorm of the stage output, softmax(qk^T/sqrt(C)), P = stride"}
-    config = {"checkpoints": [str(c) for c in checkpoints], "model": model, "key": key, "image_size": image_size,
+    config = {"checkpoints": [str(c) for c in checkpoints], "model": run.model, "key": run.key,
+              "image_size": run.image_size,
               "batch_size": batch_size, "device": device, "image_indices": indices}
     payload = build_results(command="mad", protocol=protocol, dataset=eval_data.record(), results=results,
-                            timings=timer.as_dict(), seed=seed, config=config)
+                            timings=timer.as_dict(), seed=run.seed, config=config)
     payload["figures"] = figures
     return payload
 

@@ -1,29 +1,37 @@
 """`mokd-eval suite`: the whole paper for one checkpoint, step by step, resumable, then `report`.
 
-The steps are a table (`STEPS`): a name, the command logic's "module:function", and how the suite's settings
-become that function's keyword arguments. Adding a protocol is one line. A step whose module or function does
-not exist in this build, or whose logic needs arguments the suite cannot provide, is listed as skipped with
-that reason, never faked. A step whose results JSON exists and was written by the suite with the same
-checkpoint hash and settings is reused, so an interrupted overnight run restarts where it stopped.
-`plan_suite` (`suite --plan`) resolves every step's settings into the same `protocol` records the runs write,
-and runs nothing: a researcher checks a night's run before starting it.
+The steps are a table (`STEPS`): a name, the function that runs the step on the suite's context and returns its
+results payload, and the reason it cannot run here (missing data, no pair, no standard ResNet), listed as a skip,
+never faked. Each step function calls a command's logic directly, so a renamed or re-signed function fails at
+import or in the suite's tests, not as a skip at night. Adding a protocol is one function and one line. A step
+whose results JSON exists and was written by the suite with the same checkpoint hash and settings is reused, so an
+interrupted overnight run restarts where it stopped. `plan_suite` (`suite --plan`) resolves every step's settings
+into the same `protocol` records the runs write, and runs nothing: a researcher checks a night's run before
+starting it.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
+import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mokd.core.checkpoints import file_sha256, read_checkpoint
 from mokd.core.distributed import DistContext
 from mokd.core.errors import MokdError
-from mokd.core.pipeline import FeatureOptions
-from mokd_eval.protocols import SCALES, TrainOptions
+from mokd.core.pipeline import FeatureOptions, RunSettings
 from mokd.core.results import build_results, write_results
+from mokd_analysis.consistency import run_consistency
+from mokd_analysis.mad_eval import run_mad
+from mokd_analysis.tsne import run_tsne
+from mokd_eval.cifar_eval import run_cifar
+from mokd_eval.detection.coco_eval import BACKBONES, CocoSettings, run_coco
+from mokd_eval.knn_eval import PAPER_KS, PAPER_TEMPERATURE, run_knn
+from mokd_eval.linear_eval import run_linear
+from mokd_eval.protocols import SCALES, TrainOptions
+from mokd_eval.semisup_eval import run_semisup
 
 REPORT_STEP = "report"
 # SimCLR's list files (A.3 uses "the same splits of 1% and 10% of ImageNet [...] in [9]"), in --semisup-splits DIR.
@@ -36,14 +44,8 @@ class SuiteContext:
 
     checkpoint: Path
     out_dir: Path
-    data: str | None
+    run: RunSettings  # data, model, key, trust, resolution, seed and where progress lines go
     features: FeatureOptions
-    model: str | None
-    key: str | None
-    trust: bool
-    image_size: int | None
-    seed: int
-    echo: Callable[[str], None]
     dist: DistContext | None = None  # process placement (torchrun or one process), for the training steps
     epochs: int | None = None  # overrides every training protocol's epochs (a short smoke run)
     cifar_data: str | None = None  # folder of the CIFAR python pickles
@@ -59,50 +61,87 @@ class SuiteContext:
     def result_path(self, step: str) -> Path:
         return self.out_dir / step / f"{self.checkpoint.stem}.json"
 
-    def common(self, step: str) -> dict[str, Any]:
-        """Arguments every command's logic understands under these names (each takes the ones it declares)."""
-        return {"checkpoint": self.checkpoint, "data": self.data, "features": self.features, "model": self.model,
-                "key": self.key, "trust": self.trust, "image_size": self.image_size, "seed": self.seed,
-                "echo": self.echo, "device": self.features.device, "out": self.result_path(step),
-                "out_stem": self.result_path(step).with_suffix("")}
-
     def settings(self, step: str) -> dict[str, Any]:
         """What must match for a stored result to be reused."""
-        return {"step": step, "checkpoint_sha256": self.sha256, "data": self.data, "model": self.model,
-                "key": self.key, "image_size": self.image_size, "seed": self.seed,
+        run = self.run
+        return {"step": step, "checkpoint_sha256": self.sha256, "data": run.data, "model": run.model,
+                "key": run.key, "image_size": run.image_size, "seed": run.seed,
                 "feature": self.features.kind.describe(), "epochs": self.epochs, "cifar_data": self.cifar_data,
                 "coco_data": self.coco_data, "coco_iters": self.coco_iters, "precision": self.features.precision,
                 "scale": self.scale, "semisup_splits": str(self.semisup_splits) if self.semisup_splits else None}
 
     def train_options(self) -> TrainOptions:
-        return TrainOptions(epochs=self.epochs, num_workers=self.features.num_workers, seed=self.seed,
+        return TrainOptions(epochs=self.epochs, num_workers=self.features.num_workers, seed=self.run.seed,
                             precision=self.features.precision, scale=self.scale)
 
 
-def _checkpoint_list(context: SuiteContext) -> dict[str, Any]:
-    """For the logic that takes several checkpoints (t-SNE, MAD)."""
-    return {"checkpoints": [context.checkpoint]}
+# --- the steps: each runs one command's logic on the suite's context and returns its results payload -------------
+
+StepFunction = Callable[[SuiteContext], dict[str, Any]]
 
 
-def _consistency_args(context: SuiteContext) -> dict[str, Any]:
-    return {"checkpoint_a": context.checkpoint}
+def knn_step(context: SuiteContext) -> dict[str, Any]:
+    return run_knn(context.checkpoint, context.run, ks=PAPER_KS, temperature=PAPER_TEMPERATURE,
+                   features=context.features)
+
+
+def linear_step(context: SuiteContext) -> dict[str, Any]:
+    return run_linear(context.checkpoint, context.run, mode="protocol", features=context.features,
+                      feature_given=False, options=context.train_options(), out=context.result_path("linear"),
+                      context=context.dist)
+
+
+def semisup_step(percent: int) -> StepFunction:
+    """A.3's fine-tuning on SimCLR's list when --semisup-splits gives it, else a seeded stratified subset."""
+    def step(context: SuiteContext) -> dict[str, Any]:
+        return run_semisup(context.checkpoint, context.run, percent=percent, split_file=context.split_file(percent),
+                           mode="finetune", options=context.train_options(),
+                           out=context.result_path(f"semisup{percent}"), context=context.dist,
+                           device=context.features.device)
+    return step
+
+
+def cifar_step(dataset: str) -> StepFunction:
+    """A.4's fine-tuning on the CIFAR pickles of --cifar-data."""
+    def step(context: SuiteContext) -> dict[str, Any]:
+        return run_cifar(context.checkpoint, dataclasses.replace(context.run, data=context.cifar_data),
+                         dataset=dataset, options=context.train_options(), out=context.result_path(dataset),
+                         context=context.dist, device=context.features.device)
+    return step
+
+
+def coco_step(context: SuiteContext) -> dict[str, Any]:
+    return run_coco(context.checkpoint, coco_settings(context), context.dist, echo=context.run.echo)
+
+
+def consistency_step(context: SuiteContext) -> dict[str, Any]:
+    """The two models of the pair checkpoint, compared."""
+    return run_consistency(context.checkpoint, None, context.run, features=context.features)
+
+
+def tsne_step(context: SuiteContext) -> dict[str, Any]:
+    return run_tsne([context.checkpoint], context.run, features=context.features,
+                    out_stem=context.result_path("tsne").with_suffix(""))
+
+
+def mad_step(context: SuiteContext) -> dict[str, Any]:
+    return run_mad([context.checkpoint], context.run, device=context.features.device,
+                   out_stem=context.result_path("mad").with_suffix(""))
+
+
+# --- why a step cannot run here ----------------------------------------------------------------------------------
+
+
+def _always_runs(context: SuiteContext) -> str | None:
+    return None
 
 
 def _needs_a_pair(context: SuiteContext) -> str | None:
     """Consistency compares the two models of a pair checkpoint; a single model has nothing to compare."""
-    if context.key is None and len(read_checkpoint(context.checkpoint, trust=context.trust).default_keys) == 2:
+    run = context.run
+    if run.key is None and len(read_checkpoint(context.checkpoint, trust=run.trust).default_keys) == 2:
         return None
     return "needs a pair checkpoint evaluated without --key (run mokd-eval consistency with a second checkpoint)"
-
-
-def _training(**protocol: Any) -> Callable[[SuiteContext], dict[str, Any]]:
-    """Arguments of a supervised protocol (linear, semisup, cifar): its own settings plus the suite's."""
-    return lambda context: {**protocol, "options": context.train_options(), "context": context.dist}
-
-
-def _semisup(percent: int) -> Callable[[SuiteContext], dict[str, Any]]:
-    """A.3's fine-tuning on SimCLR's list when --semisup-splits gives it, else a seeded stratified subset."""
-    return lambda context: _training(percent=percent, split_file=context.split_file(percent), mode="finetune")(context)
 
 
 def _needs_cifar(context: SuiteContext) -> str | None:
@@ -111,10 +150,8 @@ def _needs_cifar(context: SuiteContext) -> str | None:
 
 def _coco_backbone(context: SuiteContext) -> str | None:
     """The detector backbone name (r18/r34/r50/r101) of the checkpoint's ResNet, if it has a standard one."""
-    from mokd_eval.detection.coco_eval import BACKBONES
-
-    ckpt = read_checkpoint(context.checkpoint, trust=context.trust)
-    keys = [context.key] if context.key else ckpt.default_keys
+    ckpt = read_checkpoint(context.checkpoint, trust=context.run.trust)
+    keys = [context.run.key] if context.run.key else ckpt.default_keys
     names = {ckpt.entries[key].spec.name for key in keys if key in ckpt.entries and ckpt.entries[key].spec}
     return next((name for name in BACKBONES if name in names), None)
 
@@ -127,37 +164,32 @@ def _needs_coco(context: SuiteContext) -> str | None:
     return None
 
 
-def _coco_args(context: SuiteContext) -> dict[str, Any]:
-    from mokd_eval.detection.coco_eval import CocoSettings
-
+def coco_settings(context: SuiteContext) -> CocoSettings:
+    """The detector transfer of the checkpoint's standard ResNet, its checkpoints under the suite's folder."""
     iters = {"iters": context.coco_iters} if context.coco_iters else {}
-    settings = CocoSettings(backbone=_coco_backbone(context), data=context.coco_data, key=context.key,
-                            trust=context.trust, num_workers=context.features.num_workers, seed=context.seed,
-                            output_dir=context.out_dir / "coco" / f"{context.checkpoint.stem}-detector", **iters)
-    return {"settings": settings, "context": context.dist}
+    return CocoSettings(backbone=_coco_backbone(context), data=context.coco_data, key=context.run.key,
+                        trust=context.run.trust, num_workers=context.features.num_workers, seed=context.run.seed,
+                        output_dir=context.out_dir / "coco" / f"{context.checkpoint.stem}-detector", **iters)
 
 
 @dataclass(frozen=True)
 class Step:
     name: str
-    target: str  # "module:function" returning the results payload
-    extra: Callable[[SuiteContext], dict[str, Any]] = field(default=lambda context: {})
-    skip_reason: Callable[[SuiteContext], str | None] = field(default=lambda context: None)
+    run: StepFunction  # returns the results payload
+    skip_reason: Callable[[SuiteContext], str | None] = _always_runs
 
 
 STEPS: tuple[Step, ...] = (
-    Step("knn", "mokd_eval.knn_eval:run_knn", lambda c: {"ks": (10, 20, 100, 200), "temperature": 0.07}),
-    Step("linear", "mokd_eval.linear_eval:run_linear", _training(mode="protocol", feature_given=False)),
-    Step("semisup1", "mokd_eval.semisup_eval:run_semisup", _semisup(1)),
-    Step("semisup10", "mokd_eval.semisup_eval:run_semisup", _semisup(10)),
-    Step("cifar10", "mokd_eval.cifar_eval:run_cifar",
-         lambda c: {**_training(dataset="cifar10")(c), "data": c.cifar_data}, _needs_cifar),
-    Step("cifar100", "mokd_eval.cifar_eval:run_cifar",
-         lambda c: {**_training(dataset="cifar100")(c), "data": c.cifar_data}, _needs_cifar),
-    Step("coco", "mokd_eval.detection.coco_eval:run_coco", _coco_args, _needs_coco),
-    Step("consistency", "mokd_analysis.consistency:run_consistency", _consistency_args, _needs_a_pair),
-    Step("tsne", "mokd_analysis.tsne:run_tsne", _checkpoint_list),
-    Step("mad", "mokd_analysis.mad_eval:run_mad", _checkpoint_list),
+    Step("knn", knn_step),
+    Step("linear", linear_step),
+    Step("semisup1", semisup_step(1)),
+    Step("semisup10", semisup_step(10)),
+    Step("cifar10", cifar_step("cifar10"), _needs_cifar),
+    Step("cifar100", cifar_step("cifar100"), _needs_cifar),
+    Step("coco", coco_step, _needs_coco),
+    Step("consistency", consistency_step, _needs_a_pair),
+    Step("tsne", tsne_step),
+    Step("mad", mad_step),
 )
 STEP_NAMES = tuple(step.name for step in STEPS) + (REPORT_STEP,)
 
@@ -170,36 +202,7 @@ def parse_skip(text: str | None) -> set[str]:
     return names
 
 
-def resolve(step: Step) -> tuple[Callable[..., dict[str, Any]] | None, str | None]:
-    """The step's function, or why it is not available in this build."""
-    module_name, _, function_name = step.target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name and module_name.startswith(error.name):
-            return None, f"command not available in this build ({module_name} does not exist)"
-        raise
-    function = getattr(module, function_name, None)
-    if function is None:
-        return None, f"command not available in this build ({step.target} does not exist)"
-    return function, None
-
-
-def call_arguments(function: Callable, offered: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """The offered arguments the function declares, and its required parameters nobody offered."""
-    parameters = inspect.signature(function).parameters
-    chosen = {name: value for name, value in offered.items() if name in parameters}
-    positional = [p for p in parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if positional and positional[0].name not in chosen and "checkpoint" in offered:
-        chosen[positional[0].name] = offered["checkpoint"]  # the checkpoint is every command's first argument
-    missing = [name for name, p in parameters.items()
-               if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name not in chosen]
-    return chosen, missing
-
-
 def reusable(path: Path, settings: dict[str, Any]) -> bool:
-    import json
-
     if not path.is_file():
         return False
     try:
@@ -214,19 +217,12 @@ def run_step(step: Step, context: SuiteContext) -> dict[str, Any]:
     path, settings = context.result_path(step.name), context.settings(step.name)
     if reusable(path, settings):
         return {"step": step.name, "status": "reused", "results": str(path)}
-    function, reason = resolve(step)
-    if function is not None:
-        reason = step.skip_reason(context)
+    reason = step.skip_reason(context)
     if reason is not None:
         return {"step": step.name, "status": "skipped", "reason": reason}
-    arguments, missing = call_arguments(function, {**context.common(step.name), **step.extra(context)})
-    if missing:
-        return {"step": step.name, "status": "skipped",
-                "reason": f"{step.target} needs {', '.join(missing)}, which the suite does not provide yet "
-                          "(wire it in analysis/suite.py STEPS)"}
-    context.echo(f"== {step.name}")
+    context.run.echo(f"== {step.name}")
     try:
-        payload = function(**arguments)
+        payload = step.run(context)
     except MokdError as error:
         return {"step": step.name, "status": "failed", "reason": str(error)}
     payload["suite"] = {"settings": settings}
@@ -249,7 +245,7 @@ def run_suite(context: SuiteContext, *, skip: set[str], steps: Sequence[Step] = 
         statuses.append({"step": REPORT_STEP, "status": "skipped", "reason": "--skip"})
     else:
         try:
-            report = run_report(context.out_dir, context.out_dir / REPORT_STEP, echo=context.echo)
+            report = run_report(context.out_dir, context.out_dir / REPORT_STEP, echo=context.run.echo)
             write_results(context.out_dir / REPORT_STEP / "report.json", report)
             statuses.append({"step": REPORT_STEP, "status": "done", "results": report["report"]["markdown"]})
         except MokdError as error:
@@ -257,7 +253,7 @@ def run_suite(context: SuiteContext, *, skip: set[str], steps: Sequence[Step] = 
     config = {"checkpoint": str(context.checkpoint), "out_dir": str(context.out_dir), "skip": sorted(skip),
               **context.settings("suite")}
     payload = build_results(command="suite", protocol={"name": "suite", "steps": list(STEP_NAMES)}, dataset={},
-                            results=[], timings={}, seed=context.seed, config=config)
+                            results=[], timings={}, seed=context.run.seed, config=config)
     payload["steps"] = statuses
     return payload
 
@@ -290,10 +286,11 @@ class _Planner:
         from mokd.core.pipeline import evaluation_resolution, load_models, open_eval_data
 
         self.context = context
-        self.loaded = load_models(context.checkpoint, model=context.model, key=context.key, trust=context.trust,
+        run = context.run
+        self.loaded = load_models(context.checkpoint, model=run.model, key=run.key, trust=run.trust,
                                   echo=lambda message: None)
-        self.resolution = evaluation_resolution(self.loaded, context.image_size)
-        self.data = open_eval_data(context.data, image_size=self.resolution.size)
+        self.resolution = evaluation_resolution(self.loaded, run.image_size)
+        self.data = open_eval_data(run.data, image_size=self.resolution.size)
         self.options = context.train_options()
 
     def knn(self) -> list[dict[str, Any]]:
@@ -323,14 +320,14 @@ class _Planner:
                                             split_source)
         from mokd_eval.splits import file_sha256, read_split_file, stratified_subset
 
-        train, split_path = self.data.train, self.context.split_file(percent)
+        train, split_path, seed = self.data.train, self.context.split_file(percent), self.context.run.seed
         if split_path is not None:
             names = [train.item_name(index) for index in range(len(train))]
             size = len(read_split_file(split_path, names, percent=percent))
-            kind, described = "file", split_source(split_path, file_sha256(split_path), "file", self.context.seed)
+            kind, described = "file", split_source(split_path, file_sha256(split_path), "file", seed)
         else:
-            size = len(stratified_subset(train.targets, percent, self.context.seed, train.num_classes))
-            kind, described = "stratified", f"stratified, seed {self.context.seed}"
+            size = len(stratified_subset(train.targets, percent, seed, train.num_classes))
+            kind, described = "stratified", f"stratified, seed {seed}"
         records = []
         for entry in self.loaded:
             preset = finetune_preset(entry, EPOCHS_BY_PERCENT[percent], FINETUNE_WARMUP)
@@ -354,14 +351,15 @@ class _Planner:
                             FINETUNE_BASE_LR["vit" if entry.spec.is_vit else "resnet"])
             settings, _ = resolve_settings(preset, self.options, size)
             records.append(cifar_protocol(entry, settings, preset.lr, selection_text((preset.lr,), self.options),
-                                          "resized", cifar_resolution(self.loaded, entry, self.context.image_size)))
+                                          "resized",
+                                          cifar_resolution(self.loaded, entry, self.context.run.image_size)))
         return records
 
     def coco(self) -> list[dict[str, Any]]:
         from mokd_eval.detection.coco_data import open_coco
         from mokd_eval.detection.coco_eval import coco_protocol, resolve_defaults, resolve_engine
 
-        settings = _coco_args(self.context)["settings"]
+        settings = coco_settings(self.context)
         data = open_coco(settings.data)
         return [coco_protocol(data, resolve_defaults(data, settings), resolve_engine(settings.engine))]
 
@@ -388,8 +386,7 @@ def plan_suite(context: SuiteContext, *, skip: set[str], steps: Sequence[Step] =
         if step.name in skip:
             plan.append({"step": step.name, "status": "skipped", "reason": "--skip"})
             continue
-        function, reason = resolve(step)
-        reason = reason or step.skip_reason(context)
+        reason = step.skip_reason(context)
         if reason is not None:
             plan.append({"step": step.name, "status": "skipped", "reason": reason})
             continue

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from scipy.linalg import orthogonal_procrustes
 
 from mokd.core import atomic
 from mokd.core.errors import MokdError
-from mokd.core.pipeline import FeatureOptions, load_models, model_record, open_eval_data, split_features
+from mokd.core.pipeline import (FeatureOptions, RunSettings, load_models, model_record, open_eval_data,
+                                split_features)
 from mokd.core.results import StageTimer, build_results, format_table
 
 PERPLEXITY = 30.0
@@ -111,34 +112,33 @@ def plot_tsne(embeddings: np.ndarray, labels: np.ndarray, classes: Sequence[int]
         return style.save(fig, stem)
 
 
-def run_tsne(checkpoints: Sequence[Path], *, data: str | None, features: FeatureOptions, classes: int = 10,
-             split: str = "val", model: str | None = None, key: str | None = None, trust: bool = False,
-             image_size: int | None = None, skip_bad_images: bool = False, seed: int = 0,
-             out_stem: Path, echo: Callable[[str], None] = print) -> dict[str, Any]:
+def run_tsne(checkpoints: Sequence[Path], run: RunSettings, *, features: FeatureOptions, classes: int = 10,
+             split: str = "val", out_stem: Path) -> dict[str, Any]:
     """Embed the drawn classes' features of every model, align, plot; write the `.npy` and figures next to
     `out_stem`. Returns the results payload."""
     timer = StageTimer()
     with timer.stage("load"):
-        eval_data = open_eval_data(data, image_size=image_size, skip_bad_images=skip_bad_images, echo=echo)
+        eval_data = open_eval_data(run.data, image_size=run.image_size, skip_bad_images=run.skip_bad_images,
+                                   echo=run.echo)
         num_classes = eval_data.train.num_classes
-        drawn = draw_classes(num_classes, classes, seed)
+        drawn = draw_classes(num_classes, classes, run.seed)
         models = [entry for checkpoint in checkpoints
-                  for entry in load_models(checkpoint, model=model, key=key, trust=trust, echo=echo)]
+                  for entry in load_models(checkpoint, model=run.model, key=run.key, trust=run.trust, echo=run.echo)]
     embeddings, labels, results = [], None, []
     for entry in models:
-        chosen = split_features(entry, eval_data, split, features, timer, echo)
+        chosen = split_features(entry, eval_data, split, features, timer, run.echo)
         mask = np.isin(chosen.labels, drawn)
         if labels is not None and not np.array_equal(labels, chosen.labels[mask]):
             raise MokdError("the models' feature sets hold different images; re-extract with the same --data")
         labels = chosen.labels[mask]
         with timer.stage("tsne"):
-            embeddings.append(embed(chosen.features[mask], seed=seed))
+            embeddings.append(embed(chosen.features[mask], seed=run.seed))
         results.append({**model_record(entry), "metrics": {"tsne": {"points": int(mask.sum())}}})
     assert labels is not None
     perplexity = effective_perplexity(len(labels))
     if perplexity < PERPLEXITY:
-        echo(f"warning: t-SNE perplexity lowered from {PERPLEXITY:g} to {perplexity:g}: only {len(labels)} points; "
-             "the results record the value used")
+        run.echo(f"warning: t-SNE perplexity lowered from {PERPLEXITY:g} to {perplexity:g}: only {len(labels)} points; "
+                 "the results record the value used")
     aligned = aligned_embeddings(embeddings, labels, drawn)
     names = [f"{entry.checkpoint.path.stem}:{entry.key} ({entry.spec.name})" for entry in models]
     class_names = list(getattr(eval_data.train, "classes", None) or [str(c) for c in range(num_classes)])
@@ -151,10 +151,11 @@ def run_tsne(checkpoints: Sequence[Path], *, data: str | None, features: Feature
                 "learning_rate": "auto", "split": split, "feature": features.kind.describe(),
                 "precision": features.precision,
                 "normalisation": "L2", "alignment": "similarity Procrustes on class centroids, to the first model"}
-    config = {"checkpoints": [str(c) for c in checkpoints], "model": model, "key": key, "image_size": image_size,
+    config = {"checkpoints": [str(c) for c in checkpoints], "model": run.model, "key": run.key,
+              "image_size": run.image_size,
               "classes": classes}
     payload = build_results(command="tsne", protocol=protocol, dataset=eval_data.record(), results=results,
-                            timings=timer.as_dict(), seed=seed, config=config)
+                            timings=timer.as_dict(), seed=run.seed, config=config)
     payload["tsne"] = {"classes": drawn, "class_names": [class_names[c] for c in drawn], "models": names,
                        "embedding": str(embedding_path), "labels": str(labels_path), "figures": figures}
     return payload

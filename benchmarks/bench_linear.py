@@ -27,7 +27,7 @@ from mokd.core.distributed import setup
 from mokd.core.features import FeatureCache, FeatureKind
 from mokd_eval.finetune import Classifier, FitSettings, fit
 from mokd_eval.linear_eval import run_linear
-from mokd.core.pipeline import FeatureOptions
+from mokd.core.pipeline import FeatureOptions, RunSettings
 from mokd_eval.protocols import TrainOptions
 from mokd.core.registry import ALIASES, build_backbone
 from mokd.core.results import format_table
@@ -71,8 +71,8 @@ def linear_section(args: argparse.Namespace, work: Path) -> list[list]:
         lrs = (runs["cold"][1]["protocol"]["lr_chosen"],) if mode == "protocol" else None
         options = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lrs=lrs, num_workers=0, seed=0)
         start = time.perf_counter()
-        payload = run_linear(checkpoint, mode=mode, data=args.data, features=features, feature_given=False,
-                             options=options, out=work / f"{name}.json", context=context, echo=lambda _: None)
+        payload = run_linear(checkpoint, RunSettings(data=args.data, echo=lambda _: None), mode=mode, features=features,
+                             feature_given=False, options=options, out=work / f"{name}.json", context=context)
         runs[name] = (time.perf_counter() - start, payload["results"][0])
     reference_seconds, reference = runs["protocol"]
     labels = {"protocol": "protocol (augmented images, the cached winner's lr)",

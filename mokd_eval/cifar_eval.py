@@ -9,14 +9,15 @@ written by cifar2png), which take the same recipe.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mokd.core.checkpoints import LoadedBackbone
 from mokd.core.data import DataSpec, eval_transform, open_dataset, parse_data_spec, train_transform
 from mokd.core.distributed import DistContext
 from mokd.core.errors import MokdError
 from mokd_eval.finetune import FitSettings
-from mokd.core.pipeline import Resolution, evaluation_resolution, load_models, model_record, paper_resolution
+from mokd.core.pipeline import (Resolution, RunSettings, evaluation_resolution, load_models, model_record,
+                                paper_resolution)
 from mokd_eval.protocols import (AUGMENT_PADDED, AUGMENT_RESIZED, PAPER_PRECISION, Preset, TrainOptions,
                                  overall_verdict, paper_verdict, resolve_settings, run_root, train_with_search,
                                  training_record, verdict_line)
@@ -79,25 +80,23 @@ def cifar_resolution(loaded: list[LoadedBackbone], entry: LoadedBackbone, image_
     return Resolution(entry.spec.img_size, "the backbone's pre-training resolution")
 
 
-def run_cifar(checkpoint: str | Path, *, dataset: str, data: str | Path, options: TrainOptions, out: Path,
-              context: DistContext, device: str = "auto", model: str | None = None, key: str | None = None,
-              trust: bool = False, image_size: int | None = None, augment: str = "resized",
-              echo: Callable[[str], None] = print) -> dict[str, Any]:
+def run_cifar(checkpoint: str | Path, run: RunSettings, *, dataset: str, options: TrainOptions, out: Path,
+              context: DistContext, device: str = "auto", augment: str = "resized") -> dict[str, Any]:
     """Fine-tune each selected model on CIFAR and report top-1/top-5 on the test split; `augment` is
     "resized" (A.4's) or "padded"."""
     if augment not in AUGMENTATIONS:
         raise MokdError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, not {augment!r}")
     timer = StageTimer()
     with timer.stage("load"):
-        spec = parse_data_spec(cifar_spec_text(dataset, data))
+        spec = parse_data_spec(cifar_spec_text(dataset, run.data))
         train = open_dataset(spec, "train")
         val = open_dataset(spec, "val")
-        echo(f"data: {spec.text} ({len(train)} train / {len(val)} test images, {train.num_classes} classes)")
-        loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo)
-        resolutions = {entry.key: cifar_resolution(loaded, entry, image_size) for entry in loaded}
+        run.echo(f"data: {spec.text} ({len(train)} train / {len(val)} test images, {train.num_classes} classes)")
+        loaded = load_models(checkpoint, model=run.model, key=run.key, trust=run.trust, echo=run.echo)
+        resolutions = {entry.key: cifar_resolution(loaded, entry, run.image_size) for entry in loaded}
         for entry in loaded:  # every model must take the resolution before any work
             check_image_size(resolutions[entry.key].size, entry.spec)
-            echo(f"{entry.key}: {resolutions[entry.key].describe(spec)}")
+            run.echo(f"{entry.key}: {resolutions[entry.key].describe(spec)}")
     results, warnings = [], []
     root = run_root(out)
     recipe = recipe_spec(spec, dataset)
@@ -118,14 +117,14 @@ def run_cifar(checkpoint: str | Path, *, dataset: str, data: str | Path, options
                 lrs=options.lrs or (preset.lr,), options=options, run_dir=root / entry.key, context=context,
                 desc=f"{entry.key} {dataset}",
                 signature={"num_classes": train.num_classes, "image_size": size, "data": train.fingerprint},
-                echo=echo)
+                echo=run.echo)
         protocol = {"dataset": dataset, "train_transform": augment_text, "eval_transform": evaluation_text,
                     **outcome.protocol(), **cifar_protocol(entry, outcome.settings, outcome.lr, outcome.selection,
                                                            augment, resolution)}
         results.append({**model_record(entry), "metrics": {"cifar": outcome.metrics}, "protocol": protocol,
                         "run_dir": str(root / entry.key)})
     for message in dict.fromkeys(warnings):
-        echo(f"warning: {message}")
+        run.echo(f"warning: {message}")
     record = {"spec": spec.text, "train_images": len(train), "val_images": len(val), "num_classes": train.num_classes,
               "fingerprint": {"train": train.fingerprint, "val": val.fingerprint}}
     protocol = {"name": "cifar", "command": "cifar", "dataset": dataset, "mode": "finetune",
@@ -133,7 +132,8 @@ def run_cifar(checkpoint: str | Path, *, dataset: str, data: str | Path, options
                 "selection": "held-out slice of the training set when several --lr are given",
                 "optimizer": "SGD momentum 0.9, weight decay 0, lr x batch/256, linear warm-up then cosine",
                 **overall_verdict([entry["protocol"] for entry in results])}
-    config = {"checkpoint": str(checkpoint), "model": model, "key": key, "image_size": image_size, "device": device,
+    config = {"checkpoint": str(checkpoint), "model": run.model, "key": run.key, "image_size": run.image_size,
+              "device": device,
               "run_dir": str(root), "resume": options.resume}
     return build_results(command="cifar", protocol=protocol, dataset=record, results=results,
                          timings=timer.as_dict(), seed=options.seed, config=config)

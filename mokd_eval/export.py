@@ -20,7 +20,9 @@ import torch
 from mokd.core import atomic
 from mokd.core.checkpoints import LoadedBackbone
 from mokd.core.errors import MokdError
+from mokd.core.pipeline import RunSettings, load_models, model_record
 from mokd.core.registry import resolve_arch
+from mokd.core.results import build_results
 
 FORMATS = ("detectron2", "torchvision", "timm")
 TIMM_RESNETS = {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet34", (3, 4, 23, 3): "resnet101",
@@ -123,3 +125,18 @@ def export_backbone(loaded: LoadedBackbone, fmt: str, out: Path) -> dict[str, An
                   "timm": f"timm.create_model('{stock}', num_classes=0)"}[fmt]
     return {"key": loaded.key, "arch": loaded.spec.name, "format": fmt, "file": str(out), "tensors": len(names),
             "loads_into": target}
+
+
+def run_export(checkpoint: Path, run: RunSettings, *, fmt: str, output: Path) -> dict[str, Any]:
+    """Export the one model `run.key` selects (a pair needs --key) and return the results payload."""
+    loaded = load_models(checkpoint, model=None, key=run.key, trust=run.trust, echo=run.echo)
+    if len(loaded) > 1:
+        raise MokdError(f"{checkpoint} holds {len(loaded)} models ({', '.join(e.key for e in loaded)}): "
+                        "choose one with --key")
+    summary = export_backbone(loaded[0], fmt, output)
+    run.echo(f"wrote {summary['tensors']} tensors of '{summary['key']}' ({summary['arch']}) to {output}; "
+             f"loads into {summary['loads_into']}")
+    return build_results(command="export", protocol={"format": fmt}, dataset={},
+                         results=[{**model_record(loaded[0]), "metrics": {}, "export": summary}], timings={},
+                         seed=None, config={"checkpoint": str(checkpoint), "format": fmt, "output": str(output),
+                                            "key": run.key})

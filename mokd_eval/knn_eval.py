@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from mokd.core.checkpoints import LoadedBackbone
 from mokd_eval.knn import check_search_device, knn_classify
-from mokd.core.pipeline import (FeatureOptions, Resolution, evaluation_resolution, load_models, model_features,
-                                model_record, open_eval_data, paper_resolution)
+from mokd.core.pipeline import (FeatureOptions, Resolution, RunSettings, evaluation_resolution, load_models,
+                                model_features, model_record, open_eval_data, paper_resolution)
 from mokd_eval.protocols import PAPER_PRECISION, overall_verdict, paper_verdict, verdict_line
 from mokd.core.results import StageTimer, build_results, format_table
 
@@ -29,24 +29,24 @@ def knn_protocol(entry: LoadedBackbone, *, ks: Sequence[int], temperature: float
     return paper_verdict(record, reference)
 
 
-def run_knn(checkpoint: str | Path, *, data: str | None, ks: Sequence[int], temperature: float,
-            features: FeatureOptions, model: str | None = None, key: str | None = None, trust: bool = False,
-            image_size: int | None = None, skip_bad_images: bool = False, fp16_bank: bool = False,
-            seed: int = 0, echo: Callable[[str], None] = print) -> dict[str, Any]:
+def run_knn(checkpoint: str | Path, run: RunSettings, *, ks: Sequence[int], temperature: float,
+            features: FeatureOptions, fp16_bank: bool = False) -> dict[str, Any]:
     """Evaluate each selected model of `checkpoint` and return the results payload (not yet written)."""
     check_search_device(features.device)
     timer = StageTimer()
     with timer.stage("load"):
-        loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo, image_size=image_size)
-        resolution = evaluation_resolution(loaded, image_size)
-        eval_data = open_eval_data(data, image_size=resolution.size, skip_bad_images=skip_bad_images, echo=echo)
-        echo(f"data: {eval_data.spec.text} ({len(eval_data.train)} train / {len(eval_data.val)} val images, "
-             f"{eval_data.train.num_classes} classes; {eval_data.transform})")
-        echo(resolution.describe(eval_data.spec))
+        loaded = load_models(checkpoint, model=run.model, key=run.key, trust=run.trust, echo=run.echo,
+                             image_size=run.image_size)
+        resolution = evaluation_resolution(loaded, run.image_size)
+        eval_data = open_eval_data(run.data, image_size=resolution.size, skip_bad_images=run.skip_bad_images,
+                                   echo=run.echo)
+        run.echo(f"data: {eval_data.spec.text} ({len(eval_data.train)} train / {len(eval_data.val)} val images, "
+                 f"{eval_data.train.num_classes} classes; {eval_data.transform})")
+        run.echo(resolution.describe(eval_data.spec))
 
     results, warnings = [], []
     for entry in loaded:
-        train, val = model_features(entry, eval_data, features, timer, echo)
+        train, val = model_features(entry, eval_data, features, timer, run.echo)
         outcome = knn_classify(train.features, train.labels, val.features, val.labels,
                                num_classes=eval_data.train.num_classes, ks=ks, temperature=temperature,
                                fp16_bank=fp16_bank, device=features.device)
@@ -61,18 +61,18 @@ def run_knn(checkpoint: str | Path, *, data: str | None, ks: Sequence[int], temp
                         "features_from_cache": train.from_cache and val.from_cache,
                         "skipped_images": train.skipped + val.skipped})
     for message in dict.fromkeys(warnings):
-        echo(f"warning: {message}")
+        run.echo(f"warning: {message}")
 
     protocol = {"name": "knn", "command": "knn", "ks": list(ks), "temperature": temperature,
                 "feature": features.kind.describe(), "image_size": eval_data.side, "image_size_from": resolution.source,
                 "similarity": "cosine (L2-normalised features)", "vote": "sum of exp(sim / T) per class",
                 "fp16_bank": fp16_bank, "precision": features.precision, "num_classes_from": "train split",
                 **overall_verdict([entry["protocol"] for entry in results])}
-    config = {"checkpoint": str(checkpoint), "model": model, "key": key, "image_size": image_size,
+    config = {"checkpoint": str(checkpoint), "model": run.model, "key": run.key, "image_size": run.image_size,
               "batch_size": features.batch_size, "device": features.device,
               "cache_dir": str(features.cache.root) if features.cache.root else None}
     return build_results(command="knn", protocol=protocol, dataset=eval_data.record(), results=results,
-                         timings=timer.as_dict(), seed=seed, config=config)
+                         timings=timer.as_dict(), seed=run.seed, config=config)
 
 
 def knn_table(payload: dict[str, Any]) -> str:

@@ -23,8 +23,8 @@ from mokd_eval.finetune import Classifier, FitSettings
 from mokd_eval.linear import (LINEAR_BASE_LR, SWEEP_FACTORS, cross_validated_sweep, evaluate_head, protocol_feature,
                               save_head, snapshot, sweep_source_feature, sweep_variants, train_head_sweep,
                               variant_columns, verify_unchanged)
-from mokd.core.pipeline import (EvalData, FeatureOptions, Resolution, evaluation_resolution, load_models,
-                                model_features, model_record, open_eval_data, paper_resolution)
+from mokd.core.pipeline import (EvalData, FeatureOptions, Resolution, RunSettings, evaluation_resolution,
+                                load_models, model_features, model_record, open_eval_data, paper_resolution)
 from mokd_eval.protocols import (AUGMENT_NONE, AUGMENT_RESIZED, PAPER_PRECISION, Preset, TrainOptions,
                                  overall_verdict, paper_verdict, resolve_settings, run_root, train_with_search,
                                  training_record, verdict_line)
@@ -65,21 +65,20 @@ def linear_protocol(entry: LoadedBackbone, settings: FitSettings, lr: float, sel
     return paper_verdict(record, linear_reference(entry))
 
 
-def run_linear(checkpoint: str | Path, *, mode: str, data: str | None, features: FeatureOptions,
-               feature_given: bool, options: TrainOptions, out: Path, context: DistContext,
-               model: str | None = None, key: str | None = None, trust: bool = False, image_size: int | None = None,
-               skip_bad_images: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
+def run_linear(checkpoint: str | Path, run: RunSettings, *, mode: str, features: FeatureOptions,
+               feature_given: bool, options: TrainOptions, out: Path, context: DistContext) -> dict[str, Any]:
     """Linear-probe each selected model of `checkpoint`; returns the results payload (not yet written)."""
     if mode not in MODES:
         raise MokdError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
     timer = StageTimer()
     with timer.stage("load"):
-        loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo)
-        resolution = evaluation_resolution(loaded, image_size)
-        eval_data = open_eval_data(data, image_size=resolution.size, skip_bad_images=skip_bad_images, echo=echo)
-        echo(f"data: {eval_data.spec.text} ({len(eval_data.train)} train / {len(eval_data.val)} val images, "
-             f"{eval_data.train.num_classes} classes)")
-        echo(resolution.describe(eval_data.spec))
+        loaded = load_models(checkpoint, model=run.model, key=run.key, trust=run.trust, echo=run.echo)
+        resolution = evaluation_resolution(loaded, run.image_size)
+        eval_data = open_eval_data(run.data, image_size=resolution.size, skip_bad_images=run.skip_bad_images,
+                                   echo=run.echo)
+        run.echo(f"data: {eval_data.spec.text} ({len(eval_data.train)} train / {len(eval_data.val)} val images, "
+                 f"{eval_data.train.num_classes} classes)")
+        run.echo(resolution.describe(eval_data.spec))
         for entry in loaded:  # every model must take the resolution before any work
             check_image_size(eval_data.side, entry.spec)
     root = run_root(out)
@@ -91,18 +90,18 @@ def run_linear(checkpoint: str | Path, *, mode: str, data: str | None, features:
                                     context, timer)
         else:
             record, notes = _protocol(entry, eval_data, requested, options, resolution, root / entry.key, context,
-                                      timer, echo)
+                                      timer, run.echo)
         warnings.extend(notes)
         results.append({**model_record(entry), **record})
     for message in dict.fromkeys(warnings):
-        echo(f"warning: {message}")
+        run.echo(f"warning: {message}")
     protocol = {"name": "linear", "mode": mode, "classifier": "Linear, N(0, 0.01) weights, zero bias, no BN",
                 "optimizer": "SGD momentum 0.9, weight decay 0, lr x batch/256, linear warm-up then cosine",
                 "selection": ("held-out slice of the training set" if mode == "cached"
                               else "held-out slice of the training set when several --lr are given"),
                 "num_classes_from": "train split", "precision": options.precision,
                 **overall_verdict([entry["protocol"] for entry in results])}
-    config = {"checkpoint": str(checkpoint), "model": model, "key": key, "image_size": image_size,
+    config = {"checkpoint": str(checkpoint), "model": run.model, "key": run.key, "image_size": run.image_size,
               "device": features.device, "run_dir": str(root), "resume": options.resume,
               "cache_dir": str(features.cache.root) if features.cache.root else None}
     return build_results(command="linear", protocol=protocol, dataset=eval_data.record(), results=results,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils.data import Subset
@@ -21,8 +21,8 @@ from mokd.core.errors import MokdError
 from mokd.core.features import FeatureKind
 from mokd_eval.finetune import Classifier, FitSettings
 from mokd_eval.linear import LINEAR_BASE_LR, protocol_feature, snapshot, verify_unchanged
-from mokd.core.pipeline import (Resolution, evaluation_resolution, load_models, model_record, open_eval_data,
-                                paper_resolution)
+from mokd.core.pipeline import (Resolution, RunSettings, evaluation_resolution, load_models, model_record,
+                                open_eval_data, paper_resolution)
 from mokd_eval.protocols import (AUGMENT_RESIZED, PAPER_PRECISION, Preset, TrainOptions, overall_verdict,
                                  paper_verdict, resolve_settings, run_root, train_with_search, training_record,
                                  verdict_line)
@@ -75,10 +75,8 @@ def make_finetune_model(entry: LoadedBackbone, num_classes: int, seed: int) -> C
     return Classifier(copy.deepcopy(entry.module), entry.spec, FeatureKind(), num_classes, frozen=False)
 
 
-def run_semisup(checkpoint: str | Path, *, percent: float, split_file: Path | None, mode: str, data: str | None,
-                options: TrainOptions, out: Path, context: DistContext, device: str = "auto",
-                model: str | None = None, key: str | None = None, trust: bool = False, image_size: int | None = None,
-                skip_bad_images: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
+def run_semisup(checkpoint: str | Path, run: RunSettings, *, percent: float, split_file: Path | None, mode: str,
+                options: TrainOptions, out: Path, context: DistContext, device: str = "auto") -> dict[str, Any]:
     """Fine-tune (or linear-probe) each selected model on the labelled subset; returns the results payload."""
     if mode not in MODES:
         raise MokdError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -89,10 +87,11 @@ def run_semisup(checkpoint: str | Path, *, percent: float, split_file: Path | No
         raise MokdError(f"--percent must be in (0, 100], got {percent:g}")
     timer = StageTimer()
     with timer.stage("load"):
-        loaded = load_models(checkpoint, model=model, key=key, trust=trust, echo=echo)
-        resolution = evaluation_resolution(loaded, image_size)
-        eval_data = open_eval_data(data, image_size=resolution.size, skip_bad_images=skip_bad_images, echo=echo)
-        echo(resolution.describe(eval_data.spec))
+        loaded = load_models(checkpoint, model=run.model, key=run.key, trust=run.trust, echo=run.echo)
+        resolution = evaluation_resolution(loaded, run.image_size)
+        eval_data = open_eval_data(run.data, image_size=resolution.size, skip_bad_images=run.skip_bad_images,
+                                   echo=run.echo)
+        run.echo(resolution.describe(eval_data.spec))
         train = eval_data.train
         names = [train.item_name(index) for index in range(len(train))]
         if split_file is not None:
@@ -104,9 +103,9 @@ def run_semisup(checkpoint: str | Path, *, percent: float, split_file: Path | No
             if context.is_main:
                 write_split_file(split_path, names, indices)
             split_kind = "stratified"
-        echo(f"data: {eval_data.spec.text}: {len(indices)} labelled of {len(train)} train images ({percent:g}%, "
-             f"{'split file ' + str(split_path) if split_kind == 'file' else 'seeded stratified subset'}), "
-             f"{len(eval_data.val)} val images, {train.num_classes} classes")
+        run.echo(f"data: {eval_data.spec.text}: {len(indices)} labelled of {len(train)} train images ({percent:g}%, "
+                 f"{'split file ' + str(split_path) if split_kind == 'file' else 'seeded stratified subset'}), "
+                 f"{len(eval_data.val)} val images, {train.num_classes} classes")
         for entry in loaded:  # every model must take the resolution before any work
             check_image_size(eval_data.side, entry.spec)
     context.barrier()
@@ -151,7 +150,7 @@ def run_semisup(checkpoint: str | Path, *, percent: float, split_file: Path | No
                 run_dir=root / entry.key, context=context, desc=f"{entry.key} {mode}",
                 signature={"num_classes": train.num_classes, "mode": mode, "split_sha256": split["sha256"],
                            "data": train.fingerprint},
-                after_fit=after_fit, echo=echo)
+                after_fit=after_fit, echo=run.echo)
         protocol = {"label": _mode_label(mode), "split": split, "train_transform": augment_text,
                     "eval_transform": eval_data.transform, **outcome.protocol(),
                     **semisup_protocol(entry, mode, outcome.settings, outcome.lr, outcome.selection, kind,
@@ -159,13 +158,14 @@ def run_semisup(checkpoint: str | Path, *, percent: float, split_file: Path | No
         results.append({**model_record(entry), "metrics": {"semisup": outcome.metrics}, "protocol": protocol,
                         "run_dir": str(root / entry.key)})
     for message in dict.fromkeys(warnings):
-        echo(f"warning: {message}")
+        run.echo(f"warning: {message}")
     protocol = {"name": "semisup", "mode": mode, "label": _mode_label(mode), "percent": percent, "split": split,
                 "selection": "held-out slice of the labelled subset when several --lr are given",
                 "optimizer": "SGD momentum 0.9, weight decay 0, lr x batch/256, linear warm-up then cosine",
                 "command": "semisup", "split_source": split["described"], "precision": options.precision,
                 **overall_verdict([entry["protocol"] for entry in results])}
-    config = {"checkpoint": str(checkpoint), "model": model, "key": key, "image_size": image_size, "device": device,
+    config = {"checkpoint": str(checkpoint), "model": run.model, "key": run.key, "image_size": run.image_size,
+              "device": device,
               "run_dir": str(root), "resume": options.resume, "split_file": str(split_file) if split_file else None}
     return build_results(command="semisup", protocol=protocol, dataset=eval_data.record(), results=results,
                          timings=timer.as_dict(), seed=options.seed, config=config)

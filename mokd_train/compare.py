@@ -17,7 +17,7 @@ from mokd_train.demo import DEMO_DATA, DEMO_IMAGE_SIZE, DEMO_SETTINGS, raw_pixel
 from mokd.core.errors import MokdError
 from mokd.core.features import FeatureCache
 from mokd_eval.knn_eval import run_knn
-from mokd.core.pipeline import FeatureOptions, open_eval_data
+from mokd.core.pipeline import FeatureOptions, RunSettings, open_eval_data
 from mokd.core.results import StageTimer, build_results, format_table, write_results
 from mokd_train.config import resolve_config
 from mokd_train.engine import train
@@ -57,8 +57,8 @@ def run_compare_demo(output_dir: Path, methods: tuple[str, ...], *, epochs: int 
                 summary = train(config)
             echo(f"\n== k-NN: {name} ==")
             with timer.stage(f"knn_{method}_{mode}"):
-                payload = run_knn(summary["checkpoint"], data=DEMO_DATA, ks=ks, temperature=temperature, seed=seed,
-                                  image_size=DEMO_IMAGE_SIZE, features=features, echo=echo)
+                run = RunSettings(data=DEMO_DATA, image_size=DEMO_IMAGE_SIZE, seed=seed, echo=echo)
+                payload = run_knn(summary["checkpoint"], run, ks=ks, temperature=temperature, features=features)
             write_results(run_dir / "knn.json", payload)
             runs[(method, mode)] = {"config": config.to_dict(), "checkpoint": str(summary["checkpoint"]),
                                     "knn": payload}

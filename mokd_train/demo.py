@@ -19,7 +19,7 @@ from mokd.core.errors import MokdError
 from mokd.core.features import FeatureCache
 from mokd_eval.knn import knn_classify
 from mokd_eval.knn_eval import run_knn
-from mokd.core.pipeline import EvalData, FeatureOptions, open_eval_data
+from mokd.core.pipeline import EvalData, FeatureOptions, RunSettings, open_eval_data
 from mokd.core.results import StageTimer, build_results, format_table, write_results
 from mokd_train.config import resolve_config
 from mokd_train.engine import save_initial_checkpoint, train
@@ -69,8 +69,8 @@ def run_demo(output_dir: Path, *, epochs: int | None, seed: int, device: str, ks
             with timer.stage(f"train_{mode}"):
                 checkpoint = (save_initial_checkpoint(config) if mode == RANDOM_INIT else train(config)["checkpoint"])
             with timer.stage(f"knn_{mode}"):
-                payload = run_knn(checkpoint, data=DEMO_DATA, ks=ks, temperature=temperature, seed=run_seed,
-                                  image_size=DEMO_IMAGE_SIZE, features=features, echo=echo)
+                run = RunSettings(data=DEMO_DATA, image_size=DEMO_IMAGE_SIZE, seed=run_seed, echo=echo)
+                payload = run_knn(checkpoint, run, ks=ks, temperature=temperature, features=features)
             write_results(seed_dir / mode / "knn.json", payload)
             runs[run_seed][mode] = {"config": config.to_dict(), "checkpoint": str(checkpoint), "knn": payload}
 

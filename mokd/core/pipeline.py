@@ -101,6 +101,22 @@ def evaluation_resolution(loaded: list[LoadedBackbone], image_size: int | None) 
     return resolution
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """What every command's logic is told the same way: which data, which models of the checkpoint (and whether
+    to trust its pickle), at what resolution, whether unreadable images are skipped, the seed, and where progress
+    lines go. The CLI builds it once from the common options; the suite builds it from its own."""
+
+    data: str | None = None
+    model: str | None = None
+    key: str | None = None
+    trust: bool = False
+    image_size: int | None = None
+    skip_bad_images: bool = False
+    seed: int = 0
+    echo: Callable[[str], None] = print
+
+
 @dataclass
 class FeatureOptions:
     cache: FeatureCache

@@ -1,20 +1,22 @@
 """`suite`: the table of steps, honest skips, resumption, and the whole run end to end on digits."""
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from mokd_analysis.suite import STEP_NAMES, STEPS, Step, call_arguments, parse_skip, resolve, run_step
+from mokd_analysis.suite import STEP_NAMES, STEPS, Step, SuiteContext, parse_skip, run_step
 from mokd.cli import mokd_eval
 from mokd.core.errors import MokdError
+from mokd.core.features import FeatureCache
+from mokd.core.pipeline import FeatureOptions, RunSettings
 from mokd.core.registry import ALIASES
 
 
 def test_every_paper_step_is_in_the_table_in_order():
     assert STEP_NAMES == ("knn", "linear", "semisup1", "semisup10", "cifar10", "cifar100", "coco", "consistency",
                           "tsne", "mad", "report")
-    assert all(":" in step.target for step in STEPS)
 
 
 def test_unknown_skip_names_are_refused():
@@ -23,32 +25,48 @@ def test_unknown_skip_names_are_refused():
         parse_skip("linear,knnn")
 
 
-def test_a_missing_module_or_function_is_a_skip_reason_not_an_error():
-    function, reason = resolve(Step("x", "mokd_eval.no_such_module:run"))
-    assert function is None and "not available in this build" in reason
-    function, reason = resolve(Step("x", "mokd_eval.knn_eval:no_such_function"))
-    assert function is None and "no_such_function does not exist" in reason
+def test_every_step_is_a_callable_taking_the_suite_context_and_returning_the_payload():
+    import inspect
+    import typing
+
+    context = SuiteContext(checkpoint=Path("c.pth"), out_dir=Path("out"), run=RunSettings(data="digits"),
+                           features=FeatureOptions(cache=FeatureCache(None)))
+    for step in STEPS:
+        for function in (step.run, step.skip_reason):
+            assert callable(function), step.name
+            inspect.signature(function).bind(context)  # accepts the suite context, and nothing else is required
+        hints = typing.get_type_hints(step.run)
+        assert hints["context"] is SuiteContext and hints["return"] == dict[str, typing.Any], step.name
 
 
-def test_arguments_are_matched_to_the_signature_and_unprovidable_ones_named():
-    def logic(checkpoint_path, *, data, options, seed=0):
-        return {}
+def test_every_step_calls_its_command_logic_with_arguments_the_logic_takes(tmp_path, monkeypatch):
+    import inspect
 
-    chosen, missing = call_arguments(logic, {"checkpoint": "c.pth", "data": "digits", "seed": 3, "echo": print})
-    assert chosen == {"checkpoint_path": "c.pth", "data": "digits", "seed": 3}
-    assert missing == ["options"]
+    from mokd_analysis import suite
+
+    logic = ["run_knn", "run_linear", "run_semisup", "run_cifar", "run_coco", "run_consistency", "run_tsne", "run_mad"]
+    called = []
+    for name in logic:
+        def checked(*args, original=getattr(suite, name), name=name, **kwargs):
+            inspect.signature(original).bind(*args, **kwargs)  # a renamed or re-signed parameter fails here
+            called.append(name)
+            return {}
+        monkeypatch.setattr(suite, name, checked)
+    monkeypatch.setattr(suite, "_coco_backbone", lambda context: "r18")
+    context = SuiteContext(checkpoint=tmp_path / "c.pth", out_dir=tmp_path, run=RunSettings(data="digits"),
+                           features=FeatureOptions(cache=FeatureCache(None)), cifar_data="cifar",
+                           coco_data="shapes-coco:8")
+    for step in STEPS:
+        assert step.run(context) == {}, step.name
+    assert sorted(set(called)) == sorted(logic)
 
 
-def test_a_step_whose_logic_needs_more_than_the_suite_offers_is_skipped_with_the_reason(tmp_path):
-    from mokd_analysis.suite import SuiteContext
-    from mokd.core.features import FeatureCache
-    from mokd.core.pipeline import FeatureOptions
-
-    context = SuiteContext(checkpoint=tmp_path / "c.pth", out_dir=tmp_path, data="digits",
-                           features=FeatureOptions(cache=FeatureCache(None)), model=None, key=None, trust=False,
-                           image_size=None, seed=0, echo=lambda message: None)
-    status = run_step(Step("split", "mokd_analysis.consistency:consistency_stats"), context)
-    assert status["status"] == "skipped" and "needs" in status["reason"] and "num_classes" in status["reason"]
+def test_a_step_runs_its_function_on_the_context_and_stores_the_payload(tmp_path):
+    context = SuiteContext(checkpoint=tmp_path / "c.pth", out_dir=tmp_path, run=RunSettings(echo=lambda _: None),
+                           features=FeatureOptions(cache=FeatureCache(None)))
+    status = run_step(Step("echo", lambda given: {"command": "echo", "seed": given.run.seed}), context)
+    assert status == {"step": "echo", "status": "done", "results": str(tmp_path / "echo" / "c.json")}
+    assert json.loads((tmp_path / "echo" / "c.json").read_text())["suite"]["settings"]["step"] == "echo"
 
 
 def test_suite_runs_every_available_step_then_reuses_them(checkpoint_factory, tmp_path):
@@ -90,26 +108,18 @@ def test_suite_runs_every_available_step_then_reuses_them(checkpoint_factory, tm
 
 
 def test_consistency_is_skipped_for_a_single_model_checkpoint(checkpoint_factory, tiny_cnn_spec, tmp_path):
-    from mokd_analysis.suite import SuiteContext
-    from mokd.core.features import FeatureCache
-    from mokd.core.pipeline import FeatureOptions
-
     path, _ = checkpoint_factory.dino(tiny_cnn_spec)
-    context = SuiteContext(checkpoint=path, out_dir=tmp_path, data="shapes:50",
-                           features=FeatureOptions(cache=FeatureCache(None)), model=None, key=None, trust=False,
-                           image_size=None, seed=0, echo=lambda message: None)
+    context = SuiteContext(checkpoint=path, out_dir=tmp_path,
+                           run=RunSettings(data="shapes:50", echo=lambda message: None),
+                           features=FeatureOptions(cache=FeatureCache(None)))
     status = run_step(next(step for step in STEPS if step.name == "consistency"), context)
     assert status["status"] == "skipped" and "needs a pair checkpoint" in status["reason"]
 
 
 def test_coco_is_skipped_without_data_or_without_a_standard_resnet(checkpoint_factory, tiny_cnn_spec, tmp_path):
-    from mokd_analysis.suite import SuiteContext
-    from mokd.core.features import FeatureCache
-    from mokd.core.pipeline import FeatureOptions
-
     path, _ = checkpoint_factory.dino(tiny_cnn_spec)
-    context = SuiteContext(checkpoint=path, out_dir=tmp_path, data="shapes:50",
-                           features=FeatureOptions(cache=FeatureCache(None)), model=None, key=None, trust=False,
-                           image_size=None, seed=0, echo=lambda message: None, coco_data="shapes-coco:8")
+    context = SuiteContext(checkpoint=path, out_dir=tmp_path,
+                           run=RunSettings(data="shapes:50", echo=lambda message: None),
+                           features=FeatureOptions(cache=FeatureCache(None)), coco_data="shapes-coco:8")
     status = run_step(next(step for step in STEPS if step.name == "coco"), context)
     assert status["status"] == "skipped" and "no standard ResNet" in status["reason"]

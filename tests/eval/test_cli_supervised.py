@@ -127,7 +127,7 @@ def test_cached_choice_ignores_validation_labels(tmp_path, monkeypatch):
     from mokd_eval import linear_eval
     from mokd.core.distributed import setup
     from mokd.core.features import FeatureCache
-    from mokd.core.pipeline import FeatureOptions, open_eval_data
+    from mokd.core.pipeline import FeatureOptions, RunSettings, open_eval_data
     from mokd_eval.protocols import TrainOptions
 
     path = timm_init_dino(tmp_path / "dino.pth")
@@ -135,8 +135,9 @@ def test_cached_choice_ignores_validation_labels(tmp_path, monkeypatch):
     features = FeatureOptions(cache=FeatureCache(None), num_workers=0, device="cpu")
 
     def evaluate(out: Path) -> dict:
-        return linear_eval.run_linear(path, mode="cached", data="shapes:100", features=features, feature_given=False,
-                                      options=options, out=out, context=setup("cpu"), echo=lambda _: None)
+        return linear_eval.run_linear(path, RunSettings(data="shapes:100", echo=lambda _: None), mode="cached",
+                                      features=features, feature_given=False, options=options, out=out,
+                                      context=setup("cpu"))
 
     clean = evaluate(tmp_path / "clean.json")
 

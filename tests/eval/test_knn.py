@@ -254,9 +254,9 @@ def test_knn_command_checks_faiss_before_any_work(monkeypatch, tmp_path, faiss_m
     """The faiss error comes before the checkpoint is even opened (this one does not exist)."""
     from mokd_eval.knn_eval import run_knn
     from mokd.core.features import FeatureCache
-    from mokd.core.pipeline import FeatureOptions
+    from mokd.core.pipeline import FeatureOptions, RunSettings
 
     monkeypatch.setattr(knn_module, "faiss", faiss_module)
     options = FeatureOptions(cache=FeatureCache(None), batch_size=8, num_workers=0, device=device)
     with pytest.raises(MokdError, match=message):
-        run_knn(tmp_path / "missing.pth", data="digits", ks=(5,), temperature=0.07, features=options)
+        run_knn(tmp_path / "missing.pth", RunSettings(data="digits"), ks=(5,), temperature=0.07, features=options)

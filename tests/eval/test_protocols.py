@@ -154,16 +154,15 @@ def test_cross_validated_choice_is_the_best_mean_over_the_folds():
 
 
 def test_suite_passes_simclr_lists_from_the_splits_folder(tmp_path):
-    from mokd_analysis.suite import STEPS, SuiteContext
+    from mokd_analysis.suite import SuiteContext
     from mokd.core.features import FeatureCache
-    from mokd.core.pipeline import FeatureOptions
+    from mokd.core.pipeline import FeatureOptions, RunSettings
 
-    context = SuiteContext(checkpoint=tmp_path / "c.pth", out_dir=tmp_path, data="digits",
-                           features=FeatureOptions(cache=FeatureCache(None)), model=None, key=None, trust=False,
-                           image_size=None, seed=0, echo=lambda message: None, semisup_splits=tmp_path / "splits",
+    context = SuiteContext(checkpoint=tmp_path / "c.pth", out_dir=tmp_path,
+                           run=RunSettings(data="digits", echo=lambda message: None),
+                           features=FeatureOptions(cache=FeatureCache(None)), semisup_splits=tmp_path / "splits",
                            scale="small")
-    steps = {step.name: step for step in STEPS}
-    assert steps["semisup1"].extra(context)["split_file"] == tmp_path / "splits" / "1percent.txt"
-    assert steps["semisup10"].extra(context)["split_file"] == tmp_path / "splits" / "10percent.txt"
-    assert steps["linear"].extra(context)["options"].scale == "small"
+    assert context.split_file(1) == tmp_path / "splits" / "1percent.txt"
+    assert context.split_file(10) == tmp_path / "splits" / "10percent.txt"
+    assert context.train_options().scale == "small"
     assert context.settings("linear")["scale"] == "small"  # another scale is another result, never reused

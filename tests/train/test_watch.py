@@ -17,7 +17,7 @@ from mokd_analysis.curves import draw_curves, read_run
 from mokd.core.errors import MokdError
 from mokd.core.features import FeatureCache
 from mokd_eval.knn_eval import run_knn
-from mokd.core.pipeline import FeatureOptions
+from mokd.core.pipeline import FeatureOptions, RunSettings
 from mokd_train.engine import train
 from mokd_train.online_knn import due
 from mokd.core.tensorboard_log import DIRECTORY, scalars
@@ -69,9 +69,10 @@ def test_tensorboard_has_every_logged_step_once_across_the_resume(watched_run):
 def test_online_knn_history_equals_mokd_eval_knn_on_the_saved_teachers(watched_run):
     history = json.loads((watched_run / "knn.json").read_text())["history"]
     assert [(entry["step"], entry["epoch"]) for entry in history] == [(5, 1), (7, 1), (10, 2)]  # 7: end of run 1
-    offline = run_knn(watched_run / "checkpoint.pth", data="shapes:50", ks=(20,), temperature=0.07,
-                      features=FeatureOptions(cache=FeatureCache(None), batch_size=64, num_workers=0, device="cpu"),
-                      image_size=16, echo=lambda message: None)
+    offline = run_knn(watched_run / "checkpoint.pth",
+                      RunSettings(data="shapes:50", image_size=16, echo=lambda message: None), ks=(20,),
+                      temperature=0.07,
+                      features=FeatureOptions(cache=FeatureCache(None), batch_size=64, num_workers=0, device="cpu"))
     for result in offline["results"]:
         assert history[-1][result["key"]]["top1"] == pytest.approx(result["metrics"]["knn"]["20"]["top1"])
         assert history[-1][result["key"]]["top5"] == pytest.approx(result["metrics"]["knn"]["20"]["top5"])
@@ -141,8 +142,9 @@ def test_online_knn_under_two_gloo_processes_equals_mokd_eval_knn_on_one(tmp_pat
     mp.spawn(run_rank, args=(free_port(), config), nprocs=WORLD_SIZE, join=True)
     (entry,) = json.loads((tmp_path / "ddp" / "knn.json").read_text())["history"]
     assert entry["step"] == 5
-    offline = run_knn(tmp_path / "ddp" / "checkpoint.pth", data="shapes:50", ks=(20,), temperature=0.07,
-                      features=FeatureOptions(cache=FeatureCache(None), batch_size=64, num_workers=0, device="cpu"),
-                      image_size=16, echo=lambda message: None)
+    offline = run_knn(tmp_path / "ddp" / "checkpoint.pth",
+                      RunSettings(data="shapes:50", image_size=16, echo=lambda message: None), ks=(20,),
+                      temperature=0.07,
+                      features=FeatureOptions(cache=FeatureCache(None), batch_size=64, num_workers=0, device="cpu"))
     for result in offline["results"]:
         assert entry[result["key"]] == pytest.approx(result["metrics"]["knn"]["20"])
