@@ -318,7 +318,7 @@ class _Planner:
         from mokd_eval.protocols import resolve_settings, selection_text
         from mokd_eval.semisup_eval import (EPOCHS_BY_PERCENT, FINETUNE_WARMUP, finetune_preset, semisup_protocol,
                                             split_source)
-        from mokd_eval.splits import file_sha256, read_split_file, stratified_subset
+        from mokd_eval.splits import read_split_file, stratified_subset
 
         train, split_path, seed = self.data.train, self.context.split_file(percent), self.context.run.seed
         if split_path is not None:

@@ -15,8 +15,6 @@ from typing import Sequence
 import numpy as np
 
 from mokd.core import atomic
-# Re-exported for analysis/suite.py, which imports it from here; the one definition is in mokd.core.checkpoints.
-from mokd.core.checkpoints import file_sha256  # noqa: F401
 from mokd.core.errors import MokdError
 
 ALLOWED_PERCENTS = (1, 10)

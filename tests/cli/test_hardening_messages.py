@@ -35,7 +35,7 @@ def loads_into(output: str) -> str:
 
 def build(expression: str) -> nn.Module:
     """Evaluate the constructor an export message names, importing its top-level modules."""
-    modules = {name: importlib.import_module(name) for name in ("torchvision", "timm", "mokd_eval")}
+    modules = {name: importlib.import_module(name) for name in ("torchvision", "timm", "mokd", "mokd_eval")}
     importlib.import_module("mokd.core.registry")
     importlib.import_module("torchvision.models")
     return eval(expression, modules)  # noqa: S307 - our own message, built from known names

@@ -117,7 +117,7 @@ def test_a_missing_extra_is_one_line_naming_the_install(tmp_path, monkeypatch, f
 
 
 def test_linear_protocol_writes_its_epoch_records_to_tensorboard(tmp_path):
-    from test_cli_supervised import run, timm_init_dino
+    from tests.eval.test_cli_supervised import run, timm_init_dino
 
     path = timm_init_dino(tmp_path / "dino.pth")
     out = tmp_path / "linear.json"
