@@ -44,8 +44,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mokd.core.atomic import write_json
+from mokd.core.training_loop import clip_gradients_per_tensor
 from mokd_train.config import TrainConfig, arch_specs, resolve_config
-from mokd_train.engine import build_optimizer, clip_gradients_per_tensor, make_optimizer, pair_config, update_model
+from mokd_train.engine import pair_config, update_model
+from mokd_train.optim import build_optimizer, make_optimizer
 from mokd_train.methods import FAITHFUL_PEERS, METHODS, build_peer_pair, method_label
 from mokd_train.methods.base import PeerPair
 from mokd_train.losses import Centers, batch_center, distillation_loss

@@ -29,13 +29,15 @@ from tqdm.auto import tqdm
 
 from mokd.core import atomic
 from mokd.core.checkpoints import load_resume_state
-from mokd.core.distributed import DistContext, autocast_for
+from mokd.core.distributed import DistContext
 from mokd.core.errors import MokdError
 from mokd.core.features import FeatureKind, feature_function
 from mokd.core.registry import ArchSpec
 from mokd.core.resources import apply_resources
 from mokd.core.schedules import cosine_schedule
 from mokd.core.tensorboard_log import TensorBoardLog
+from mokd.core.training_loop import (autocast_for, capture_rng, optimizer_step, restore_optimization, restore_rng,
+                                     scale_loss, scaler_state)
 
 CHECKPOINT_NAME = "checkpoint.pth"
 LOG_NAME = "log.jsonl"
@@ -160,18 +162,6 @@ def _groups(loader: Iterable, size: int) -> Iterator[list]:
         yield group
 
 
-def _rng_state() -> dict[str, Any]:
-    """The torch RNG states (torchvision's augmentations draw from torch only); weights_only-safe."""
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def fit(model: Classifier, train_set: Dataset, settings: FitSettings, *, run_dir: Path, context: DistContext,
         resume: bool = False, signature: dict[str, Any] | None = None, desc: str = "train",
         on_epoch_end: Callable[[int], None] | None = None) -> FitResult:
@@ -213,10 +203,8 @@ def fit(model: Classifier, train_set: Dataset, settings: FitSettings, *, run_dir
         state = load_resume_state(checkpoint_path, {"signature", "model", "optimizer", "rng", "epoch", "history"})
         _check_signature(state["signature"], signature, checkpoint_path)
         model.load_trainable_state(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        _restore_rng(state["rng"])
+        restore_optimization(state, optimizer, scaler)
+        restore_rng(state["rng"])  # torchvision's augmentations draw from torch only
         start_epoch = resumed = int(state["epoch"])
         history = list(state["history"])
 
@@ -242,18 +230,13 @@ def fit(model: Classifier, train_set: Dataset, settings: FitSettings, *, run_dir
                             logits = network(images)
                         loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
                         loss = loss_sum / total
-                        (scaler.scale(loss) if scaler is not None else loss).backward()
+                        scale_loss(loss, scaler).backward()
                     sums += torch.tensor([loss_sum.item(), (logits.argmax(1) == labels).sum().item(), len(labels)],
                                          dtype=torch.float64)
                 if not torch.isfinite(sums[0]):
                     raise MokdError(f"{desc}: the training loss became non-finite in epoch {epoch + 1}, step "
                                     f"{step + 1}; lower the learning rate (--lr)")
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(optimizer, scaler)
                 elapsed = time.perf_counter() - epoch_start
                 bar.update(1)
                 bar.set_postfix(loss=f"{sums[0] / max(sums[2], 1):.4f}", acc=f"{100 * sums[1] / max(sums[2], 1):.1f}",
@@ -268,7 +251,7 @@ def fit(model: Classifier, train_set: Dataset, settings: FitSettings, *, run_dir
         history.append(record)
         if context.is_main:
             state = {"epoch": epoch + 1, "model": model.trainable_state(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict() if scaler is not None else None, "rng": _rng_state(),
+                     "scaler": scaler_state(scaler), "rng": capture_rng(),
                      "history": history, "signature": signature}
             atomic.save_torch(state, checkpoint_path)
             atomic.write_text(run_dir / LOG_NAME, "".join(json.dumps(entry) + "\n" for entry in history))

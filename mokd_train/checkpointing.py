@@ -12,13 +12,11 @@ to `checkpoint_prev.pth`, so a checkpoint damaged on disk still leaves an older 
 from __future__ import annotations
 
 import math
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -26,6 +24,7 @@ from mokd.core.atomic import save_torch
 from mokd.core.checkpoints import load_object, strip_module_prefix
 from mokd.core.errors import MokdError
 from mokd.core.registry import ALIASES, TIMM_NAMES, ArchSpec
+from mokd.core.training_loop import capture_rng, restore_rng, scaler_state
 from mokd_train.pair import MokdPair, feature_stride
 
 FORMAT_VERSION = 1
@@ -68,7 +67,7 @@ def native_state(pair: MokdPair, optimizers: list[torch.optim.Optimizer], scaler
         "config": config,
         "mode": pair.cfg.mode,
         "centers": pair.centers_state_dict(),
-        "rng": capture_rng(),
+        "rng": capture_rng(numpy_and_python=True),
     }
     state.update(_method_state(pair))
     for index in (0, 1):
@@ -76,8 +75,7 @@ def native_state(pair: MokdPair, optimizers: list[torch.optim.Optimizer], scaler
         if index < len(pair.teachers):  # DoGo has no teachers
             state[f"teacher{index + 1}"] = pair.teachers[index].state_dict()
         state[f"optimizer{index + 1}"] = optimizers[index].state_dict()
-        scaler = scalers[index]
-        state[f"scaler{index + 1}"] = scaler.state_dict() if scaler is not None else None
+        state[f"scaler{index + 1}"] = scaler_state(scalers[index])
     return state
 
 
@@ -158,33 +156,6 @@ def _all_finite(tree: Any) -> bool:
     if isinstance(tree, (list, tuple)):
         return all(_all_finite(value) for value in tree)
     return True
-
-
-# --- RNG ------------------------------------------------------------------------------------------
-
-
-def capture_rng() -> dict[str, Any]:
-    """torch (CPU and CUDA), numpy and python RNG states as tensors and lists (weights_only-safe)."""
-    _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_cached = np.random.get_state()
-    version, python_state, python_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(numpy_keys.astype(np.int64)), "pos": int(numpy_pos),
-                  "has_gauss": int(numpy_has_gauss), "cached_gaussian": float(numpy_cached)},
-        "python": [version, list(python_state), python_gauss],
-    }
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    numpy = state["numpy"]
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
-                         numpy["has_gauss"], numpy["cached_gaussian"]))
-    version, python_state, python_gauss = state["python"]
-    random.setstate((version, tuple(python_state), python_gauss))
 
 
 # --- resume ---------------------------------------------------------------------------------------

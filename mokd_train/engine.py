@@ -1,4 +1,5 @@
-"""The MOKD training loop: data, optimisation, schedules, logging and checkpoints around a `MokdPair`.
+"""The MOKD training loop around a `MokdPair`; its data (`data`), optimisers and schedules (`optim`), run log
+(`run_log`) and checkpoints (`checkpointing`) live beside it.
 
 Per step (official recipe): per-iteration lr / weight decay, the pair's forward with the backward of each
 model's loss as soon as it exists and is finite, followed at once by that model's update (MOKD: L1, then L2,
@@ -16,44 +17,41 @@ uninterrupted one exactly, and W processes see the global batches of one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, ContextManager
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mokd.core.atomic import write_json, write_text
-from mokd.core.data import DataSpec, open_dataset, parse_data_spec
-from mokd.core.errors import MokdError
 from mokd.core import distributed
-from mokd_train import checkpointing
-from mokd_train.augment import MultiCropAugmentation, MultiCropConfig
-from mokd_train.checkpointing import Progress
-from mokd_train.config import (AUGMENTATION_PROBABILITIES, TrainConfig, arch_specs, describe, resolved_lambdas,
-                               validate)
-from mokd.core.distributed import DistContext
-from mokd.core.distributed import EpochShardSampler, ddp_wrapper, synchronise_batchnorm
-from mokd_train.losses import NonFiniteLossError
-from mokd_train.monitor import MONITORED, diagnose
-from mokd_train import online_knn
-from mokd_train.online_knn import OnlineKnn
-from mokd_train.methods import CONSTANT_EMA, build_peer_pair
-from mokd_train.run_lock import output_dir_lock
-from mokd_train.methods.base import PeerPair
-from mokd_train.pair import MokdPair, PairConfig
+from mokd.core.atomic import write_json
+from mokd.core.data import open_dataset, parse_data_spec
+from mokd.core.distributed import DistContext, EpochShardSampler, ddp_wrapper, synchronise_batchnorm
+from mokd.core.errors import MokdError
 from mokd.core.resources import apply_resources
-from mokd.core.schedules import cosine_schedule
 from mokd.core.tensorboard_log import TensorBoardLog
+from mokd.core.training_loop import (amp_dtype, autocast_context, clip_gradients_per_tensor, make_scaler,
+                                     optimizer_step, scale_loss)
+from mokd_train import checkpointing, online_knn
+from mokd_train.augment import MultiCropAugmentation
+from mokd_train.checkpointing import Progress
+from mokd_train.config import TrainConfig, arch_specs, describe, resolved_lambdas, validate
+from mokd_train.data import SeededCrops, multicrop_config
+from mokd_train.losses import NonFiniteLossError
+from mokd_train.methods import build_peer_pair
+from mokd_train.methods.base import PeerPair
+from mokd_train.monitor import MONITORED, diagnose
+from mokd_train.online_knn import OnlineKnn
+from mokd_train.optim import build_optimizer, build_schedules, schedule_family
+from mokd_train.pair import MokdPair, PairConfig
+from mokd_train.run_lock import output_dir_lock
+from mokd_train.run_log import JsonLinesLog
 
-SGD_MOMENTUM = 0.9
-LR_REFERENCE_BATCH = 256
 LOG_NAME = "log.jsonl"
 CONFIG_NAME = "config.json"
 
@@ -85,45 +83,7 @@ def save_initial_checkpoint(cfg: TrainConfig) -> Path:
         distributed.teardown(context)
 
 
-# --- data -----------------------------------------------------------------------------------------
-
-
-class SeededCrops(Dataset):
-    """Multi-crop views whose randomness depends only on (seed, epoch, index).
-
-    Keys are `(epoch, index)` from `EpochShardSampler`. The transform runs under a forked torch RNG
-    seeded from those three numbers, so the crops of a sample do not depend on the worker, the rank,
-    or on what ran before: the condition for exact resumption and for 1-vs-W-process equality.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset = dataset
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> list[torch.Tensor]:
-        epoch, index = key
-        sample_seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
-        for offset in range(len(self.dataset)):  # with --skip-bad-images an unreadable image reads as None
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed)
-                item = self.dataset[(index + offset) % len(self.dataset)]
-            if item is not None:
-                return item[0]
-        raise MokdError("no image of the training split could be read (--skip-bad-images skipped them all)")
-
-
-def multicrop_config(cfg: TrainConfig, data_spec: DataSpec) -> MultiCropConfig:
-    """The configured crop sizes and scales on the recipe that suits the data (32 px sets: weaker blur)."""
-    recipe = MultiCropConfig.small if data_spec.native_size is not None else MultiCropConfig
-    probabilities = {key: getattr(cfg, key) for key in AUGMENTATION_PROBABILITIES if getattr(cfg, key) is not None}
-    return recipe(global_size=cfg.img_size, local_size=cfg.local_size, n_local=cfg.n_local,
-                  global_scale=cfg.global_scale, local_scale=cfg.local_scale, **probabilities)
-
-
-# --- model and optimisation -----------------------------------------------------------------------
+# --- the model and its update ---------------------------------------------------------------------
 
 
 def pair_config(cfg: TrainConfig) -> PairConfig:
@@ -146,128 +106,19 @@ def build_pair(specs, cfg: TrainConfig) -> MokdPair | PeerPair:
     return MokdPair(*specs, pair_config(cfg)) if cfg.method == "mokd" else build_peer_pair(specs, cfg)
 
 
-def build_optimizer(pair: MokdPair | PeerPair, index: int, *,
-                    cnn_optimizer: str = "sgd") -> torch.optim.Optimizer:
-    """AdamW for a ViT; for a ResNet `cnn_optimizer` (SGD with momentum 0.9 officially); lr and weight decay are
-    set every step. A method with its own recipe (dogo, mcl) builds its own optimizer."""
-    if isinstance(pair, PeerPair) and pair.own_recipe:
-        return pair.build_optimizer(index)
-    return make_optimizer(pair.param_groups(index), vit=pair.specs[index].is_vit, cnn_optimizer=cnn_optimizer)
-
-
-def make_optimizer(groups: list[dict] | list[torch.nn.Parameter], *, vit: bool,
-                   cnn_optimizer: str = "sgd") -> torch.optim.Optimizer:
-    """AdamW for a ViT (official); for a ResNet SGD with momentum 0.9 (official) or AdamW (`cnn_optimizer`). In
-    torch's fused form: one pass over each parameter instead of several with full-size temporaries (AdamW over 54 M
-    parameters on one CPU thread: 0.05 s fused against 0.37 s for the loop). lr and weight decay are set every
-    step."""
-    if vit or cnn_optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, fused=True)
-    return torch.optim.SGD(groups, lr=0.0, momentum=SGD_MOMENTUM, weight_decay=0.0, fused=True)
-
-
-@dataclasses.dataclass
-class Schedules:
-    """Per-iteration values: lr and weight decay per backbone family, and the EMA momentum."""
-
-    lr: dict[str, np.ndarray]
-    weight_decay: dict[str, np.ndarray]
-    momentum: np.ndarray
-
-
-def build_schedules(cfg: TrainConfig, steps_per_epoch: int) -> Schedules:
-    """Official schedules: lr with linear warm-up then cosine to its floor; ViT weight decay cosine 0.04 -> 0.4,
-    CNN constant; EMA momentum cosine to `momentum_teacher_end` (1 in the official recipe).
-
-    Peak and floor are both per 256 images and scaled by batch/256 (the official code scales only the peak,
-    so a small batch got a cosine rising to a floor above its peak; identical at batch 256)."""
-    scale = cfg.batch_size / LR_REFERENCE_BATCH
-    epochs, warmup = cfg.epochs, cfg.warmup_epochs
-    return Schedules(
-        lr={"resnet": cosine_schedule(cfg.lr_cnn * scale, cfg.min_lr_cnn * scale, epochs, steps_per_epoch, warmup),
-            "vit": cosine_schedule(cfg.lr_vit * scale, cfg.min_lr_vit * scale, epochs, steps_per_epoch, warmup)},
-        weight_decay={"resnet": np.full(epochs * steps_per_epoch, cfg.weight_decay_cnn),
-                      "vit": cosine_schedule(cfg.weight_decay_vit, cfg.weight_decay_end_vit, epochs, steps_per_epoch)},
-        momentum=cosine_schedule(cfg.momentum_teacher,
-                                 cfg.momentum_teacher if cfg.method in CONSTANT_EMA else cfg.momentum_teacher_end,
-                                 epochs, steps_per_epoch),
-    )
-
-
-def schedule_family(pair: MokdPair, index: int, part: str) -> str:
-    """Which family's lr/wd schedule a parameter group follows.
-
-    Official code quirk: a CNN's T-Head follows its ViT partner's schedules (its biases and norms
-    still get no weight decay here). In CNN-CNN pairs every group follows the CNN schedules.
-    """
-    own, peer = pair.specs[index], pair.specs[1 - index]
-    if part == "thead" and not own.is_vit and peer.is_vit:
-        return peer.family
-    return own.family
-
-
-def clip_gradients_per_tensor(parameters: list[torch.nn.Parameter], max_norm: float) -> None:
-    """Clip each gradient tensor to its own norm `max_norm` (DINO's clip_gradients), not the global norm."""
-    for param in parameters:
-        if param.grad is not None:
-            torch.nn.utils.clip_grad_norm_(param, max_norm, foreach=False)
-
-
 def update_model(pair: MokdPair | PeerPair, index: int, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler | None = None, *, clip_grad: float, hold_last_layers: bool) -> None:
-    """Model `index`'s update from its gradients, which are then freed: unscale (fp16), per-tensor clipping,
-    the heads' last layers held (`hold_last_layers`: the first epoch(s) of the recipe), the optimizer step."""
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    if clip_grad > 0:
-        clip_gradients_per_tensor(list(pair.students[index].parameters()), clip_grad)
-    if hold_last_layers:
-        for param in pair.last_layer_parameters(index):
-            param.grad = None
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    """Model `index`'s update from its gradients, which are then freed: per-tensor clipping of the student's
+    (unscaled, fp16) gradients, the heads' last layers held (`hold_last_layers`: the first epoch(s) of the
+    recipe), the optimizer step."""
+    def prepare_gradients() -> None:
+        if clip_grad > 0:
+            clip_gradients_per_tensor(list(pair.students[index].parameters()), clip_grad)
+        if hold_last_layers:
+            for param in pair.last_layer_parameters(index):
+                param.grad = None
 
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """None = full precision. auto = bf16 on CUDA, none on CPU."""
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "none"
-    if amp == "fp16" and device.type != "cuda":
-        raise MokdError("--amp fp16 needs a CUDA device: use --amp bf16 or none on CPU")
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-# --- logging --------------------------------------------------------------------------------------
-
-
-class JsonLinesLog:
-    """`log.jsonl`, one JSON record per line, written by rank 0 only.
-
-    Appending is the one write that is not atomic (rewriting the whole log every step would be
-    quadratic). A crash can cut at most the last line; on resume the log is rewritten atomically with
-    only the complete records up to the resumed step, so the log always describes one run.
-    """
-
-    def __init__(self, path: Path, resumed_step: int | None) -> None:
-        self.path = path
-        kept = []
-        if resumed_step is not None and path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if record.get("step", 0) <= resumed_step:
-                    kept.append(line + "\n")
-        write_text(path, "".join(kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+    optimizer_step(optimizer, scaler, before_step=prepare_gradients)
 
 
 # --- the trainer ----------------------------------------------------------------------------------
@@ -282,7 +133,7 @@ class Trainer:
         self.context = context
         self.output_dir = Path(cfg.output_dir)
         self.device = context.device
-        self.dtype = autocast_dtype(cfg.amp, self.device)
+        self.dtype = amp_dtype(cfg.amp, self.device)
         if cfg.batch_size % context.world_size:
             raise MokdError(f"batch size {cfg.batch_size} is global and must divide evenly over "
                             f"{context.world_size} processes: choose a multiple of {context.world_size}")
@@ -321,8 +172,7 @@ class Trainer:
             self.pair.wrap_students(ddp_wrapper(context, self.pair.has_unused_parameters))
         self.optimizers = [build_optimizer(self.pair, index, cnn_optimizer=self.cfg.cnn_optimizer)
                            for index in (0, 1)]
-        use_scaler = self.dtype == torch.float16
-        self.scalers = [torch.amp.GradScaler("cuda") if use_scaler else None for _ in (0, 1)]
+        self.scalers = [make_scaler(self.dtype) for _ in (0, 1)]
         self.progress = Progress()
         if context.is_main:
             checkpointing.remove_stale_temporaries(self.output_dir, self.log)
@@ -371,9 +221,7 @@ class Trainer:
         return size
 
     def _autocast(self) -> ContextManager:
-        if self.dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        return autocast_context(self.device, self.dtype)
 
     def _loader(self, epoch: int, skip_batches: int) -> DataLoader:
         sampler = EpochShardSampler(self.crops, self.context, self.cfg.seed, epoch, skip=skip_batches * self.rank_batch)
@@ -540,8 +388,7 @@ class Trainer:
         outside autocast, then step those models. The pair calls this once per model (MOKD: L1 before student 2
         runs, which reads only teacher 1, so the update is the same as stepping both at the end, and model 1's
         gradients are freed before model 2's are allocated) or once for both (peer methods)."""
-        scaled = [loss if self.scalers[index] is None else self.scalers[index].scale(loss)
-                  for index, loss in losses.items()]
+        scaled = [scale_loss(loss, self.scalers[index]) for index, loss in losses.items()]
         with torch.autocast(self.device.type, enabled=False):
             sum(scaled).backward()
         for index in losses:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import os
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -24,9 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from mokd.core.errors import MokdError
-from mokd.core.validation import check_device, check_precision
-
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from mokd.core.validation import check_device
 
 
 @dataclass(frozen=True)
@@ -73,20 +70,6 @@ def choose_device(preference: str, local_rank: int = 0) -> torch.device:
         raise MokdError(f"--device {preference}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                         f"numbered from 0")
     return torch.device("cuda", index)
-
-
-def autocast_for(device: torch.device, precision: str) -> tuple[AbstractContextManager, "torch.amp.GradScaler | None"]:
-    """The forward's autocast for `precision` and, for fp16 training, its gradient scaler (None otherwise).
-
-    fp32 is the paper's precision and the default. bf16 / fp16 are CUDA autocast; on a CPU they are refused,
-    because they are slower there and a run must record the precision it really used."""
-    if check_precision(precision) == "fp32":
-        return nullcontext(), None
-    if device.type != "cuda":
-        raise MokdError(f"--precision {precision} needs a CUDA device (on a CPU it is slower, not faster): "
-                        "use --precision fp32")
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    return torch.autocast("cuda", dtype=_AUTOCAST_DTYPES[precision]), scaler
 
 
 def setup(device_preference: str) -> DistContext:

@@ -26,10 +26,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from mokd.core import atomic
-from mokd.core.distributed import autocast_for, choose_device
+from mokd.core.distributed import choose_device
 from mokd.core.errors import MokdError
 from mokd.core.registry import ArchSpec
 from mokd.core.resources import available_cores, extraction_workers
+from mokd.core.training_loop import autocast_for
 
 CACHE_FORMAT_VERSION = 2  # 2: manifests carry a labels checksum
 DEFAULT_CACHE_DIR = Path(os.environ.get("MOKD_CACHE_DIR", Path.home() / ".cache" / "mokd"))

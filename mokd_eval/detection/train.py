@@ -23,7 +23,8 @@ from tqdm import tqdm
 from mokd.core import atomic
 from mokd_eval.detection.coco_data import CocoSplit, DetectionDataset, collate
 from mokd_eval.detection.evaluation import evaluate, to_coco_results
-from mokd.core.distributed import DistContext, autocast_for
+from mokd.core.distributed import DistContext
+from mokd.core.training_loop import autocast_for, optimizer_step, restore_optimization, scale_loss, scaler_state
 from mokd.core.errors import MokdError
 from mokd.core.tensorboard_log import TensorBoardLog
 
@@ -121,7 +122,7 @@ class TrainState:
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, state: TrainState,
                     extra: dict[str, Any]) -> None:
     payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": state.iteration,
-               "categories": state.categories, "scaler": scaler.state_dict() if scaler is not None else None, **extra}
+               "categories": state.categories, "scaler": scaler_state(scaler), **extra}
     atomic.save_torch(payload, path)
 
 
@@ -173,9 +174,7 @@ def train_detector(model: nn.Module, dataset: DetectionDataset, solver: Solver, 
         payload = load_detector_file(last)
         check_categories(last, payload["categories"], categories)
         model.load_state_dict(payload["model"], strict=True)
-        optimizer.load_state_dict(payload["optimizer"])
-        if scaler is not None and payload.get("scaler"):
-            scaler.load_state_dict(payload["scaler"])
+        restore_optimization(payload, optimizer, scaler)
         state.iteration = int(payload["iteration"])
         echo(f"resumed from {last} at iteration {state.iteration}")
     net: nn.Module = model
@@ -201,14 +200,8 @@ def train_detector(model: nn.Module, dataset: DetectionDataset, solver: Solver, 
             total = sum(losses.values())
             if not math.isfinite(value := float(total.detach())):
                 raise MokdError(divergence_message(value, state.iteration, model))
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(total).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                total.backward()
-                optimizer.step()
+            scale_loss(total, scaler).backward()
+            optimizer_step(optimizer, scaler)
             state.iteration += 1
             record = {k: round(float(v.detach()), 4) for k, v in losses.items()}
             history.append({"iteration": state.iteration, "lr": lr, "loss": round(value, 4), **record})

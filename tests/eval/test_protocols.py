@@ -80,7 +80,7 @@ def test_the_resolution_defaults_to_the_checkpoints_training_crop():
 
 
 def test_reduced_precision_is_refused_on_a_cpu():
-    from mokd.core.distributed import autocast_for
+    from mokd.core.training_loop import autocast_for
 
     with pytest.raises(MokdError, match="needs a CUDA device"):
         autocast_for(torch.device("cpu"), "bf16")

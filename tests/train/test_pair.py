@@ -307,7 +307,8 @@ def test_each_model_updated_inside_its_backward_equals_both_updated_at_the_end(b
     """The engine steps model 1 as soon as L1 is back-propagated, so its gradients are freed before student 2
     runs. L2 reads teacher 1, never student 1, so the losses and both updated students equal one backward of
     L1 + L2 followed by the two optimizer steps."""
-    from mokd_train.engine import build_optimizer, update_model
+    from mokd_train.engine import update_model
+    from mokd_train.optim import build_optimizer
 
     def optimizers_of(pair):
         optimizers = [build_optimizer(pair, index) for index in (0, 1)]

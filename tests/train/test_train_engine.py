@@ -327,7 +327,7 @@ def test_non_finite_loss_stops_naming_the_term_and_keeps_the_last_checkpoint(tmp
 
 def test_augmentation_probabilities_reach_the_multicrop_recipe(tmp_path):
     from mokd.core.data import parse_data_spec
-    from mokd_train.engine import multicrop_config
+    from mokd_train.data import multicrop_config
 
     config = small_config(tmp_path, solarize_p=0.3, local_blur_p=0.3)
     crops = multicrop_config(config, parse_data_spec("shapes:50"))
@@ -398,7 +398,7 @@ def test_stored_position_size_reads_the_grids_and_refuses_mixed_ones(tmp_path):
 
 
 def test_lr_floors_are_scaled_by_batch_like_the_peaks(tmp_path):
-    from mokd_train.engine import build_schedules
+    from mokd_train.optim import build_schedules
 
     config = small_config(tmp_path, batch_size=32, epochs=2, warmup_epochs=1, lr_cnn=0.1, min_lr_cnn=0.0048,
                           lr_vit=3e-4, min_lr_vit=1e-5)
@@ -414,7 +414,7 @@ def test_lr_floors_are_scaled_by_batch_like_the_peaks(tmp_path):
 def test_paper_presets_keep_dino_schedules_and_tiny_sizes_them_to_its_steps(tmp_path):
     """Paper presets: 10 warm-up epochs and an EMA cosine from 0.996 to 1 (DINO). The tiny recipe: a warm-up of half
     an epoch (22 of 44 steps) and a constant EMA momentum, against closed forms."""
-    from mokd_train.engine import build_schedules
+    from mokd_train.optim import build_schedules
 
     paper = resolve_config("r50-vit_s", None, {"output_dir": str(tmp_path)})
     assert (paper.warmup_epochs, paper.momentum_teacher, paper.momentum_teacher_end) == (10, 0.996, 1.0)
@@ -439,7 +439,7 @@ def test_paper_presets_keep_dino_schedules_and_tiny_sizes_them_to_its_steps(tmp_
 def test_cnn_optimizer_is_sgd_in_paper_presets_and_adamw_when_chosen(tmp_path):
     """The official recipe trains a ResNet with SGD (momentum 0.9); `cnn_optimizer: adamw` (the tiny recipe) gives
     it AdamW like the ViT, T-Head group included; anything else is a one-line error."""
-    from mokd_train.engine import build_optimizer
+    from mokd_train.optim import build_optimizer
 
     def optimizers(config: TrainConfig) -> list[torch.optim.Optimizer]:
         pair = MokdPair(*arch_specs(config), pair_config(config))
