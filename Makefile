@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 FAISS ?= $(if $(wildcard $(VENV)/.installed-faiss-gpu),gpu,cpu)
 STAMP := $(VENV)/.installed-faiss-$(FAISS)
 
-.PHONY: install demo test bench gpu-check clean
+.PHONY: install demo test test-fast bench gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The edit-test loop: everything but what trains, runs a command end to end or spawns processes (under a minute).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not cuda and not detectron2"
 
 bench: install
 	$(PY) benchmarks/bench_knn.py

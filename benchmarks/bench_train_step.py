@@ -48,7 +48,8 @@ from mokd.core.training_loop import clip_gradients_per_tensor
 from mokd_train.config import TrainConfig, arch_specs, resolve_config
 from mokd_train.engine import pair_config, update_model
 from mokd_train.optim import build_optimizer, make_optimizer
-from mokd_train.methods import FAITHFUL_PEERS, METHODS, build_peer_pair, method_label
+from mokd_train.methods import FAITHFUL_PEERS, METHODS, method_label
+from mokd_train.methods.factory import build_peer_pair
 from mokd_train.methods.base import PeerPair
 from mokd_train.losses import Centers, batch_center, distillation_loss
 from mokd_train.pair import MokdPair, build_network, ema_update, thead_width

@@ -43,7 +43,7 @@ from mokd_train.checkpointing import Progress
 from mokd_train.config import TrainConfig, arch_specs, describe, resolved_lambdas, validate
 from mokd_train.data import SeededCrops, multicrop_config
 from mokd_train.losses import NonFiniteLossError
-from mokd_train.methods import build_peer_pair
+from mokd_train.methods.factory import build_peer_pair
 from mokd_train.methods.base import PeerPair
 from mokd_train.monitor import MONITORED, diagnose
 from mokd_train.online_knn import OnlineKnn
@@ -264,6 +264,7 @@ class Trainer:
             self.checkpoint_path = self.resumed_from
         if self.context.is_main and cfg.curves:
             self._draw_curves()
+        self.context.barrier()  # every rank leaves the process group together, after rank 0's last writes
         return self._summary(total)
 
     def _resumed_step(self) -> int | None:

@@ -253,8 +253,8 @@ def run_coco(checkpoint: Path | None, settings: CocoSettings, context: DistConte
         if engine == "detectron2":
             from mokd_eval.detection.d2_engine import run_detectron2
 
-            results.append(run_detectron2(candidate, data, settings, context, timer,
-                                          _output_dir(settings, checkpoint, candidate.key), echo))
+            results.append(run_detectron2(candidate, data, settings, detector_config(data, settings), context,
+                                          timer, _output_dir(settings, checkpoint, candidate.key), echo))
         else:
             results.append(_torchvision_run(candidate, data, settings, context, timer, checkpoint, echo))
     protocol = {"name": "coco-c4-mask-rcnn", **coco_protocol(data, settings, engine),

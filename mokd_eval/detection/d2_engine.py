@@ -20,6 +20,7 @@ from mokd.core import atomic
 from mokd_eval.detection import shapes_coco
 from mokd_eval.detection.coco_data import SHAPES_KIND, CocoData
 from mokd_eval.detection.evaluation import METRICS, json_safe
+from mokd_eval.detection.model import DetectorConfig
 from mokd.core.errors import MokdError
 from mokd_eval.export import detectron2_state
 
@@ -195,15 +196,15 @@ def _load_report(model: torch.nn.Module, exported: dict[str, Any]) -> dict[str, 
             "res5_total": len(res5_model), "res5_in_checkpoint": len(res5_names)}
 
 
-def run_detectron2(candidate: Any, data: CocoData, settings: Any, context: Any, timer: Any, out_dir: Path,
-                   echo: Callable[[str], None]) -> dict[str, Any]:
-    """Train and evaluate one backbone with detectron2; the same result entry as the torchvision engine."""
+def run_detectron2(candidate: Any, data: CocoData, settings: Any, detector: DetectorConfig, context: Any, timer: Any,
+                   out_dir: Path, echo: Callable[[str], None]) -> dict[str, Any]:
+    """Train and evaluate one backbone with detectron2; the same result entry as the torchvision engine.
+    `detector` is the command's resolved C4 configuration, so both engines build the same detector."""
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.engine import DefaultTrainer
     from detectron2.evaluation import COCOEvaluator
     from detectron2.utils.logger import setup_logger
 
-    from mokd_eval.detection.coco_eval import detector_config
     from mokd_eval.detection.train import Solver
     from mokd.core.resources import apply_resources
 
@@ -211,7 +212,6 @@ def run_detectron2(candidate: Any, data: CocoData, settings: Any, context: Any, 
         raise MokdError(f"{candidate.key}: detectron2's ResNet needs a standard-width ImageNet-stem ResNet")
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_logger(output=str(out_dir), name="detectron2", abbrev_name="d2")
-    detector = detector_config(data, settings)
     depth = {(2, 2, 2, 2): 18, (3, 4, 6, 3): 50 if candidate.spec.bottleneck else 34, (3, 4, 23, 3): 101}[
         candidate.spec.layers]
     solver = Solver(iters=settings.iters, batch_size=settings.batch_size, lr=settings.lr,

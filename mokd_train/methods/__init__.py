@@ -1,7 +1,7 @@
 """The online-distillation methods `mokd-train --method` offers, beside MOKD itself (`mokd_train.pair`).
 
 This module only names them and their settings (imported by `mokd_train.config`); the implementations
-are `dogo.py` and `mcl.py` on the common `base.PeerPair`, built by `build_peer_pair`.
+are `dogo.py` and `mcl.py` on the common `base.PeerPair`, built by `factory.build_peer_pair`.
 
 - `dogo`, `mcl`: the faithful methods (spec `online-kd-peers.md`): their own heads, losses, optimizers.
 - `dino+dogo`, `dino+mcl`: ADAPTATIONS (not published methods): DINO self-distillation on each model,
@@ -55,12 +55,3 @@ def method_defaults(method: str, preset: str | None) -> dict[str, Any]:
     if preset == "tiny" and method == "mokd":
         defaults.update(TINY_MOKD_LAMBDAS)
     return defaults
-
-
-def build_peer_pair(specs, cfg):
-    """The pair module of a non-MOKD method (`cfg` is a resolved `TrainConfig`)."""
-    from mokd_train.methods.dogo import DogoPair
-    from mokd_train.methods.mcl import MclPair
-
-    family = cfg.method.removeprefix("dino+")
-    return {"dogo": DogoPair, "mcl": MclPair}[family](specs, cfg)

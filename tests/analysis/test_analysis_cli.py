@@ -17,6 +17,8 @@ from mokd.core.data import eval_transform, open_dataset, parse_data_spec
 from mokd_eval.knn import knn_classify
 from mokd.core.registry import ALIASES
 
+pytestmark = pytest.mark.slow  # runs the analyses end to end
+
 FAST = ["--num-workers", "0", "--batch-size", "256"]
 SMALL_VIT = dataclasses.replace(ALIASES["vit_t"], name="vit_small_test", embed_dim=48, depth=3, num_heads=3,
                                 patch_size=8, img_size=32)

@@ -13,6 +13,8 @@ from mokd.core.features import FeatureCache
 from mokd.core.pipeline import FeatureOptions, RunSettings
 from mokd.core.registry import ALIASES
 
+pytestmark = pytest.mark.slow  # runs every protocol end to end
+
 
 def test_every_paper_step_is_in_the_table_in_order():
     assert STEP_NAMES == ("knn", "linear", "semisup1", "semisup10", "cifar10", "cifar100", "coco", "consistency",

@@ -19,6 +19,8 @@ from mokd_eval.finetune import topk_counts
 from mokd_eval.linear import load_head, protocol_feature
 from mokd.core.registry import ALIASES, build_backbone
 
+pytestmark = pytest.mark.slow  # trains probes and fine-tunes end to end
+
 FAST = ["--num-workers", "0", "--device", "cpu", "--epochs", "1"]
 CNN = ALIASES["r_tiny"]
 

@@ -15,6 +15,8 @@ from mokd_eval.finetune import Classifier, FitSettings, clamp_batch, evaluate, f
 from mokd_eval.protocols import Preset, TrainOptions, resolve_settings
 from mokd.core.registry import ALIASES, build_backbone
 
+pytestmark = pytest.mark.slow  # trains
+
 CNN = ALIASES["r_tiny"]
 CONTEXT = setup("cpu")
 

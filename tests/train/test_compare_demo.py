@@ -9,6 +9,8 @@ from mokd.cli import mokd_eval
 from mokd.core.errors import MokdError
 from mokd_train import compare
 
+pytestmark = pytest.mark.slow  # trains
+
 
 @pytest.fixture
 def small_compare(monkeypatch):

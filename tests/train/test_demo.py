@@ -12,6 +12,8 @@ from mokd_train import demo
 from mokd_eval.knn import knn_classify
 from mokd.core.pipeline import open_eval_data
 
+pytestmark = pytest.mark.slow  # trains
+
 
 @pytest.fixture
 def small_demo(monkeypatch):

@@ -13,6 +13,8 @@ from mokd.core.registry import forward_tokens, resolve_arch
 from mokd_train.losses import NonFiniteLossError
 from mokd_train.pair import MokdPair, PairConfig, build_network, thead_width
 
+pytestmark = pytest.mark.slow  # runs full pair steps
+
 B, N_LOCAL, K = 2, 2, 64
 CNN = resolve_arch("r_tiny")
 VIT = resolve_arch("vit_t", img_size=32, patch_size=4)

@@ -23,6 +23,8 @@ from mokd.core.errors import MokdError
 from mokd.core.distributed import AllReduceBatchNorm1d, AllReduceBatchNorm2d
 from mokd_train.engine import train
 
+pytestmark = pytest.mark.slow  # spawns DDP processes
+
 WORLD_SIZE = 2
 # float32 sums in a different order (two half batches then an all-reduce, 1 vs 2 threads per matmul)
 # differ by ~3e-7 relative in the losses; AdamW divides by sqrt(v), which lifts that to ~1e-6 absolute

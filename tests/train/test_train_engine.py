@@ -23,6 +23,8 @@ from mokd_train.config import PRESETS, TrainConfig, arch_specs, resolve_config, 
 from mokd_train.engine import pair_config, save_initial_checkpoint, train
 from mokd_train.pair import MokdPair
 
+pytestmark = pytest.mark.slow  # trains
+
 STEPS_PER_EPOCH = 5  # shapes:50 has 40 train images; batch 8
 
 

@@ -5,6 +5,9 @@ import json
 from click.testing import CliRunner
 
 from mokd.cli import mokd_eval, mokd_train
+import pytest
+
+pytestmark = pytest.mark.slow  # trains, then evaluates
 
 TRAIN_ARGS = ["--preset", "tiny", "--arch1", "r18", "--arch2", "vit_t", "--data", "shapes:50", "--img-size", "32",
               "--local-size", "16", "--n-local", "2", "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0",

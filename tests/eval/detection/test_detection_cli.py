@@ -15,6 +15,8 @@ from mokd_eval.detection.coco_data import DetectionDataset, open_coco
 from mokd.core.errors import MokdError
 from mokd.core.registry import ALIASES
 
+pytestmark = pytest.mark.slow  # trains the detector end to end
+
 TINY = ["--data", "shapes-coco:4:64", "--engine", "torchvision", "--batch-size", "2", "--rois-per-image", "8",
         "--test-proposals", "10", "--precise-bn-iters", "1", "--num-workers", "0"]
 

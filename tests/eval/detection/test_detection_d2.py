@@ -13,6 +13,8 @@ from mokd.core.checkpoints import load_backbones
 from mokd_eval.detection.model import DetectorConfig, build_detector
 from mokd.core.registry import ALIASES
 
+pytestmark = pytest.mark.detectron2  # the optional engine, where it imports
+
 pytest.importorskip("detectron2", reason="detectron2 is not installed (optional engine, built from source)")
 
 TINY = ["--data", "shapes-coco:4:64", "--engine", "detectron2", "--batch-size", "2", "--rois-per-image", "8",

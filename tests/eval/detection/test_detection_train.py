@@ -14,6 +14,8 @@ from mokd.core.distributed import setup
 from mokd.core.errors import MokdError
 from mokd.core.registry import ALIASES, build_backbone
 
+pytestmark = pytest.mark.slow  # trains the detector
+
 
 def test_solver_matches_detectron2_schedule():
     solver = Solver(iters=90_000, batch_size=16)

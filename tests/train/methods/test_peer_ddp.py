@@ -27,6 +27,8 @@ from mokd_train.engine import train
 from mokd_train.methods.base import gather_with_grad
 from tests.train.test_train_ddp import TOLERANCE, WORLD_SIZE, free_port
 
+pytestmark = pytest.mark.slow  # spawns DDP processes
+
 METHODS = ("dogo", "mcl")
 WEIGHT_TOLERANCE = {"dogo": 5e-5, "mcl": TOLERANCE}
 

@@ -8,8 +8,10 @@ import torch.nn.functional as F
 
 from mokd_train.config import arch_specs, resolve_config
 from mokd_train.optim import build_schedules
-from mokd_train.methods import build_peer_pair
+from mokd_train.methods.factory import build_peer_pair
 from mokd_train.methods.losses import contrastive_logits, nt_xent, relation_kl, relation_log_probs
+
+pytestmark = pytest.mark.slow  # trains the peer methods
 
 B = 4
 METHODS = ("dogo", "mcl", "dino+dogo", "dino+mcl")

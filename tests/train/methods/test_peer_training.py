@@ -13,6 +13,8 @@ from mokd.core.errors import MokdError
 from mokd_train.config import resolve_config
 from mokd_train.engine import train
 
+pytestmark = pytest.mark.slow  # trains
+
 METHODS = ("dogo", "mcl", "dino+dogo", "dino+mcl")
 STEPS = 12
 
