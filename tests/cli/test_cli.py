@@ -11,6 +11,8 @@ from mokd.cli import mokd_eval
 from mokd.core.data import eval_transform, open_dataset, parse_data_spec
 from mokd_eval.knn import knn_classify
 
+pytestmark = pytest.mark.slow  # runs every command end to end
+
 FAST = ["--num-workers", "0", "--batch-size", "128"]
 
 

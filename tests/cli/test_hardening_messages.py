@@ -21,6 +21,8 @@ from mokd.core.registry import ALIASES
 from mokd_eval.splits import read_split_file
 from tests.cli.test_hardening_tracebacks import assert_one_line_error, image_folder
 
+pytestmark = pytest.mark.slow  # runs every command a message suggests
+
 
 def export(tmp_path, checkpoint, fmt: str, *extra: str):
     target = tmp_path / f"{fmt}.pth"

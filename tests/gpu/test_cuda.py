@@ -33,6 +33,8 @@ from mokd.core.registry import ALIASES
 from mokd_train.config import TrainConfig, resolve_config, validate
 from mokd_train.engine import Trainer, train
 
+pytestmark = pytest.mark.slow  # its CPU-side checks train; the CUDA comparisons are marked cuda too
+
 # Feature tolerances, relative to each feature vector's norm. fp32 on CUDA (TF32 off) differs from CPU by summation
 # order: ~1e-6 relative; 1e-4 leaves room for cuDNN's algorithm choice. bf16 keeps 8 mantissa bits
 # (relative rounding 2^-8 = 0.4 % per operation), which accumulate over a network's depth to about 1 %.
