@@ -18,7 +18,7 @@ from mokd.core import atomic
 from mokd.core.data import IMAGENET_MEAN, IMAGENET_STD
 from mokd.core.distributed import choose_device
 from mokd.core.errors import MokdError
-from mokd.core.pipeline import RunSettings, load_models, model_record, open_eval_data
+from mokd.core.pipeline import RunSettings, load_models, model_record, open_data_for
 from mokd.core.results import StageTimer, build_results, format_table
 
 TITLE_SPACE = 0.45  # inches above the grid for the figure title and the head titles
@@ -80,8 +80,8 @@ def run_attention(checkpoint: Path, run: RunSettings, *, layer: int, images: int
     timer = StageTimer()
     torch_device = choose_device(device, 0)
     with timer.stage("load"):
-        eval_data = open_eval_data(run.data, image_size=run.image_size, skip_bad_images=run.skip_bad_images)
         loaded = load_models(checkpoint, model=run.model, key=run.key, trust=run.trust, echo=run.echo)
+        eval_data, resolution = open_data_for(loaded, run)
         vits = [entry for entry in loaded if entry.spec.is_vit]
         if not vits:
             raise MokdError(f"{checkpoint}: no ViT among {', '.join(f'{e.key} ({e.spec.name})' for e in loaded)}; "
@@ -104,6 +104,7 @@ def run_attention(checkpoint: Path, run: RunSettings, *, layer: int, images: int
                 "layer": index + 1, "heads": int(maps.shape[1]), "maps": str(maps_path), "figure": paths,
                 "cls_mass_on_patches": maps.sum(axis=(2, 3)).mean(axis=0).round(4).tolist()}}})
     protocol = {"name": "attention", "layer": layer, "images": len(indices), "image_size": int(batch.shape[-1]),
+                "image_size_from": resolution.source,
                 "map": "class-token row of softmax(qk^T/sqrt(d)) over the patches, per head"}
     config = {"checkpoint": str(checkpoint), "model": run.model, "key": run.key, "device": device,
               "image_indices": indices}

@@ -18,7 +18,7 @@ from mokd.core.checkpoints import LoadedBackbone
 from mokd.core.errors import MokdError
 from mokd_eval.knn import knn_classify
 from mokd.core.pipeline import (FeatureOptions, RunSettings, load_models, model_features, model_record,
-                                open_eval_data)
+                                open_data_for)
 from mokd.core.results import StageTimer, build_results, format_table
 
 CONSISTENCY_K = 20
@@ -98,12 +98,11 @@ def run_consistency(checkpoint_a: Path, checkpoint_b: Path | None, run: RunSetti
     keys = (run.key, key_b, key_control)
     timer = StageTimer()
     with timer.stage("load"):
-        eval_data = open_eval_data(run.data, image_size=run.image_size, skip_bad_images=run.skip_bad_images,
-                                   echo=run.echo)
-        run.echo(f"data: {eval_data.spec.text} ({len(eval_data.val)} val images, "
-                 f"{eval_data.train.num_classes} classes)")
         models = select_models(checkpoint_a, checkpoint_b, control, keys=keys, model=run.model, trust=run.trust,
                                echo=run.echo)
+        eval_data, resolution = open_data_for(models, run)
+        run.echo(f"data: {eval_data.spec.text} ({len(eval_data.val)} val images, "
+                 f"{eval_data.train.num_classes} classes)")
 
     num_classes = eval_data.train.num_classes
     results, predictions, val_labels = [], [], []
@@ -125,7 +124,7 @@ def run_consistency(checkpoint_a: Path, checkpoint_b: Path | None, run: RunSetti
         analysis["control"] = consistency_stats(predictions[2], predictions[1], val_labels[2],
                                                 num_classes=num_classes, labels_b=val_labels[1])
     protocol = {"name": "consistency", "k": k, "temperature": temperature, "feature": features.kind.describe(),
-                "precision": features.precision,
+                "precision": features.precision, "image_size": eval_data.side, "image_size_from": resolution.source,
                 "agreement": "fraction of val images with equal k-NN top-1 predictions",
                 "control": "control model A' replaces A" if control is not None else None}
     config = {"checkpoint": str(checkpoint_a), "checkpoint_b": str(checkpoint_b) if checkpoint_b else None,

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from mokd_analysis.attention_distance import CNNDistance, ViTDistance, resnet_points
 from mokd.core.distributed import choose_device
 from mokd.core.errors import MokdError
-from mokd.core.pipeline import RunSettings, load_models, model_record, open_eval_data
+from mokd.core.pipeline import RunSettings, load_models, model_record, open_data_for
 from mokd.core.registry import ArchSpec, build_backbone, resolve_arch
 from mokd.core.results import StageTimer, build_results, format_table
 
@@ -117,15 +117,13 @@ def run_mad(checkpoints: Sequence[Path], run: RunSettings, *, images: int = 64, 
     """Measure every model of every checkpoint (and the random-init controls) on the same images."""
     timer = StageTimer()
     with timer.stage("load"):
-        eval_data = open_eval_data(run.data, image_size=run.image_size, skip_bad_images=run.skip_bad_images,
-                                   echo=run.echo)
+        loaded = [(checkpoint, entry) for checkpoint in checkpoints
+                  for entry in load_models(checkpoint, model=run.model, key=run.key, trust=run.trust, echo=run.echo)]
+        eval_data, resolution = open_data_for([entry for _, entry in loaded], run)
         batch, indices = sample_images(eval_data.val, images, run.seed)
         size = batch.shape[-1]
-        measured = []
-        for checkpoint in checkpoints:
-            for loaded in load_models(checkpoint, model=run.model, key=run.key, trust=run.trust, echo=run.echo):
-                measured.append(Measured(f"{Path(checkpoint).stem}:{loaded.key}", loaded.spec, loaded.module,
-                                         model_record(loaded)))
+        measured = [Measured(f"{Path(checkpoint).stem}:{entry.key}", entry.spec, entry.module, model_record(entry))
+                    for checkpoint, entry in loaded]
         if not checkpoints:
             if run.model is None:
                 raise MokdError("give a checkpoint, or --model for the random-init control (e.g. --model vit_s)")
@@ -147,7 +145,8 @@ def run_mad(checkpoints: Sequence[Path], run: RunSettings, *, images: int = 64, 
                            "label": entry.label, "layers": names, "px": values})
     with timer.stage("plot"):
         figures = plot_mad(curves, out_stem)
-    protocol = {"name": "mad", "images": len(indices), "image_size": size, "renormalize": renormalize,
+    protocol = {"name": "mad", "images": len(indices), "image_size": size, "image_size_from": resolution.source,
+                "renormalize": renormalize,
                 "per_block": per_block, "vit": "patch rows/columns of softmax(qk^T/sqrt(d)), CLS excluded",
                 "cnn": "q = k = channel LayerNorm of the stage output, softmax(qk^T/sqrt(C)), P = stride"}
     config = {"checkpoints": [str(c) for c in checkpoints], "model": run.model, "key": run.key,

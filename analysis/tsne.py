@@ -17,7 +17,7 @@ from scipy.linalg import orthogonal_procrustes
 
 from mokd.core import atomic
 from mokd.core.errors import MokdError
-from mokd.core.pipeline import (FeatureOptions, RunSettings, load_models, model_record, open_eval_data,
+from mokd.core.pipeline import (FeatureOptions, RunSettings, load_models, model_record, open_data_for,
                                 split_features)
 from mokd.core.results import StageTimer, build_results, format_table
 
@@ -118,12 +118,11 @@ def run_tsne(checkpoints: Sequence[Path], run: RunSettings, *, features: Feature
     `out_stem`. Returns the results payload."""
     timer = StageTimer()
     with timer.stage("load"):
-        eval_data = open_eval_data(run.data, image_size=run.image_size, skip_bad_images=run.skip_bad_images,
-                                   echo=run.echo)
-        num_classes = eval_data.train.num_classes
-        drawn = draw_classes(num_classes, classes, run.seed)
         models = [entry for checkpoint in checkpoints
                   for entry in load_models(checkpoint, model=run.model, key=run.key, trust=run.trust, echo=run.echo)]
+        eval_data, resolution = open_data_for(models, run)
+        num_classes = eval_data.train.num_classes
+        drawn = draw_classes(num_classes, classes, run.seed)
     embeddings, labels, results = [], None, []
     for entry in models:
         chosen = split_features(entry, eval_data, split, features, timer, run.echo)
@@ -149,7 +148,7 @@ def run_tsne(checkpoints: Sequence[Path], run: RunSettings, *, features: Feature
     protocol = {"name": "tsne", "engine": engine_name(), "perplexity": perplexity, "perplexity_requested": PERPLEXITY,
                 "init": "pca",
                 "learning_rate": "auto", "split": split, "feature": features.kind.describe(),
-                "precision": features.precision,
+                "precision": features.precision, "image_size": eval_data.side, "image_size_from": resolution.source,
                 "normalisation": "L2", "alignment": "similarity Procrustes on class centroids, to the first model"}
     config = {"checkpoints": [str(c) for c in checkpoints], "model": run.model, "key": run.key,
               "image_size": run.image_size,

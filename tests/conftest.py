@@ -145,13 +145,13 @@ class CheckpointFactory:
         ckpt = {"epoch": 200, "arch": "resnet_tiny", "state_dict": state, "optimizer": fake_optimizer_state()}
         return self.save(ckpt, name), models
 
-    def mokd_native(self, spec1: ArchSpec, spec2: ArchSpec | None = None,
-                    name: str = "mokd_native.pth") -> tuple[Path, dict[str, nn.Module]]:
+    def mokd_native(self, spec1: ArchSpec, spec2: ArchSpec | None = None, name: str = "mokd_native.pth",
+                    config: dict[str, Any] | None = None) -> tuple[Path, dict[str, nn.Module]]:
         """mokd's trainer layout: `mokd_format`, stored ArchSpecs, teacherN/studentN without `module.`."""
         specs = {"1": spec1} if spec2 is None else {"1": spec1, "2": spec2}
         dim = max(spec.embed_dim for spec in specs.values()) or 64
         ckpt: dict[str, Any] = {"mokd_format": 1, "archs": {i: s.to_dict() for i, s in specs.items()}, "epoch": 3,
-                                "mode": "pair" if spec2 is not None else "single", "config": {"epochs": 10, "lr": 0.1},
+                                "mode": "pair" if spec2 is not None else "single", "config": config or {"epochs": 10, "lr": 0.1},
                                 "optimizer1": fake_optimizer_state(), "centers": {"mlp1": torch.zeros(1, 8)},
                                 "rng": {"torch": torch.get_rng_state()}}
         models: dict[str, nn.Module] = {}

@@ -117,6 +117,15 @@ class RunSettings:
     echo: Callable[[str], None] = print
 
 
+def open_data_for(loaded: list[LoadedBackbone], run: RunSettings) -> tuple[EvalData, Resolution]:
+    """The evaluation data at the resolution `evaluation_resolution` picks for these models, said on screen."""
+    resolution = evaluation_resolution(loaded, run.image_size)
+    eval_data = open_eval_data(run.data, image_size=resolution.size, skip_bad_images=run.skip_bad_images,
+                               echo=run.echo)
+    run.echo(resolution.describe(eval_data.spec))
+    return eval_data, resolution
+
+
 @dataclass
 class FeatureOptions:
     cache: FeatureCache

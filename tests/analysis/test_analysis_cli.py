@@ -182,3 +182,22 @@ def test_a_single_model_checkpoint_alone_cannot_be_compared(files, tmp_path):
     result = run(["consistency", files["dino"], "--data", "digits", "--out", tmp_path / "c.json",
                   "--cache-dir", files["cache"], *FAST], expect=2)
     assert "give a second checkpoint" in one_line_error(result)
+
+
+@pytest.mark.parametrize("command,extra", [("consistency", []), ("tsne", ["--classes", "3"]),
+                                           ("mad", ["--images", "4"]), ("attention", ["--images", "2"])])
+def test_the_analyses_evaluate_at_the_checkpoints_training_crop(files, tmp_path, command, extra):
+    """A checkpoint trained on 16 px crops is analysed at 16 px unless --image-size says otherwise, and the
+    results say where the resolution came from (as k-NN and the supervised protocols do)."""
+    trained_at_16, _ = CheckpointFactory(tmp_path).mokd_native(ALIASES["r_tiny"], SMALL_VIT, name="at16.pth",
+                                                               config={"img_size": 16})
+    common = [command, trained_at_16, "--data", "digits", *extra]
+    if command in ("consistency", "tsne"):  # the commands on frozen features
+        common += ["--num-workers", "0", "--cache-dir", tmp_path / "cache"]
+    for size_args, side, source in (([], 16, "the checkpoint's training crop size"), (["--image-size", "32"], 32,
+                                                                                       "--image-size")):
+        out = tmp_path / f"{command}-{side}.json"
+        result = run([*common, *size_args, "--out", out])
+        assert f"resolution: {side} px ({source})" in result.output
+        protocol = json.loads(out.read_text())["protocol"]
+        assert (protocol["image_size"], protocol["image_size_from"]) == (side, source)
