@@ -34,7 +34,7 @@ from mokd.core.validation import check_image_size
 
 MODES = ("protocol", "cached")
 # Below this many training images the cached probe scores its heads by k-fold cross-validation: a 10 % slice of
-# 100 images is 10 images, and the choice it makes is noise (issue 17: held-out scores 30-50 % for every lr).
+# 100 images is 10 images, and the choice it makes is noise (measured: held-out scores 30-50 % for every lr).
 CROSS_VALIDATE_BELOW = 2000
 CROSS_VALIDATION_FOLDS = 5
 # A.2: "SGD [...] batch size of 2048 for 100 epochs [...] linearly warmed up [...] during the first 10 epochs".

@@ -120,7 +120,7 @@ class TrainConfig:
     knn_data: str | None = None  # labelled data of the online k-NN; None = the training data spec
     curves: bool = True  # draw curves.png/.pdf from log.jsonl at the end of the run
     skip_bad_images: bool = False  # an unreadable image is replaced by the next readable one of the split
-    # --- other methods (issue 10): read only by --method dogo / mcl / dino+dogo / dino+mcl ---
+    # --- other methods: read only by --method dogo / mcl / dino+dogo / dino+mcl ---
     queue_size: int = 65536  # MCL: keys per queue
     peer_lr: float | None = None  # dogo / mcl lr, not batch-scaled; None = the method's (Adam 3e-4 / SGD 0.03)
     peer_weight_decay: float | None = None  # dogo / mcl; None = the method's (1e-6 / 1e-4)
@@ -203,35 +203,8 @@ PAPER_PAIRS = {
     "vit_s-vit_t": ("vit_s", "vit_t"), "vit_s-vit_s": ("vit_s", "vit_s"),
 }
 # CPU-sized: r_tiny + vit_mini (ViT-T's width, 4 blocks), for `digits`/`shapes` on CPU. The paper's recipe
-# collapses in a run this short; every departure below was measured on digits at 16 px (the demo; the README's
-# demo section has the probes: k-NN per net against the same architecture at random initialisation):
-# - vit_mini, not the 12-block vit_t: a third of the compute, so 352 steps fit the demo's budget (the 12-block
-#   ViT gained 2 points in 176 steps at 2.3x the CPU time of the pair with vit_mini).
-# - 8 epochs of batch 32 (352 steps): the ViT gains 6 points in 176 steps and 20 in 352; batch 64 was worse
-#   for the CNN at equal epochs.
-# - head: BatchNorm MLP-Head, K = 256 (teacher targets differ between images from the first step; K = 1024
-#   drifted to uniform targets).
-# - teacher temperature 0.04 falling linearly to 0.02 over the 8 epochs (both warm-up settings = 8): at a
-#   constant 0.04 the targets drift towards uniform (the monitor warns from epoch 4); at a constant 0.02 they
-#   stay sharp but k-NN is 4 points lower; the falling schedule sharpens as the centring flattens.
-# - AdamW for r_tiny too, not the official SGD: with SGD (lr 0.1-1.0 per 256 tried) r_tiny's k-NN plateaued at
-#   70-77 % whatever its initialisation (61-73 %), or fell into uniform collapse; AdamW at 1.6e-2 per 256 reached
-#   82-86 % (two r_tiny trained side by side, Independent, seeds 0-1; 8e-3 per 256 was 3-7 points lower).
-# - lrs per 256 images: 1.6e-2 for r_tiny (= 2e-3 at batch 32), 8e-3 for vit_mini (= 1e-3; its T-Head's lr in
-#   MOKD mode, and the CNN's T-Head's, follow it): at 1.6e-2 vit_mini trained alone gained only +4 to +9 on seed 1
-#   (features converging, pairwise cosine 0.96), at 8e-3 +17 to +24 on seeds 0-2 in both modes (6e-3 and 1.1e-2
-#   were worse on seed 1; in 176-step runs 4e-3 stayed below the initialisation and 4e-2 collapsed); warm-up over
-#   half an epoch (22 steps); floors as the defaults (the CNN's 4.8e-3 per 256, as probed).
-# - EMA momentum constant 0.99: the teacher must follow a student that moves for only 352 steps.
-# - no last-layer freeze; augmentation sized to 8x8 scans: crops keep 50-100 % (globals) / 20-50 % (locals) of
-#   a digit (30-100 / 10-30 and 70-100 / 30-60 were worse), no flip (digits are not mirror images), no solarize.
-# - MOKD: both cross-term weights 0.1 (methods.TINY_MOKD_LAMBDAS; the default rule gives vit_mini, the larger
-#   model, lambda 1; lambda2 = 1 was worse), the T-Heads' pooled tokens L2-normalised before the last layer
-#   (`thead_l2norm`, as the MLP-Head does; not official): without it the T-Head self term `st` collapsed
-#   vit_mini's features and its k-NN fell 8-15 points below initialisation; and T-Heads of one block, not 3:
-#   with the normalisation, depth 1 kept vit_mini learning on all three seeds tried (+11 to +22 in MOKD mode;
-#   depth 3 collapsed it on one of three) at 1.3x the FLOPs of the two DINO steps instead of 1.9x.
-#   See the README's demo section.
+# collapses in a run this short; each departure below and the measurement behind it: docs/demo.md,
+# "Why each setting of the tiny preset".
 TINY_PRESET: dict[str, Any] = {
     "arch1": "r_tiny", "arch2": "vit_mini", "patch_size": 4, "img_size": 32, "local_size": 16, "n_local": 2,
     "global_scale": (0.5, 1.0), "local_scale": (0.2, 0.5), "flip_p": 0.0, "solarize_p": 0.0,

@@ -190,7 +190,7 @@ def training_summary(checkpoint: CheckpointFile, key: str) -> dict[str, Any]:
         config = meta.get("config") or {}
         archs = meta.get("archs") or {}
         net = int(key[-1]) if key[-1:] in ("1", "2") else None
-        method = meta.get("method", "mokd")  # DoGo / MCL runs (issue 10) say which method; their losses are fixed
+        method = meta.get("method", "mokd")  # DoGo / MCL runs say which method; their losses are fixed
         return {"mode": meta.get("mode") or config.get("mode"), "net": net,
                 "pair": [archs[index]["name"] for index in ("1", "2") if index in archs],
                 "losses": list(config["losses"]) if "losses" in config and method == "mokd" else None,
