@@ -143,6 +143,7 @@ def test_every_numeric_eval_option_has_a_rule():
     assert flags and flags <= set(EVAL_NUMBER_RULES), sorted(flags - set(EVAL_NUMBER_RULES))
 
 
+@pytest.mark.slow  # the sweep runs every command a few hundred times; test-fast keeps the rule tests
 @pytest.mark.parametrize("command,option,value", number_cases())
 def test_every_command_refuses_nan_inf_and_meaningless_zero_for_each_numeric_option(tmp_path, command, option,
                                                                                     value):

@@ -41,6 +41,7 @@ def test_every_numeric_training_setting_has_a_rule():
     assert names and names <= set(NUMBER_RULES), sorted(names - set(NUMBER_RULES))
 
 
+@pytest.mark.slow  # the sweep runs mokd-train once per numeric option and value
 @pytest.mark.parametrize("option,value", train_cases())
 def test_mokd_train_refuses_nan_inf_and_meaningless_zero_before_training(tmp_path, option, value):
     run = tmp_path / "run"
