@@ -46,6 +46,16 @@ def test_wheel_installs_no_generic_top_level_name(wheel: Path) -> None:
     assert "cli.py" not in top_level and "analysis" not in top_level
 
 
+def test_wheel_holds_every_module_of_the_tree(wheel: Path) -> None:
+    """The package list in pyproject.toml is explicit (analysis/ installs under another name): a new subpackage
+    that is not listed would be missing from every installation."""
+    installed = {name for name in _archive_names(wheel) if name.endswith(".py")}
+    for folder, package in (("mokd", "mokd"), ("mokd_eval", "mokd_eval"), ("mokd_train", "mokd_train"),
+                            ("analysis", "mokd_analysis")):
+        for path in (ROOT / folder).rglob("*.py"):
+            assert f"{package}/{path.relative_to(ROOT / folder).as_posix()}" in installed, path
+
+
 def test_wheel_version_and_scripts_come_from_the_package(wheel: Path) -> None:
     assert wheel.name.startswith(f"mokd-{mokd.__version__}-")
     with zipfile.ZipFile(wheel) as archive:
@@ -72,7 +82,8 @@ def test_the_installed_wheel_imports_from_site_packages(wheel: Path, tmp_path: P
     assert installed - {"__pycache__"} == EXPECTED_TOP_LEVEL
     probe = ("import mokd, mokd.cli, mokd_eval, mokd_train, mokd_analysis.report; "
              "print(mokd.__version__); print(mokd.__file__)")
-    shown = subprocess.run([str(python), "-I", "-c", probe], check=True, capture_output=True, text=True,
-                           cwd=tmp_path).stdout.split()
+    done = subprocess.run([str(python), "-I", "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    shown = done.stdout.split()
     assert shown[0] == mokd.__version__
     assert Path(shown[1]).is_relative_to(site)
