@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 from torchvision.datasets.folder import find_classes
 
 from mokd.core.errors import MokdError
@@ -199,7 +201,7 @@ def read_image(path: str) -> Image.Image:
     if image.mode in ("I", "F"):
         raise UnsupportedImage(f"{'32-bit integer' if image.mode == 'I' else 'floating-point'} pixels (PIL mode "
                                f"{image.mode}) have no known range; save it with 8 or 16 bits per channel")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def unreadable_reason(error: BaseException) -> str:
@@ -233,14 +235,13 @@ def open_dataset(
     raise ValueError(f"unknown dataset kind {spec.kind!r}")
 
 
-def eval_transform(spec: DataSpec, image_size: int | None = None) -> tuple[Callable, str]:
+def eval_transform(spec: DataSpec, image_size: int | None = None) -> tuple["NormalizedImage", str]:
     """The evaluation transform for `spec` and an exact description of it (a cache key, printed with results).
 
     ImageNet-style folders follow DINO's k-NN/linear protocol: bicubic resize of the short side to
     256 then a 224 centre crop (both scaled by S/224 for `image_size` S). Small 32 px datasets are
     used at native size; a different `image_size` resizes them bicubically to S x S.
     """
-    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     norm_text = f"Normalize(mean={IMAGENET_MEAN}, std={IMAGENET_STD})"
     bicubic = T.InterpolationMode.BICUBIC
     if spec.native_size is None:
@@ -254,8 +255,41 @@ def eval_transform(spec: DataSpec, image_size: int | None = None) -> tuple[Calla
     else:
         steps = [T.Resize((image_size, image_size), interpolation=bicubic)]
         text = f"Resize({image_size}x{image_size}, bicubic)"
-    transform = T.Compose([*steps, T.ToTensor(), normalize])
-    return transform, f"{text} > ToTensor > {norm_text}"
+    return NormalizedImage(steps), f"{text} > ToTensor > {norm_text}"
+
+
+class NormalizedImage:
+    """PIL steps, then ToTensor and Normalize with ImageNet's statistics: `T.Compose([*steps, ToTensor,
+    Normalize])`, with the two halves also usable apart.
+
+    A batch consumer (the feature extractor) ships `pixels` (8-bit, a quarter of the bytes) from its loader
+    workers and normalises whole batches on its device (`batch_normalizer`): the same arithmetic, `(x / 255 - mean) /
+    std` element by element, so the same floats bit for bit.
+    """
+
+    def __init__(self, steps: list[Callable]) -> None:
+        self.steps = T.Compose(steps)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return TF.normalize(TF.to_tensor(self.steps(image)), IMAGENET_MEAN, IMAGENET_STD)
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """The image after the PIL steps as an 8-bit H x W x C tensor (C = 3 for every image `read_image` returns)."""
+        array = np.array(self.steps(image), dtype=np.uint8)
+        return torch.from_numpy(array if array.ndim == 3 else array[:, :, None])
+
+    @staticmethod
+    def batch_normalizer(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+        """N x H x W x C 8-bit pixels on `device` -> what `__call__` gives each image, stacked: N x C x H x W
+        float32, laid out channels_last (the memory order of the pixels, and the one CNNs run fastest in).
+        The constants are placed on `device` once, not per batch."""
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(-1, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(-1, 1, 1)
+
+        def normalize(pixels: torch.Tensor) -> torch.Tensor:
+            return pixels.permute(0, 3, 1, 2).to(torch.float32).div_(255).sub_(mean).div_(std)
+
+        return normalize
 
 
 def image_side(spec: DataSpec, image_size: int | None = None) -> int:

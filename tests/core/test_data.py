@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
 from sklearn.datasets import load_digits
 
 from mokd.core import data
@@ -369,3 +370,23 @@ def test_eval_transform_small_datasets() -> None:
     assert resize(Image.fromarray(pixels)).shape == (3, 64, 64)
     assert resize_text.startswith("Resize(64x64, bicubic) > ToTensor")
     assert len({text, resize_text, eval_transform(parse_data_spec("imagefolder:/x"))[1]}) == 3
+
+
+@pytest.mark.parametrize("data_text, image_size", [("imagefolder:/x", None), ("imagefolder:/x", 96),
+                                                   ("shapes:100", None), ("shapes:100", 48)])
+def test_eval_transform_halves_give_the_same_floats_bit_for_bit(data_text: str, image_size: int | None) -> None:
+    """Pixels in the workers + one batch normalisation == torchvision's Compose([..., ToTensor, Normalize])."""
+    transform, _ = eval_transform(parse_data_spec(data_text), image_size)
+    rng = np.random.default_rng(2)
+    side = 32 if data_text.startswith("shapes") else 300
+    images = [Image.fromarray(rng.integers(0, 256, size=(side, side + 17 * index, 3), dtype=np.uint8))
+              for index in range(3)] if side == 300 else [
+        Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    reference = T.Compose([*transform.steps.transforms, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    expected = torch.stack([reference(image) for image in images])
+    assert torch.equal(torch.stack([transform(image) for image in images]), expected)
+    pixels = torch.stack([transform.pixels(image) for image in images])
+    assert pixels.dtype == torch.uint8 and pixels.shape[-1] == 3
+    batch = transform.batch_normalizer(torch.device("cpu"))(pixels)
+    assert torch.equal(batch, expected)
+    assert batch.is_contiguous(memory_format=torch.channels_last)

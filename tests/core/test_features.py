@@ -245,3 +245,31 @@ def test_an_unreadable_image_reads_the_same_with_and_without_workers(tmp_path, c
             extract_features(model, spec, strict, batch_size=2, num_workers=workers)
         messages.append(str(caught.value))
     assert messages[0] == messages[1] and "\n" not in messages[1] and "Traceback" not in messages[1]
+
+
+@pytest.mark.parametrize("which", ["cnn", "vit"])
+@pytest.mark.parametrize("workers", [0, 1])
+def test_image_folder_features_equal_a_forward_on_the_transformed_images(tmp_path, which, workers, request):
+    """The extractor normalises whole batches itself under the evaluation transform; the features must be those of
+    the plain per-image transform (JPEGs of odd sizes, the folder path users hit)."""
+    from PIL import Image
+
+    from mokd.core.data import eval_transform, open_dataset, parse_data_spec
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for index in range(5):
+            folder = tmp_path / split / f"class{index % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 256, size=(40 + 3 * index, 52, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{index}.jpg", quality=90)
+    spec_data = parse_data_spec(f"imagefolder:{tmp_path}")
+    transform, _ = eval_transform(spec_data, image_size=32)
+    dataset = open_dataset(spec_data, "train", transform)
+    spec, model = request.getfixturevalue(which)
+    result = extract_features(model, spec, dataset, batch_size=2, num_workers=workers)
+    images = torch.stack([dataset[index][0] for index in range(len(dataset))])
+    with torch.inference_mode():
+        expected = model.to(memory_format=torch.contiguous_format)(images).numpy()
+    assert np.allclose(result.features, expected, atol=1e-5)
+    assert result.labels.tolist() == list(dataset.targets)
