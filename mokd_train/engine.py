@@ -49,7 +49,7 @@ from mokd_train.monitor import MONITORED, diagnose
 from mokd_train.online_knn import OnlineKnn
 from mokd_train.optim import build_optimizer, build_schedules, schedule_family
 from mokd_train.pair import MokdPair, PairConfig
-from mokd_train.run_lock import output_dir_lock
+from mokd_train.run_lock import run_output_dir_lock
 from mokd_train.run_log import JsonLinesLog
 
 LOG_NAME = "log.jsonl"
@@ -61,7 +61,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     validate(cfg)
     context = distributed.setup(cfg.device)
     try:
-        with output_dir_lock(Path(cfg.output_dir), enabled=context.is_main):
+        with run_output_dir_lock(Path(cfg.output_dir), context):
             return Trainer(cfg, context).run()
     finally:
         distributed.teardown(context)

@@ -25,7 +25,8 @@ def _report_user_errors(debug: bool, action: Callable[[], Any]) -> Any:
     except MokdError as error:
         if debug:
             raise
-        click.echo(f"error: {error}", err=True)
+        if error.printed:
+            click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
