@@ -74,13 +74,18 @@ def write(payload: dict[str, Any], path: Path) -> None:
 
 
 def submitted(params: dict[str, Any], command: str, on_requeue: dict[str, Any] | None = None) -> bool:
-    """With --slurm, submit this command (same parameters, --slurm off) as a SLURM job and say so: True.
-    Without, False (run here)."""
-    from mokd_train.slurm import OPTION_NAMES, RequeueableCommand, describe_job, request_from_options, submit
+    """With --slurm, submit this command (same parameters, --slurm off) as a SLURM job and say so (with
+    --slurm-wait, wait for it: its failure is this command's one-line error): True. Without, False (run here)."""
+    from mokd_train.slurm import (OPTION_NAMES, RequeueableCommand, describe_job, request_from_options, submit,
+                                  wait_for_job)
 
     request = request_from_options({name: params[name] for name in OPTION_NAMES})
     if request is None:
         return False
-    job = RequeueableCommand("mokd.cli", command, {**params, "slurm": False}, on_requeue)
-    click.echo(describe_job(submit(job, request, name=f"mokd-{command}")))
+    job = RequeueableCommand("mokd.cli", command, {**params, "slurm": False, "slurm_wait": False}, on_requeue)
+    submission = submit(job, request, name=f"mokd-{command}")
+    click.echo(describe_job(submission))
+    if params["slurm_wait"]:
+        wait_for_job(submission)
+        click.echo(f"job {submission.job_id} finished")
     return True

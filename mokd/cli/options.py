@@ -13,9 +13,8 @@ from typing import Any, Callable, NoReturn
 
 import click
 
-from mokd.core.errors import MokdError
+from mokd.core.errors import EXIT_USER_ERROR, MokdError
 
-EXIT_USER_ERROR = 2
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 
 
@@ -311,4 +310,6 @@ def slurm_options(function: Callable) -> Callable:
         click.option("--time", type=float, default=72.0, show_default=True, help="--slurm: hours per job."),
         click.option("--slurm-folder", type=click.Path(path_type=Path), default=Path("slurm-logs"),
                      show_default=True, help="--slurm: where submitit writes job scripts and logs."),
+        click.option("--slurm-wait", is_flag=True, help="--slurm: wait for the job to end; a failed job's error is "
+                                                        "printed here as one line (exit 2)."),
     ])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+EXIT_USER_ERROR = 2  # the exit status of a user error, on the command line and in a SLURM job
+
 # The last line of a formatted traceback: "[package.module.]SomeError: message".
 _FINAL_LINE = re.compile(r"^(?:[\w]+\.)*\w+: (?P<message>.*)$")
 
