@@ -54,8 +54,6 @@ def request_from_options(options: dict[str, Any]) -> SlurmRequest | None:
     values and that submitit is installed, before anything is submitted."""
     check_slurm_numbers(options)
     if not options["slurm"]:
-        if options.get("slurm_wait"):
-            raise MokdError("--slurm-wait waits for a submitted job: add --slurm, or drop --slurm-wait")
         return None
     require_submitit()
     folder = check_output_dir(Path(options["slurm_folder"]), option="--slurm-folder")

@@ -132,13 +132,24 @@ class FailedJob:
         return "submitit INFO (2026) - Starting\nTraceback (most recent call last):\nValueError: boom\n"
 
 
-def test_waiting_for_a_job_names_its_failure_in_one_line(tmp_path):
+def test_waiting_for_a_job_names_its_failure_in_one_line():
     with pytest.raises(MokdError) as caught:
         wait_for_job(FailedJob())
     assert str(caught.value) == "job 7 failed: ValueError: boom (log: slurm/7_0_log.err)"
-    with pytest.raises(MokdError, match="--slurm-wait waits for a submitted job: add --slurm"):
-        request_from_options({"slurm": False, "nodes": 1, "gpus_per_node": 0, "partition": None, "time": 1.0,
-                              "slurm_folder": str(tmp_path), "slurm_wait": True})
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--slurm-wait"], "--slurm-wait applies to a SLURM submission only: add --slurm, or drop it"),
+    (["--nodes", "2", "--time", "1"], "--nodes, --time apply to a SLURM submission only: add --slurm, or drop them"),
+    (["--gpus-per-node", "0"], "--gpus-per-node applies to a SLURM submission only: add --slurm, or drop it"),
+])
+def test_slurm_options_without_slurm_are_refused_not_ignored(tmp_path, submitted, args, message):
+    run = tmp_path / "run"
+    for group, command in ((cli.mokd_train, ["--preset", "tiny", "--output-dir", str(run)]),
+                           (cli.mokd_eval, ["suite", "missing.pth", "--out-dir", str(tmp_path / "suite")])):
+        result = CliRunner().invoke(group, [*command, *args])
+        assert result.exit_code == 2 and result.output.strip().splitlines() == [f"error: {message}"], result.output
+    assert not submitted and not run.exists() and not (tmp_path / "suite").exists()
 
 
 class FakeJob:
