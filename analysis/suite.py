@@ -66,6 +66,7 @@ class SuiteContext:
         run = self.run
         return {"step": step, "checkpoint_sha256": self.sha256, "data": run.data, "model": run.model,
                 "key": run.key, "image_size": run.image_size, "seed": run.seed,
+                "skip_bad_images": run.skip_bad_images,
                 "feature": self.features.kind.describe(), "epochs": self.epochs, "cifar_data": self.cifar_data,
                 "coco_data": self.coco_data, "coco_iters": self.coco_iters, "precision": self.features.precision,
                 "scale": self.scale, "semisup_splits": str(self.semisup_splits) if self.semisup_splits else None}
@@ -120,7 +121,7 @@ def consistency_step(context: SuiteContext) -> dict[str, Any]:
 
 
 def tsne_step(context: SuiteContext) -> dict[str, Any]:
-    return run_tsne([context.checkpoint], context.run, features=context.features,
+    return run_tsne([context.checkpoint], context.run, features=context.features, classes=None,
                     out_stem=context.result_path("tsne").with_suffix(""))
 
 
@@ -227,7 +228,12 @@ def run_step(step: Step, context: SuiteContext) -> dict[str, Any]:
         return {"step": step.name, "status": "failed", "reason": str(error)}
     payload["suite"] = {"settings": settings}
     write_results(path, payload)
-    return {"step": step.name, "status": "done", "results": str(path)}
+    return {"step": step.name, "status": "done", "results": str(path), "skipped_images": skipped_images(payload)}
+
+
+def skipped_images(payload: dict[str, Any]) -> int:
+    """The unreadable images a step skipped (--skip-bad-images), over its models, as its results record them."""
+    return sum(result.get("skipped_images", 0) for result in payload.get("results", []))
 
 
 def run_suite(context: SuiteContext, *, skip: set[str], steps: Sequence[Step] = STEPS) -> dict[str, Any]:
@@ -261,8 +267,14 @@ def run_suite(context: SuiteContext, *, skip: set[str], steps: Sequence[Step] = 
 def suite_table(payload: dict[str, Any]) -> str:
     from mokd.core.results import format_table
 
-    rows = [[s["step"], s["status"], s.get("results") or s.get("reason", "")] for s in payload["steps"]]
+    rows = [[s["step"], s["status"], (s.get("results") or s.get("reason", "")) + _skipped_text(s)]
+            for s in payload["steps"]]
     return format_table(["step", "status", "results / reason"], rows, title=f"suite: {payload['config']['checkpoint']}")
+
+
+def _skipped_text(status: dict[str, Any]) -> str:
+    count = status.get("skipped_images", 0)
+    return f" ({count} unreadable images skipped)" if count else ""
 
 
 # --- suite --plan ------------------------------------------------------------------------------------------------
@@ -290,7 +302,7 @@ class _Planner:
         self.loaded = load_models(context.checkpoint, model=run.model, key=run.key, trust=run.trust,
                                   echo=lambda message: None)
         self.resolution = evaluation_resolution(self.loaded, run.image_size)
-        self.data = open_eval_data(run.data, image_size=self.resolution.size)
+        self.data = open_eval_data(run.data, image_size=self.resolution.size, skip_bad_images=run.skip_bad_images)
         self.options = context.train_options()
 
     def knn(self) -> list[dict[str, Any]]:

@@ -24,6 +24,9 @@ from mokd.core.results import StageTimer, build_results, format_table
 PERPLEXITY = 30.0
 
 
+PAPER_CLASSES = 10  # classes drawn by default (also the default of `mokd-eval tsne --classes`)
+
+
 def draw_classes(num_classes: int, count: int, seed: int) -> list[int]:
     """`count` distinct classes out of `num_classes`, sorted, from a seeded generator."""
     if count < 1 or count > num_classes:
@@ -112,16 +115,18 @@ def plot_tsne(embeddings: np.ndarray, labels: np.ndarray, classes: Sequence[int]
         return style.save(fig, stem)
 
 
-def run_tsne(checkpoints: Sequence[Path], run: RunSettings, *, features: FeatureOptions, classes: int = 10,
-             split: str = "val", out_stem: Path) -> dict[str, Any]:
+def run_tsne(checkpoints: Sequence[Path], run: RunSettings, *, features: FeatureOptions,
+             classes: int | None = PAPER_CLASSES, split: str = "val", out_stem: Path) -> dict[str, Any]:
     """Embed the drawn classes' features of every model, align, plot; write the `.npy` and figures next to
-    `out_stem`. Returns the results payload."""
+    `out_stem`. Returns the results payload. `classes` None: the paper's 10, or every class of a smaller dataset
+    (for the suite, which has no --classes to suggest)."""
     timer = StageTimer()
     with timer.stage("load"):
         models = [entry for checkpoint in checkpoints
                   for entry in load_models(checkpoint, model=run.model, key=run.key, trust=run.trust, echo=run.echo)]
         eval_data, resolution = open_data_for(models, run)
         num_classes = eval_data.train.num_classes
+        classes = min(PAPER_CLASSES, num_classes) if classes is None else classes
         drawn = draw_classes(num_classes, classes, run.seed)
     embeddings, labels, results = [], None, []
     for entry in models:

@@ -89,8 +89,8 @@ def run_cifar(checkpoint: str | Path, run: RunSettings, *, dataset: str, options
     timer = StageTimer()
     with timer.stage("load"):
         spec = parse_data_spec(cifar_spec_text(dataset, run.data))
-        train = open_dataset(spec, "train")
-        val = open_dataset(spec, "val")
+        train = open_dataset(spec, "train", skip_bad_images=run.skip_bad_images)
+        val = open_dataset(spec, "val", skip_bad_images=run.skip_bad_images)
         run.echo(f"data: {spec.text} ({len(train)} train / {len(val)} test images, {train.num_classes} classes)")
         loaded = load_models(checkpoint, model=run.model, key=run.key, trust=run.trust, echo=run.echo)
         resolutions = {entry.key: cifar_resolution(loaded, entry, run.image_size) for entry in loaded}

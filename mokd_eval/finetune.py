@@ -162,6 +162,14 @@ def _groups(loader: Iterable, size: int) -> Iterator[list]:
         yield group
 
 
+def readable_batch(batch: list[tuple[torch.Tensor, int] | None]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Collate the readable items of a batch: (images, labels, how many unreadable items were dropped). An item is
+    None when its image cannot be read and --skip-bad-images is on."""
+    kept = [item for item in batch if item is not None]
+    images = torch.stack([image for image, _ in kept]) if kept else torch.empty(0)
+    return images, torch.tensor([int(label) for _, label in kept], dtype=torch.long), len(batch) - len(kept)
+
+
 def fit(model: Classifier, train_set: Dataset, settings: FitSettings, *, run_dir: Path, context: DistContext,
         resume: bool = False, signature: dict[str, Any] | None = None, desc: str = "train",
         on_epoch_end: Callable[[int], None] | None = None) -> FitResult:
@@ -178,7 +186,7 @@ def fit(model: Classifier, train_set: Dataset, settings: FitSettings, *, run_dir
     sampler = DistributedSampler(train_set, num_replicas=context.world_size, rank=context.rank, shuffle=True,
                                  seed=settings.seed, drop_last=False)
     workers = apply_resources(device.type, settings.num_workers).workers
-    loader = DataLoader(train_set, batch_size=micro, sampler=sampler, num_workers=workers,
+    loader = DataLoader(train_set, batch_size=micro, sampler=sampler, num_workers=workers, collate_fn=readable_batch,
                         pin_memory=device.type == "cuda", persistent_workers=False, drop_last=False)
     steps_per_epoch = math.ceil(len(loader) / accum)
     schedule = cosine_schedule(settings.scaled_lr(), 0.0, settings.epochs, steps_per_epoch, settings.warmup_epochs)
@@ -213,15 +221,21 @@ def fit(model: Classifier, train_set: Dataset, settings: FitSettings, *, run_dir
     for epoch in range(start_epoch, settings.epochs):
         sampler.set_epoch(epoch)
         network.train()
-        sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, images
+        sums = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, images, unreadable images skipped
         epoch_start = time.perf_counter()
         with tqdm(total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{settings.epochs}", leave=False,
                   disable=not context.is_main, dynamic_ncols=True) as bar:
             for step, group in enumerate(_groups(loader, accum)):
                 for group_index in range(len(optimizer.param_groups)):
                     optimizer.param_groups[group_index]["lr"] = float(schedule[epoch * steps_per_epoch + step])
-                total = sum(len(labels) for _, labels in group)
-                for index, (images, labels) in enumerate(group):
+                total = sum(len(labels) for _, labels, _ in group)
+                sums[3] += sum(skipped for _, _, skipped in group)
+                if not total:  # a whole step of unreadable images: nothing to learn from
+                    bar.update(1)
+                    continue
+                for index, (images, labels, _) in enumerate(group):
+                    if not len(labels):  # every image of this micro-batch was unreadable
+                        continue
                     images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
                     labels = labels.to(device, non_blocking=True)
                     sync = network.no_sync() if (context.distributed and index < len(group) - 1) else nullcontext()
@@ -231,8 +245,8 @@ def fit(model: Classifier, train_set: Dataset, settings: FitSettings, *, run_dir
                         loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
                         loss = loss_sum / total
                         scale_loss(loss, scaler).backward()
-                    sums += torch.tensor([loss_sum.item(), (logits.argmax(1) == labels).sum().item(), len(labels)],
-                                         dtype=torch.float64)
+                    sums[:3] += torch.tensor([loss_sum.item(), (logits.argmax(1) == labels).sum().item(),
+                                              len(labels)], dtype=torch.float64)
                 if not torch.isfinite(sums[0]):
                     raise MokdError(f"{desc}: the training loss became non-finite in epoch {epoch + 1}, step "
                                     f"{step + 1}; lower the learning rate (--lr)")
@@ -247,7 +261,8 @@ def fit(model: Classifier, train_set: Dataset, settings: FitSettings, *, run_dir
         train_seconds += seconds
         record = {"epoch": epoch + 1, "loss": float(sums[0] / sums[2]), "train_acc": float(100 * sums[1] / sums[2]),
                   "lr": float(schedule[min((epoch + 1) * steps_per_epoch - 1, len(schedule) - 1)]),
-                  "images_per_s": float(sums[2] / seconds), "seconds": round(seconds, 3)}
+                  "images_per_s": float(sums[2] / seconds), "seconds": round(seconds, 3),
+                  "skipped_images": int(sums[3])}
         history.append(record)
         if context.is_main:
             state = {"epoch": epoch + 1, "model": model.trainable_state(), "optimizer": optimizer.state_dict(),
@@ -290,18 +305,23 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int, num_workers
     """Top-1 and top-5 accuracy (percent) of `model` on `dataset`; under DDP each rank scores a strided shard."""
     shard = Subset(dataset, range(context.rank, len(dataset), context.world_size)) if context.distributed else dataset
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=apply_resources(context.device.type, num_workers).workers,
-                        pin_memory=context.device.type == "cuda")
+                        pin_memory=context.device.type == "cuda", collate_fn=readable_batch)
     model.eval()
     memory_format = torch.channels_last if getattr(model, "channels_last", False) else torch.contiguous_format
-    counts = torch.zeros(3, dtype=torch.float64)  # top1, top5, n
-    for images, labels in tqdm(loader, desc=desc, leave=False, disable=not context.is_main, dynamic_ncols=True):
+    counts = torch.zeros(4, dtype=torch.float64)  # top1, top5, n, unreadable images skipped
+    for images, labels, skipped in tqdm(loader, desc=desc, leave=False, disable=not context.is_main,
+                                        dynamic_ncols=True):
+        counts[3] += skipped
+        if not len(labels):
+            continue
         images = images.to(context.device).contiguous(memory_format=memory_format)
         labels = labels.to(context.device)
-        counts += topk_counts(model(images), labels)
+        counts[:3] += topk_counts(model(images), labels)
     counts = context.sum(counts)
     if counts[2] == 0:
         raise MokdError(f"{desc}: the evaluation set is empty")
-    return {"top1": float(100 * counts[0] / counts[2]), "top5": float(100 * counts[1] / counts[2])}
+    return {"top1": float(100 * counts[0] / counts[2]), "top5": float(100 * counts[1] / counts[2]),
+            "skipped_images": int(counts[3])}
 
 
 def topk_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

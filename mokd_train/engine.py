@@ -41,7 +41,7 @@ from mokd_train import checkpointing, online_knn
 from mokd_train.augment import MultiCropAugmentation
 from mokd_train.checkpointing import Progress
 from mokd_train.config import TrainConfig, arch_specs, describe, resolved_lambdas, validate
-from mokd_train.data import SeededCrops, multicrop_config
+from mokd_train.data import SeededCrops, multicrop_config, replaced_images_report
 from mokd_train.losses import NonFiniteLossError
 from mokd_train.methods.factory import build_peer_pair
 from mokd_train.methods.base import PeerPair
@@ -49,7 +49,7 @@ from mokd_train.monitor import MONITORED, diagnose
 from mokd_train.online_knn import OnlineKnn
 from mokd_train.optim import build_optimizer, build_schedules, schedule_family
 from mokd_train.pair import MokdPair, PairConfig
-from mokd_train.run_lock import output_dir_lock
+from mokd_train.run_lock import run_output_dir_lock
 from mokd_train.run_log import JsonLinesLog
 
 LOG_NAME = "log.jsonl"
@@ -61,7 +61,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     validate(cfg)
     context = distributed.setup(cfg.device)
     try:
-        with output_dir_lock(Path(cfg.output_dir), enabled=context.is_main):
+        with run_output_dir_lock(Path(cfg.output_dir), context):
             return Trainer(cfg, context).run()
     finally:
         distributed.teardown(context)
@@ -192,6 +192,7 @@ class Trainer:
         self.last_monitor: dict[str, float] = {}
         self.checkpoint_path: Path | None = None
         self.step_seconds: list[float] = []
+        self.replaced_images = 0  # samples whose unreadable image was replaced (--skip-bad-images), all ranks
         self.board: TensorBoardLog | None = None
 
     # -- helpers --
@@ -315,8 +316,10 @@ class Trainer:
         sums: dict[str, float] = {}
         monitor_sums: dict[str, float] = {}
         steps_here = 0
+        replaced = 0  # this rank's samples whose unreadable image was replaced
         epoch_start = tick = time.perf_counter()
-        for crops in loader:
+        for crops, replaced_in_batch in loader:
+            replaced += int(replaced_in_batch.sum())
             stats = self._step(crops)
             progress.step_in_epoch += 1
             progress.global_step += 1
@@ -334,7 +337,7 @@ class Trainer:
                 progress.epoch += 1
                 progress.step_in_epoch = 0
                 epoch_seconds = time.perf_counter() - epoch_start
-                self._report_epoch(sums, monitor_sums, steps_here, epoch_seconds)
+                self._report_epoch(sums, monitor_sums, steps_here, epoch_seconds, self._count_replaced(replaced))
                 if self.knn is not None and online_knn.due(progress.epoch, cfg.knn_every, cfg.epochs):
                     self._evaluate_knn(epoch_seconds)
                 self._save(numbered=progress.epoch % cfg.save_every == 0 or progress.epoch == cfg.epochs)
@@ -343,6 +346,14 @@ class Trainer:
             if self._done():
                 break
         bar.close()
+        if progress.step_in_epoch:  # stopped inside the epoch (--max-steps): its replacements count too
+            self._count_replaced(replaced)
+
+    def _count_replaced(self, replaced_on_this_rank: int) -> int:
+        """The replaced images of every rank (one all-reduce; every rank calls it), added to the run's total."""
+        replaced = int(self.context.sum(torch.tensor([replaced_on_this_rank], dtype=torch.float64))[0])
+        self.replaced_images += replaced
+        return replaced
 
     def _periodic_save_due(self) -> bool:
         every = self.cfg.checkpoint_every_steps
@@ -423,8 +434,9 @@ class Trainer:
         })
 
     def _report_epoch(self, sums: dict[str, float], monitor_sums: dict[str, float], steps: int,
-                      seconds: float) -> None:
-        """Epoch means of the losses and of the collapse monitor, with a warning for a collapsing model."""
+                      seconds: float, replaced: int) -> None:
+        """Epoch means of the losses and of the collapse monitor, with a warning for a collapsing model, and the
+        count of unreadable images replaced (--skip-bad-images), with a warning when they are many."""
         if not self.context.is_main:
             return
         means = {name: value / steps for name, value in sums.items()}
@@ -440,10 +452,15 @@ class Trainer:
                          f"KL(teacher || student) {own['kl']:.3f}, student pairwise cosine "
                          f"{own.get('student_cos', float('nan')):.3f}")
                 warnings += diagnose(own, f"model {index} ({self.specs[index - 1].name})", self.cfg.out_dim)
+        replaced_line, replaced_warning = replaced_images_report(replaced, steps * self.cfg.batch_size)
+        if replaced_line:
+            self.log(replaced_line)
+        warnings += [replaced_warning] if replaced_warning else []
         for warning in warnings:
             self.log(f"warning: {warning}")
         self._record({"kind": "epoch", "step": self.progress.global_step, "epoch": self.progress.epoch,
                       "steps": steps, "mean_losses": means, "monitor": monitor, "warnings": warnings,
+                      "replaced_images": replaced,
                       "seconds": round(seconds, 3), "images_per_s": round(steps * self.cfg.batch_size / seconds, 2)})
 
     def _diverged(self, what: str) -> MokdError:
@@ -485,6 +502,7 @@ class Trainer:
             "step_in_epoch": self.progress.step_in_epoch,
             "global_step": self.progress.global_step,
             "final_losses": self.last_stats,
+            "replaced_images": self.replaced_images,
             "rank": self.context.rank,  # callers print the summary on rank 0 only
             "world_size": self.context.world_size,
             "device": str(self.device),

@@ -15,17 +15,33 @@ import socket
 from pathlib import Path
 from typing import Iterator
 
-from mokd.core.errors import MokdError
+from mokd.core.distributed import DistContext
+from mokd.core.errors import MokdError, SharedMokdError
 
 LOCK_NAME = ".mokd-train.lock"
 
 
 @contextlib.contextmanager
-def output_dir_lock(directory: Path, *, enabled: bool = True) -> Iterator[None]:
-    """Hold `directory`'s lock inside the block (a no-op when not `enabled`: the non-zero torchrun ranks)."""
-    if not enabled:
+def run_output_dir_lock(directory: Path, context: DistContext) -> Iterator[None]:
+    """Rank 0 holds `directory`'s lock inside the block, and every rank learns whether it got it: a refused run
+    ends on every rank with the same `MokdError` (printed by rank 0 only) instead of leaving the other ranks
+    waiting in their first collective."""
+    with contextlib.ExitStack() as held:
+        refusal = ""
+        if context.is_main:
+            try:
+                held.enter_context(output_dir_lock(directory))
+            except MokdError as error:
+                refusal = str(error)
+        refusal = context.from_main(refusal)
+        if refusal:
+            raise SharedMokdError(refusal, printed=context.is_main)
         yield
-        return
+
+
+@contextlib.contextmanager
+def output_dir_lock(directory: Path) -> Iterator[None]:
+    """Hold `directory`'s lock inside the block (one process; `run_output_dir_lock` for a torchrun run)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_NAME
     handle = _acquire(path, directory)

@@ -10,16 +10,17 @@ checkpoint (at most `--checkpoint-every-steps` steps are redone) and the suite r
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mokd.core.errors import MokdError
+from mokd.core.errors import EXIT_USER_ERROR, MokdError
 from mokd.core.validation import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Range, check_number, check_output_dir
 
 INSTALL_HINT = "pip install 'mokd[slurm]'"
 SIGNAL_DELAY_S = 120  # time between SLURM's warning signal and the kill: enough to leave a step cleanly
-OPTION_NAMES = ("slurm", "nodes", "gpus_per_node", "partition", "time", "slurm_folder")
+OPTION_NAMES = ("slurm", "nodes", "gpus_per_node", "partition", "time", "slurm_folder", "slurm_wait")
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,12 @@ class RequeueableCommand:
 
         # CUDA_VISIBLE_DEVICES stays whole: each rank picks GPU LOCAL_RANK, as under torchrun.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        self.run()
+        try:
+            self.run()
+        except MokdError as error:  # as on the command line: one line in the job's error log, exit status 2
+            if error.printed:
+                print(f"error: {error}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
 
     def run(self) -> None:
         """The command itself, in this process."""
@@ -110,6 +116,18 @@ def submit(job: RequeueableCommand, request: SlurmRequest, *, name: str, cluster
                                tasks_per_node=request.tasks_per_node, timeout_min=max(round(request.hours * 60), 1),
                                slurm_signal_delay_s=SIGNAL_DELAY_S, **partition)
     return executor.submit(job)
+
+
+def wait_for_job(job) -> None:
+    """Block until `job` ends. A failed job is a `MokdError` carrying the job's own error line (the command's
+    one-line error from its log, else the last line submitit reports) and where its log is."""
+    failure = job.exception()
+    if failure is None:
+        return
+    errors = [line for line in (job.stderr() or "").splitlines() if line.startswith("error: ")]
+    reported = [line for line in str(failure).splitlines() if line.strip()]
+    reason = errors[-1].removeprefix("error: ") if errors else (reported[-1].strip() if reported else "no output")
+    raise MokdError(f"job {job.job_id} failed: {reason} (log: {job.paths.stderr})")
 
 
 def describe_job(job) -> str:

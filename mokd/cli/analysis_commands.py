@@ -165,7 +165,7 @@ def suite(checkpoint: Path, out_dir: Path | None, skip: str | None, epochs: int 
         return
     features = feature_settings(kwargs)
     dist = setup(kwargs["device"])
-    run = run_settings({**kwargs, "skip_bad_images": False})  # the steps read every image, as they always have
+    run = run_settings(kwargs)
     context = SuiteContext(checkpoint=checkpoint, out_dir=directory, run=run, features=features, dist=dist,
                            epochs=epochs, cifar_data=cifar_data, coco_data=coco_data, coco_iters=coco_iters,
                            semisup_splits=semisup_splits, scale=scale)
@@ -179,10 +179,12 @@ def suite(checkpoint: Path, out_dir: Path | None, skip: str | None, epochs: int 
         teardown(dist)
     click.echo(suite_table(payload))
     write(payload, out)
-    failed = [step["step"] for step in payload["steps"] if step["status"] == "failed"]
+    failed = [step for step in payload["steps"] if step["status"] == "failed"]
     if failed:
-        raise MokdError(f"suite: step(s) {', '.join(failed)} failed (reasons above); fix and rerun, finished steps "
-                        "are reused")
+        first = failed[0]
+        raise MokdError(f"suite: step(s) {', '.join(step['step'] for step in failed)} failed ({first['step']}: "
+                        f"{first['reason']}; every reason is in the table above); fix and rerun, finished steps are "
+                        f"reused")
 
 
 ANALYSIS_COMMANDS = (consistency, tsne, mad, attention, curves, report, suite)

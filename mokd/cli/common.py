@@ -73,14 +73,37 @@ def write(payload: dict[str, Any], path: Path) -> None:
     click.echo(f"results: {write_results(path, payload)}")
 
 
-def submitted(params: dict[str, Any], command: str, on_requeue: dict[str, Any] | None = None) -> bool:
-    """With --slurm, submit this command (same parameters, --slurm off) as a SLURM job and say so: True.
-    Without, False (run here)."""
-    from mokd_train.slurm import OPTION_NAMES, RequeueableCommand, describe_job, request_from_options, submit
+def refuse_slurm_options_without_slurm(params: dict[str, Any]) -> None:
+    """What to ask SLURM for (--nodes, --time, --slurm-wait, ...) means nothing without --slurm: given on the
+    command line without it, it is refused rather than ignored."""
+    from mokd.core.errors import MokdError
+    from mokd_train.slurm import OPTION_NAMES
 
+    if params["slurm"]:
+        return
+    context = click.get_current_context()
+    given = [name for name in OPTION_NAMES
+             if context.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise MokdError(f"{flags} {'applies' if len(given) == 1 else 'apply'} to a SLURM submission only: add --slurm, "
+                        f"or drop {'it' if len(given) == 1 else 'them'}")
+
+
+def submitted(params: dict[str, Any], command: str, on_requeue: dict[str, Any] | None = None) -> bool:
+    """With --slurm, submit this command (same parameters, --slurm off) as a SLURM job and say so (with
+    --slurm-wait, wait for it: its failure is this command's one-line error): True. Without, False (run here)."""
+    from mokd_train.slurm import (OPTION_NAMES, RequeueableCommand, describe_job, request_from_options, submit,
+                                  wait_for_job)
+
+    refuse_slurm_options_without_slurm(params)
     request = request_from_options({name: params[name] for name in OPTION_NAMES})
     if request is None:
         return False
-    job = RequeueableCommand("mokd.cli", command, {**params, "slurm": False}, on_requeue)
-    click.echo(describe_job(submit(job, request, name=f"mokd-{command}")))
+    job = RequeueableCommand("mokd.cli", command, {**params, "slurm": False, "slurm_wait": False}, on_requeue)
+    submission = submit(job, request, name=f"mokd-{command}")
+    click.echo(describe_job(submission))
+    if params["slurm_wait"]:
+        wait_for_job(submission)
+        click.echo(f"job {submission.job_id} finished")
     return True

@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import click
 
-from mokd.core.errors import MokdError
+from mokd.core.errors import EXIT_USER_ERROR, MokdError
 
-EXIT_USER_ERROR = 2
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 
 
@@ -25,22 +24,55 @@ def _report_user_errors(debug: bool, action: Callable[[], Any]) -> Any:
     except MokdError as error:
         if debug:
             raise
-        click.echo(f"error: {error}", err=True)
+        if error.printed:
+            click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
 
 
-class Guarded:
+def click_error_line(error: click.ClickException, command_path: str) -> str:
+    """Click's own message (it names the option, argument or command) as one line, pointing at the --help of
+    the command concerned instead of printing click's multi-line usage block."""
+    message = " ".join(error.format_message().split()).rstrip(".")
+    context = getattr(error, "ctx", None)
+    return f"error: {message} (see `{context.command_path if context else command_path} --help`)"
+
+
+def _exit_with_click_error(error: click.ClickException, command_path: str) -> NoReturn:
+    if isinstance(error, click.exceptions.NoArgsIsHelpError):  # a bare `mokd-eval`: its help is the answer
+        error.show()
+    else:
+        click.echo(click_error_line(error, command_path), err=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+class OneLineUsageErrors:
+    """Mixed into a click command: what click refuses while parsing (a value that is not an integer, an
+    unknown option or choice, a missing argument) is one line and exit status 2, like a `MokdError`."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.ClickException as error:
+            path = " ".join(name for name in (parent.command_path if parent else None, info_name) if name)
+            _exit_with_click_error(error, path)
+
+
+class Guarded(OneLineUsageErrors):
     """Mixed into a click command or group: `MokdError` is reported as one line, without traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         debug = bool(ctx.params.get("debug")) or os.environ.get("MOKD_DEBUG") == "1"
-        return _report_user_errors(debug, lambda: super(Guarded, self).invoke(ctx))
+        try:
+            return _report_user_errors(debug, lambda: super(Guarded, self).invoke(ctx))
+        except click.ClickException as error:  # a group resolving an unknown subcommand
+            _exit_with_click_error(error, ctx.command_path)
 
 
-class NumberCheckedCommand(click.Command):
+class NumberCheckedCommand(OneLineUsageErrors, click.Command):
     """A command whose numeric options are checked for finiteness and range once parsed, before any work."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
@@ -278,4 +310,6 @@ def slurm_options(function: Callable) -> Callable:
         click.option("--time", type=float, default=72.0, show_default=True, help="--slurm: hours per job."),
         click.option("--slurm-folder", type=click.Path(path_type=Path), default=Path("slurm-logs"),
                      show_default=True, help="--slurm: where submitit writes job scripts and logs."),
+        click.option("--slurm-wait", is_flag=True, help="--slurm: wait for the job to end; a failed job's error is "
+                                                        "printed here as one line (exit 2)."),
     ])

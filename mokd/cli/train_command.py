@@ -66,3 +66,6 @@ def mokd_train(preset: str | None, config_path: Path | None, debug: bool, **sett
     summary = train(config)  # prints the resolved config on rank 0
     if summary["rank"] == 0:
         click.echo(f"checkpoint: {summary['checkpoint']}")
+        if summary["replaced_images"]:
+            click.echo(f"unreadable images replaced (--skip-bad-images): {summary['replaced_images']} samples of "
+                       f"this run (per epoch in {summary['output_dir']}/log.jsonl)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,14 @@ class DistContext:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's `value` (any picklable object) on every rank; `value` itself for one process."""
+        if not self.distributed:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over ranks (a copy; the input is untouched)."""

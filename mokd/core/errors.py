@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+EXIT_USER_ERROR = 2  # the exit status of a user error, on the command line and in a SLURM job
+
 # The last line of a formatted traceback: "[package.module.]SomeError: message".
 _FINAL_LINE = re.compile(r"^(?:[\w]+\.)*\w+: (?P<message>.*)$")
 
@@ -21,8 +23,19 @@ class MokdError(Exception):
     with and without workers.
     """
 
+    printed = True  # whether the command line shows it (False on the quiet ranks of a SharedMokdError)
+
     def __init__(self, message: str = "") -> None:
         super().__init__(_user_line(message))
+
+
+class SharedMokdError(MokdError):
+    """A user error that every rank of a distributed run raises together, having learnt it from rank 0 (so none
+    is left waiting in a collective): only rank 0 prints it, and the run shows it once."""
+
+    def __init__(self, message: str, *, printed: bool) -> None:
+        super().__init__(message)
+        self.printed = printed
 
 
 def _user_line(message: str) -> str:

@@ -67,7 +67,8 @@ def test_a_step_runs_its_function_on_the_context_and_stores_the_payload(tmp_path
     context = SuiteContext(checkpoint=tmp_path / "c.pth", out_dir=tmp_path, run=RunSettings(echo=lambda _: None),
                            features=FeatureOptions(cache=FeatureCache(None)))
     status = run_step(Step("echo", lambda given: {"command": "echo", "seed": given.run.seed}), context)
-    assert status == {"step": "echo", "status": "done", "results": str(tmp_path / "echo" / "c.json")}
+    assert status == {"step": "echo", "status": "done", "results": str(tmp_path / "echo" / "c.json"),
+                      "skipped_images": 0}
     assert json.loads((tmp_path / "echo" / "c.json").read_text())["suite"]["settings"]["step"] == "echo"
 
 

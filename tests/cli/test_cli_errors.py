@@ -150,12 +150,77 @@ def test_every_command_refuses_nan_inf_and_meaningless_zero_for_each_numeric_opt
     subcommand = mokd_eval.commands[command]
     skip = {param.name for param in subcommand.params if option in param.opts}
     out = ["--out", str(tmp_path / "r.json")] if "--out" in _flags(subcommand) else []
-    result, _ = invoke(mokd_eval, [command, option, value, *out, *filler_arguments(subcommand, skip)])
+    result, lines = invoke(mokd_eval, [command, option, value, *out, *filler_arguments(subcommand, skip)])
     assert result.exit_code == 2, result.output
-    assert option in result.output and "Traceback" not in result.output, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and option in lines[0], result.output
     assert isinstance(result.exception, SystemExit), result.exception
     assert list(tmp_path.iterdir()) == []
 
 
 def _flags(command: click.Command) -> set[str]:
     return {opt for param in command.params for opt in param.opts}
+
+
+def assert_one_line_usage_error(result, lines: list[str], *named: str) -> None:
+    """Click's refusal as one line naming what is wrong and where the help is, exit 2, nothing else printed."""
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--help`)" in lines[0], result.output
+    for name in named:
+        assert name in lines[0], result.output
+
+
+def usage_cases() -> list[tuple[str, list[str], str]]:
+    """(command, arguments, what the message must name): an unknown option, an integer option given a
+    fraction, a choice option given no choice of it, and (alone) a missing required argument."""
+    cases = []
+    for name in COMMANDS:
+        command = mokd_eval.commands[name]
+        filler = filler_arguments(command, set())
+        cases.append((name, ["--no-such-option", *filler], "--no-such-option"))
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.is_flag:
+                continue
+            skip = filler_arguments(command, {param.name})
+            if isinstance(param.type, click.types.IntParamType):
+                cases.append((name, [param.opts[0], "1.5", *skip], param.opts[0]))
+            elif isinstance(param.type, click.Choice):
+                cases.append((name, [param.opts[0], "no-such-choice", *skip], param.opts[0]))
+        arguments = [param for param in command.params if isinstance(param, click.Argument) and param.required]
+        if arguments:
+            cases.append((name, [], arguments[0].human_readable_name))
+    return cases
+
+
+@pytest.mark.parametrize("command,args,named", usage_cases())
+def test_click_refusals_are_one_line_naming_the_option_and_the_commands_help(tmp_path, monkeypatch, command, args,
+                                                                           named):
+    monkeypatch.chdir(tmp_path)
+    result, lines = invoke(mokd_eval, [command, *args])
+    assert_one_line_usage_error(result, lines, named, f"mokd-eval {command} --help")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args,named", [
+    (["--epochs", "nan"], "--epochs"),
+    (["--batch-size", "1.5"], "--batch-size"),
+    (["--lr-vit", "fast"], "--lr-vit"),
+    (["--no-such-option"], "--no-such-option"),
+    (["--epochs"], "--epochs"),  # no value at all
+])
+def test_mokd_train_click_refusals_are_one_line(tmp_path, args, named):
+    result, lines = invoke(mokd_train, ["--preset", "tiny", "--output-dir", str(tmp_path / "run"), *args])
+    assert_one_line_usage_error(result, lines, named, "mokd-train --help")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_command_is_one_line_and_help_and_version_still_exit_0():
+    result, lines = invoke(mokd_eval, ["no-such-command"])
+    assert_one_line_usage_error(result, lines, "no-such-command", "mokd-eval --help")
+    for group, args, shown in ((mokd_eval, ["--help"], "Usage: mokd-eval [OPTIONS]"),
+                               (mokd_eval, ["knn", "--help"], "Usage: mokd-eval knn [OPTIONS] CHECKPOINT"),
+                               (mokd_train, ["--help"], "Usage: mokd-train [OPTIONS]"),
+                               (mokd_eval, ["--version"], "mokd-eval, version")):
+        result = CliRunner().invoke(group, args)
+        assert result.exit_code == 0 and result.output.startswith(shown), result.output
+    bare = CliRunner().invoke(mokd_eval, [])
+    assert bare.exit_code == 2 and "Commands:" in bare.output  # a bare group shows its help, as click does

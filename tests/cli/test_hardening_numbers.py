@@ -48,7 +48,9 @@ def test_mokd_train_refuses_nan_inf_and_meaningless_zero_before_training(tmp_pat
     result = CliRunner().invoke(mokd_train, ["--preset", "tiny", "--output-dir", str(run), option, value])
     assert result.exit_code == 2, result.output
     setting = option[2:].replace("-", "_")
-    assert option in result.output or f"'{setting}'" in result.output, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert option in lines[0] or f"'{setting}'" in lines[0], result.output
     assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
     assert not run.exists()
 

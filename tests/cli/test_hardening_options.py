@@ -52,3 +52,37 @@ def test_preset_and_method_defaults_are_never_counted_as_given(tmp_path):
     # tiny sets lr_cnn, thead_depth, cnn_optimizer; mcl's own layer sets momentum_teacher and queue_size
     config = resolve_config("tiny", None, {"output_dir": str(tmp_path / "run"), "method": "mcl"})
     assert config.method == "mcl" and config.queue_size == 1024
+
+
+SUITE_ONLY_KNN_AND_TSNE = "linear,semisup1,semisup10,cifar10,cifar100,coco,consistency,mad,report"
+
+
+@pytest.mark.slow  # runs the suite's k-NN and t-SNE steps twice
+def test_suite_passes_skip_bad_images_to_its_steps_and_records_it(tmp_path, checkpoint_factory, tiny_cnn_spec):
+    import json
+
+    from mokd.cli import mokd_eval
+    from tests.cli.test_hardening_tracebacks import assert_one_line_error, image_folder
+
+    path, _ = checkpoint_factory.dino(tiny_cnn_spec, name="model.pth")
+    data = image_folder(tmp_path / "data")
+    broken = data / "val" / "b" / "broken.png"
+    broken.write_bytes(b"not a png")
+    out = tmp_path / "suite"
+    args = ["suite", str(path), "--data", f"imagefolder:{data}", "--out-dir", str(out), "--skip",
+            SUITE_ONLY_KNN_AND_TSNE, "--no-cache", "--num-workers", "0"]
+
+    strict = CliRunner().invoke(mokd_eval, args)
+    assert_one_line_error(strict, "suite: step(s) knn, tsne failed", str(broken), "--skip-bad-images")
+    assert not (out / "knn" / "model.json").exists() and not (out / "tsne" / "model.json").exists()
+
+    lenient = CliRunner().invoke(mokd_eval, [*args, "--skip-bad-images"])
+    assert lenient.exit_code == 0, lenient.output
+    statuses = {step["step"]: step for step in json.loads((out / "suite" / "model.json").read_text())["steps"]}
+    assert statuses["knn"]["status"] == statuses["tsne"]["status"] == "done"
+    assert statuses["knn"]["skipped_images"] == 1 and "1 unreadable images skipped" in lenient.output
+    for step in ("knn", "tsne"):
+        settings = json.loads((out / step / "model.json").read_text())["suite"]["settings"]
+        assert settings["skip_bad_images"] is True
+    # the suite has no --classes: on 2 classes its t-SNE draws both instead of failing on the paper's 10
+    assert json.loads((out / "tsne" / "model.json").read_text())["tsne"]["classes"] == [0, 1]

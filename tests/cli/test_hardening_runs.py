@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -79,6 +80,47 @@ def test_a_second_trainer_on_one_output_dir_is_refused(tmp_path):
     assert not (run / LOCK_NAME).exists()
     with output_dir_lock(run):  # released: taken again at once
         pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_rank(rank: int, port: int, run: Path) -> subprocess.Popen:
+    """One rank of a 2-process torchrun-style mokd-train (gloo on CPU), as the command line runs it."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+           "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"}
+    code = "from mokd.cli import mokd_train\nmokd_train(prog_name='mokd-train')\n"
+    return subprocess.Popen([sys.executable, "-c", code, "--preset", "tiny", "--output-dir", str(run),
+                             "--device", "cpu", "--num-workers", "0", "--max-steps", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=Path(__file__).resolve().parents[2])
+
+
+@pytest.mark.slow  # spawns two training processes
+def test_a_refused_lock_ends_every_rank_of_a_distributed_run_with_one_message(tmp_path):
+    run = tmp_path / "run"
+    with output_dir_lock(run):
+        before = snapshot(run)
+        port = free_port()
+        ranks = [start_rank(rank, port, run) for rank in (0, 1)]
+        try:
+            outputs = [rank.communicate(timeout=120) for rank in ranks]
+        finally:
+            for rank in ranks:
+                if rank.poll() is None:
+                    rank.kill()
+                    rank.wait()
+        assert [rank.returncode for rank in ranks] == [2, 2], outputs
+        rank0_err = outputs[0][1].strip().splitlines()
+        assert rank0_err == [f"error: --output-dir {run} is in use by another mokd-train run (process id and host: "
+                             f"{before[LOCK_NAME].decode().strip()}): wait for it to end or stop it, or choose "
+                             f"another --output-dir"], outputs
+        assert outputs[1] == ("", ""), outputs  # rank 1 ends as quietly as any non-zero rank
+        assert "Traceback" not in "".join(outputs[0])
+        assert snapshot(run) == before
 
 
 def test_the_lock_of_a_killed_trainer_does_not_block(tmp_path):

@@ -94,3 +94,84 @@ def test_trivially_perfect_metrics_are_warned_about_and_recorded(tmp_path, check
     assert result.exit_code == 0, result.output
     assert f"warning: imagefolder:{data} has {len(classes)} class" in result.output and warning in result.output
     assert any(warning in note for note in json.loads(out.read_text())["dataset"]["caveats"])
+
+
+def training_folder_with_bad_entries(root: Path) -> Path:
+    """8 readable training images and 4 bad entries: a file that is no image, a truncated PNG, a dangling link
+    and a link to itself (plus a directory link back to its class folder, which is neither read twice nor bad)."""
+    data = image_folder(root, per_class=4)
+    (data / "train" / "a" / "broken.png").write_bytes(b"not a png")
+    whole = (data / "train" / "a" / "0.png").read_bytes()
+    (data / "train" / "a" / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    os.symlink(data / "train" / "b" / "missing.png", data / "train" / "b" / "dangling.png")
+    os.symlink("self.png", data / "train" / "b" / "self.png")
+    os.symlink("..", data / "train" / "b" / "loop")
+    return data
+
+
+BAD_TRAINING_ENTRIES = 4
+
+
+def epoch_records(run: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return [record for record in records if record["kind"] == "epoch"]
+
+
+@pytest.mark.slow  # trains (two tiny epochs)
+def test_mokd_train_counts_and_reports_the_replaced_images_exactly(tmp_path):
+    from mokd.cli import mokd_train
+
+    data = training_folder_with_bad_entries(tmp_path / "data")
+    samples = 8 + BAD_TRAINING_ENTRIES
+    run = tmp_path / "run"
+    # one step of the whole split per epoch, read by two DataLoader workers (each counts its own samples)
+    result = CliRunner().invoke(mokd_train, [
+        "--preset", "tiny", "--data", f"imagefolder:{data}", "--batch-size", str(samples), "--epochs", "2",
+        "--warmup-epochs", "0", "--num-workers", "2", "--device", "cpu", "--no-curves", "--output-dir", str(run),
+        "--skip-bad-images"])
+    assert result.exit_code == 0, result.output
+    share = 100 * BAD_TRAINING_ENTRIES / samples
+    assert [record["replaced_images"] for record in epoch_records(run)] == [BAD_TRAINING_ENTRIES] * 2
+    assert all(any(f"{share:.1f} % of the training samples were unreadable" in warning
+                   for warning in record["warnings"]) for record in epoch_records(run))
+    assert result.output.count(f"--skip-bad-images: {BAD_TRAINING_ENTRIES} of {samples} samples ({share:.1f} %)") == 2
+    assert (f"unreadable images replaced (--skip-bad-images): {2 * BAD_TRAINING_ENTRIES} samples of this run"
+            in result.output)
+
+
+def test_a_clean_split_reports_no_replaced_images():
+    from mokd_train.data import REPLACED_WARNING_SHARE, replaced_images_report
+
+    assert replaced_images_report(0, 100) == (None, None)
+    line, warning = replaced_images_report(1, 100)
+    assert "1 of 100 samples (1.0 %)" in line and warning is None  # below the warning share
+    line, warning = replaced_images_report(round(100 * REPLACED_WARNING_SHARE), 100)
+    assert warning is not None and "fix or remove" in warning
+
+
+def _train_rank(rank: int, port: int, config) -> None:
+    from mokd_train.engine import train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    import torch
+
+    torch.set_num_threads(1)
+    summary = train(config)
+    assert summary["replaced_images"] == BAD_TRAINING_ENTRIES  # every rank knows the sum over ranks
+
+
+@pytest.mark.slow  # spawns two training processes
+def test_the_replaced_images_of_two_ranks_are_summed(tmp_path):
+    import torch.multiprocessing as mp
+
+    from mokd_train.config import resolve_config
+    from tests.cli.test_hardening_runs import free_port
+
+    data = training_folder_with_bad_entries(tmp_path / "data")
+    run = tmp_path / "run"
+    config = resolve_config("tiny", None, dict(
+        output_dir=str(run), data=f"imagefolder:{data}", batch_size=8 + BAD_TRAINING_ENTRIES, epochs=1,
+        warmup_epochs=0, num_workers=0, device="cpu", curves=False, skip_bad_images=True))
+    mp.spawn(_train_rank, args=(free_port(), config), nprocs=2, join=True)
+    assert [record["replaced_images"] for record in epoch_records(run)] == [BAD_TRAINING_ENTRIES]

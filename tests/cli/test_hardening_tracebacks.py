@@ -164,3 +164,29 @@ def test_mokd_train_config_that_is_not_a_yaml_file(tmp_path, make, message):
     result = CliRunner().invoke(mokd_train, ["--config", str(config), "--output-dir", str(tmp_path / "run")])
     assert_one_line_error(result, f"--config {config}", message)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # fine-tunes
+@pytest.mark.parametrize("command", [["semisup", "--percent", "10", "--mode", "finetune"],
+                                     ["cifar", "--dataset", "cifar10"], ["linear", "--mode", "protocol"]])
+def test_training_protocols_skip_and_count_the_unreadable_images(tmp_path, checkpoint_factory, tiny_cnn_spec,
+                                                                 command):
+    """The fine-tuning loop and its evaluation drop unreadable images (--skip-bad-images) instead of failing to
+    collate them, and count them: per epoch in the history, and in the metrics of the evaluation."""
+    path, _ = checkpoint_factory.dino(tiny_cnn_spec)
+    data = image_folder(tmp_path / "data", per_class=4)
+    for split in ("train", "val"):
+        (data / split / "a" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "result.json"
+    args = [*command, str(path), "--data", f"imagefolder:{data}", "--epochs", "1", "--batch-size", "4",
+            "--num-workers", "0", "--image-size", "32", "--out", str(out)]
+    result = CliRunner().invoke(mokd_eval, args)
+    assert_one_line_error(result, "broken.png", "--skip-bad-images")
+    assert not out.exists()
+    result = CliRunner().invoke(mokd_eval, [*args, "--skip-bad-images"])
+    assert result.exit_code == 0, result.output
+    record, = json.loads(out.read_text())["results"]
+    metrics, = record["metrics"].values()
+    assert metrics["skipped_images"] == 1  # the val split's broken image
+    if command[0] != "semisup":  # the 10 % subset may leave the broken training image out
+        assert [epoch["skipped_images"] for epoch in record["protocol"]["history"]] == [1]

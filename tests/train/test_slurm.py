@@ -18,7 +18,8 @@ import mokd.cli as cli
 from mokd.core.errors import MokdError
 from mokd.core.registry import ALIASES
 from mokd_train import checkpointing
-from mokd_train.slurm import RequeueableCommand, SlurmRequest, request_from_options, submit
+from mokd_train.run_lock import LOCK_NAME, output_dir_lock
+from mokd_train.slurm import RequeueableCommand, SlurmRequest, request_from_options, submit, wait_for_job
 
 pytestmark = pytest.mark.slow
 
@@ -88,6 +89,67 @@ def test_slurm_options_are_checked_before_submission(tmp_path):
     assert request_from_options({**options, "slurm": False, "nodes": 1}) is None
     request = request_from_options({**options, "nodes": 2, "gpus_per_node": 4})
     assert (request.nodes, request.tasks_per_node, request.hours) == (2, 4, 1.0)
+
+
+def test_a_user_error_inside_the_job_is_one_line_in_its_log_and_here_with_slurm_wait(tmp_path, monkeypatch):
+    """The job's trainer finds its output directory in use (the test holds the lock): the job's error log holds the
+    one-line error and no traceback, the job fails, and --slurm-wait prints that line and exits 2."""
+    import mokd_train.slurm as slurm
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(slurm, "submit", lambda job, request, name: submit(job, request, name=name, cluster="local"))
+    run, logs = tmp_path / "run", tmp_path / "slurm"
+    with output_dir_lock(run):
+        before = sorted(os.listdir(run))
+        holder = (run / LOCK_NAME).read_text().strip()
+        result = CliRunner().invoke(cli.mokd_train, [*TINY, "--output-dir", str(run), "--slurm", "--gpus-per-node", "0",
+                                                     "--slurm-folder", str(logs), "--slurm-wait"])
+        assert sorted(os.listdir(run)) == before
+    refusal = (f"--output-dir {run} is in use by another mokd-train run (process id and host: {holder}): wait for it "
+               f"to end or stop it, or choose another --output-dir")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: job ") and f"failed: {refusal} (log: " in last, result.output
+    log, = logs.glob("*_log.err")
+    text = log.read_text()
+    assert [line for line in text.splitlines() if line.startswith("error: ")] == [f"error: {refusal}"]
+    assert "Traceback" not in text
+
+
+class FailedJob:
+    """A finished job whose command crashed (a bug, not a user error): submitit reports its traceback."""
+
+    job_id = "7"
+
+    class paths:
+        stderr = Path("slurm/7_0_log.err")
+
+    def exception(self):
+        return Exception("Job (task=0) failed during processing with trace:\nTraceback (most recent call last):\n"
+                         "  File \"x.py\", line 1\nValueError: boom\n")
+
+    def stderr(self):
+        return "submitit INFO (2026) - Starting\nTraceback (most recent call last):\nValueError: boom\n"
+
+
+def test_waiting_for_a_job_names_its_failure_in_one_line():
+    with pytest.raises(MokdError) as caught:
+        wait_for_job(FailedJob())
+    assert str(caught.value) == "job 7 failed: ValueError: boom (log: slurm/7_0_log.err)"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--slurm-wait"], "--slurm-wait applies to a SLURM submission only: add --slurm, or drop it"),
+    (["--nodes", "2", "--time", "1"], "--nodes, --time apply to a SLURM submission only: add --slurm, or drop them"),
+    (["--gpus-per-node", "0"], "--gpus-per-node applies to a SLURM submission only: add --slurm, or drop it"),
+])
+def test_slurm_options_without_slurm_are_refused_not_ignored(tmp_path, submitted, args, message):
+    run = tmp_path / "run"
+    for group, command in ((cli.mokd_train, ["--preset", "tiny", "--output-dir", str(run)]),
+                           (cli.mokd_eval, ["suite", "missing.pth", "--out-dir", str(tmp_path / "suite")])):
+        result = CliRunner().invoke(group, [*command, *args])
+        assert result.exit_code == 2 and result.output.strip().splitlines() == [f"error: {message}"], result.output
+    assert not submitted and not run.exists() and not (tmp_path / "suite").exists()
 
 
 class FakeJob:

@@ -466,7 +466,7 @@ def test_tuple_settings_parse_on_the_command_line(tmp_path, monkeypatch):
 
     captured = {}
     monkeypatch.setattr("mokd_train.engine.train", lambda config: captured.setdefault("config", config) and {
-        "rank": 0, "checkpoint": None})
+        "rank": 0, "checkpoint": None, "replaced_images": 0})
     result = CliRunner().invoke(cli.mokd_train, ["--preset", "tiny", "--output-dir", str(tmp_path),
                                                  "--global-scale", "0.4,1.0", "--local-scale", "0.05,0.4",
                                                  "--losses", "sm,cm"])
