@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from mokd.core.registry import ALIASES, ArchSpec, build_backbone
+from mokd.core.registry import ALIASES, ArchSpec, meta_backbone
 
 FAKE_HEAD_HIDDEN = 16
 FAKE_HEAD_OUT = 32
@@ -26,9 +26,7 @@ def make_source_backbone(spec: ArchSpec, seed: int = 0) -> nn.Module:
     """A timm backbone in eval mode with random weights and random BatchNorm statistics, so that a
     loader which forgot the buffers would be caught. Filled with `normal_` instead of timm's init,
     which takes seconds for a ViT on CPU."""
-    with torch.device("meta"):
-        model = build_backbone(spec)
-    model = model.to_empty(device="cpu")
+    model = meta_backbone(spec).to_empty(device="cpu")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
@@ -178,13 +176,13 @@ def checkpoint_factory(tmp_path: Path) -> CheckpointFactory:
     return CheckpointFactory(tmp_path)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_cnn_spec() -> ArchSpec:
     """r_tiny: BasicBlock [1,1,1,1], widths 16..128, CIFAR stem, 32 px."""
     return ALIASES["r_tiny"]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_vit_spec() -> ArchSpec:
     """ViT-Tiny dimensions with 4-px patches at 32 px: 64 tokens, fast on CPU."""
     return dataclasses.replace(ALIASES["vit_t"], name="vit[dim=192,depth=12,patch=4]", img_size=32, patch_size=4)

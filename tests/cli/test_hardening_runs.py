@@ -40,6 +40,7 @@ def finished_linear_run(tmp_path, checkpoint_factory, tiny_cnn_spec):
     return path, out
 
 
+@pytest.mark.slow  # trains a linear probe first
 def test_a_finished_run_is_not_started_over_without_resume_or_overwrite(finished_linear_run):
     path, out = finished_linear_run
     before = snapshot(out.parent)
@@ -49,6 +50,7 @@ def test_a_finished_run_is_not_started_over_without_resume_or_overwrite(finished
     assert snapshot(out.parent) == before
 
 
+@pytest.mark.slow  # trains a linear probe first
 def test_overwrite_discards_the_earlier_run_first(finished_linear_run):
     path, out = finished_linear_run
     before = snapshot(out.parent)
@@ -59,6 +61,7 @@ def test_overwrite_discards_the_earlier_run_first(finished_linear_run):
     assert '"spec": "shapes:60"' in out.read_text()
 
 
+@pytest.mark.slow  # trains a linear probe first
 def test_a_resume_on_other_data_with_the_same_classes_is_refused(finished_linear_run):
     path, out = finished_linear_run
     before = snapshot(out.parent)
