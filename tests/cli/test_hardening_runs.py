@@ -84,6 +84,7 @@ def test_a_second_trainer_on_one_output_dir_is_refused(tmp_path):
         pass
 
 
+@pytest.mark.slow  # spawns the process that holds the lock
 def test_the_lock_of_a_killed_trainer_does_not_block(tmp_path):
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
