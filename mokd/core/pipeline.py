@@ -1,7 +1,8 @@
 """Steps shared by every evaluation command: open the data, load the models, get their features.
 
-Commands (k-NN today; linear probe, consistency, t-SNE later) compose these so that data, checkpoints and
-features are always handled the same way and recorded the same way in the results JSON.
+The protocols (k-NN, linear probe, semi-supervised) and the analyses compose these, `load_models` then
+`open_data_for`, so that data, checkpoints and features are always handled the same way and recorded the same
+way in the results JSON.
 """
 
 from __future__ import annotations
