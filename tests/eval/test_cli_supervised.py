@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from mokd.cli import mokd_eval
-from conftest import network_state, prefixed
+from checkpoint_files import network_state, prefixed
 from mokd.core.data import eval_transform, open_dataset, parse_data_spec
 from mokd.core.features import feature_function
 from mokd_eval.finetune import topk_counts

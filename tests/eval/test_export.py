@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import mokd.cli as cli
-from conftest import CheckpointFactory
+from checkpoint_files import CheckpointFactory
 from mokd.core.registry import ALIASES
 
 R18 = ALIASES["r18"]

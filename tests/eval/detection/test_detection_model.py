@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from conftest import CheckpointFactory
+from checkpoint_files import CheckpointFactory
 from mokd.core.checkpoints import load_backbones
 from mokd_eval.detection.model import (C4Trunk, D2AnchorGenerator, DetectorConfig, build_detector,
                                        d2_bottleneck_res5, roi_align_v2)
