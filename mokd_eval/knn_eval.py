@@ -7,8 +7,8 @@ from typing import Any, Sequence
 
 from mokd.core.checkpoints import LoadedBackbone
 from mokd_eval.knn import check_search_device, knn_classify
-from mokd.core.pipeline import (FeatureOptions, Resolution, RunSettings, evaluation_resolution, load_models,
-                                model_features, model_record, open_eval_data, paper_resolution)
+from mokd.core.pipeline import (FeatureOptions, Resolution, RunSettings, load_models, model_features, model_record,
+                                open_data_for, paper_resolution)
 from mokd_eval.protocols import PAPER_PRECISION, overall_verdict, paper_verdict, verdict_line
 from mokd.core.results import StageTimer, build_results, format_table
 
@@ -37,12 +37,7 @@ def run_knn(checkpoint: str | Path, run: RunSettings, *, ks: Sequence[int], temp
     with timer.stage("load"):
         loaded = load_models(checkpoint, model=run.model, key=run.key, trust=run.trust, echo=run.echo,
                              image_size=run.image_size)
-        resolution = evaluation_resolution(loaded, run.image_size)
-        eval_data = open_eval_data(run.data, image_size=resolution.size, skip_bad_images=run.skip_bad_images,
-                                   echo=run.echo)
-        run.echo(f"data: {eval_data.spec.text} ({len(eval_data.train)} train / {len(eval_data.val)} val images, "
-                 f"{eval_data.train.num_classes} classes; {eval_data.transform})")
-        run.echo(resolution.describe(eval_data.spec))
+        eval_data, resolution = open_data_for(loaded, run, data_line=lambda data: data.summary(transform=True))
 
     results, warnings = [], []
     for entry in loaded:

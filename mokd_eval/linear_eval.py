@@ -23,14 +23,13 @@ from mokd_eval.finetune import Classifier, FitSettings
 from mokd_eval.linear import (LINEAR_BASE_LR, SWEEP_FACTORS, cross_validated_sweep, evaluate_head, protocol_feature,
                               save_head, snapshot, sweep_source_feature, sweep_variants, train_head_sweep,
                               variant_columns, verify_unchanged)
-from mokd.core.pipeline import (EvalData, FeatureOptions, Resolution, RunSettings, evaluation_resolution,
-                                load_models, model_features, model_record, open_eval_data, paper_resolution)
+from mokd.core.pipeline import (EvalData, FeatureOptions, Resolution, RunSettings, load_models, model_features,
+                                model_record, open_data_for, paper_resolution)
 from mokd_eval.protocols import (AUGMENT_NONE, AUGMENT_RESIZED, PAPER_PRECISION, Preset, TrainOptions,
                                  overall_verdict, paper_verdict, resolve_settings, run_root, train_with_search,
                                  training_record, verdict_line)
 from mokd.core.results import StageTimer, build_results, format_table
 from mokd_eval.splits import heldout_split, kfold_split
-from mokd.core.validation import check_image_size
 
 MODES = ("protocol", "cached")
 # Below this many training images the cached probe scores its heads by k-fold cross-validation: a 10 % slice of
@@ -73,14 +72,7 @@ def run_linear(checkpoint: str | Path, run: RunSettings, *, mode: str, features:
     timer = StageTimer()
     with timer.stage("load"):
         loaded = load_models(checkpoint, model=run.model, key=run.key, trust=run.trust, echo=run.echo)
-        resolution = evaluation_resolution(loaded, run.image_size)
-        eval_data = open_eval_data(run.data, image_size=resolution.size, skip_bad_images=run.skip_bad_images,
-                                   echo=run.echo)
-        run.echo(f"data: {eval_data.spec.text} ({len(eval_data.train)} train / {len(eval_data.val)} val images, "
-                 f"{eval_data.train.num_classes} classes)")
-        run.echo(resolution.describe(eval_data.spec))
-        for entry in loaded:  # every model must take the resolution before any work
-            check_image_size(eval_data.side, entry.spec)
+        eval_data, resolution = open_data_for(loaded, run, data_line=EvalData.summary, check_side=True)
     root = run_root(out)
     results, warnings = [], []
     for entry in loaded:

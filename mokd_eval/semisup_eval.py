@@ -21,14 +21,12 @@ from mokd.core.errors import MokdError
 from mokd.core.features import FeatureKind
 from mokd_eval.finetune import Classifier, FitSettings
 from mokd_eval.linear import LINEAR_BASE_LR, protocol_feature, snapshot, verify_unchanged
-from mokd.core.pipeline import (Resolution, RunSettings, evaluation_resolution, load_models, model_record,
-                                open_eval_data, paper_resolution)
+from mokd.core.pipeline import Resolution, RunSettings, load_models, model_record, open_data_for, paper_resolution
 from mokd_eval.protocols import (AUGMENT_RESIZED, PAPER_PRECISION, Preset, TrainOptions, overall_verdict,
                                  paper_verdict, resolve_settings, run_root, train_with_search, training_record,
                                  verdict_line)
 from mokd.core.results import StageTimer, build_results, format_table
 from mokd_eval.splits import ALLOWED_PERCENTS, read_split_file, stratified_subset, write_split_file
-from mokd.core.validation import check_image_size
 
 MODES = ("finetune", "linear")
 # A.3: "fine-tuned with 1024 batch size for 60 epochs and 30 epochs on 1% and 10% subsets", "warmed up [...]
@@ -88,10 +86,7 @@ def run_semisup(checkpoint: str | Path, run: RunSettings, *, percent: float, spl
     timer = StageTimer()
     with timer.stage("load"):
         loaded = load_models(checkpoint, model=run.model, key=run.key, trust=run.trust, echo=run.echo)
-        resolution = evaluation_resolution(loaded, run.image_size)
-        eval_data = open_eval_data(run.data, image_size=resolution.size, skip_bad_images=run.skip_bad_images,
-                                   echo=run.echo)
-        run.echo(resolution.describe(eval_data.spec))
+        eval_data, resolution = open_data_for(loaded, run, check_side=True)
         train = eval_data.train
         names = [train.item_name(index) for index in range(len(train))]
         if split_file is not None:
@@ -106,8 +101,6 @@ def run_semisup(checkpoint: str | Path, run: RunSettings, *, percent: float, spl
         run.echo(f"data: {eval_data.spec.text}: {len(indices)} labelled of {len(train)} train images ({percent:g}%, "
                  f"{'split file ' + str(split_path) if split_kind == 'file' else 'seeded stratified subset'}), "
                  f"{len(eval_data.val)} val images, {train.num_classes} classes")
-        for entry in loaded:  # every model must take the resolution before any work
-            check_image_size(eval_data.side, entry.spec)
     context.barrier()
     sha256 = file_sha256(split_path)
     split = {"source": split_kind, "file": str(split_path), "sha256": sha256, "images": int(len(indices)),

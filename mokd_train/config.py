@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from mokd.core.data import parse_data_spec
 from mokd.core.errors import MokdError
-from mokd.core.registry import ArchSpec, build_backbone, resolve_arch
+from mokd.core.registry import ArchSpec, meta_backbone, resolve_arch
 from mokd.core.tensorboard_log import require_tensorboard
 from mokd.core.validation import (FRACTION, NON_NEGATIVE, POSITIVE, Range, check_device, check_image_size,
                                   check_num_workers, check_number, check_output_dir)
@@ -460,9 +459,7 @@ def arch_specs(config: TrainConfig) -> tuple[ArchSpec, ArchSpec]:
 
 def backbone_parameter_count(spec: ArchSpec) -> int:
     """Parameters of the backbone, counted on the meta device (nothing is allocated)."""
-    with torch.device("meta"):
-        backbone = build_backbone(spec)
-    return sum(parameter.numel() for parameter in backbone.parameters())
+    return sum(parameter.numel() for parameter in meta_backbone(spec).parameters())
 
 
 def resolved_lambdas(config: TrainConfig) -> tuple[float, float]:

@@ -1,7 +1,8 @@
 """Steps shared by every evaluation command: open the data, load the models, get their features.
 
-Commands (k-NN today; linear probe, consistency, t-SNE later) compose these so that data, checkpoints and
-features are always handled the same way and recorded the same way in the results JSON.
+The protocols (k-NN, linear probe, semi-supervised) and the analyses compose these, `load_models` then
+`open_data_for`, so that data, checkpoints and features are always handled the same way and recorded the same
+way in the results JSON.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ class EvalData:
                 "num_classes": self.train.num_classes, "transform": self.transform,
                 "fingerprint": {"train": self.train.fingerprint, "val": self.val.fingerprint},
                 "caveats": self.caveats()}
+
+    def summary(self, *, transform: bool = False) -> str:
+        """The `data:` line a protocol prints: images per split, classes and, when asked, the transform."""
+        counts = f"{len(self.train)} train / {len(self.val)} val images, {self.train.num_classes} classes"
+        return f"data: {self.spec.text} ({counts}{'; ' + self.transform if transform else ''})"
 
     def caveats(self) -> list[str]:
         """Metrics this data makes trivially perfect or meaningless (a one-class folder scores 100 %)."""
@@ -117,12 +123,21 @@ class RunSettings:
     echo: Callable[[str], None] = print
 
 
-def open_data_for(loaded: list[LoadedBackbone], run: RunSettings) -> tuple[EvalData, Resolution]:
-    """The evaluation data at the resolution `evaluation_resolution` picks for these models, said on screen."""
+def open_data_for(loaded: list[LoadedBackbone], run: RunSettings, *,
+                  data_line: Callable[[EvalData], str] | None = None,
+                  check_side: bool = False) -> tuple[EvalData, Resolution]:
+    """The evaluation data at the resolution `evaluation_resolution` picks for these models, said on screen
+    (`data_line` words the data before the resolution line). `check_side` also refuses a side the dataset's
+    default gives that a model cannot take: the protocols that train check it before any work."""
     resolution = evaluation_resolution(loaded, run.image_size)
     eval_data = open_eval_data(run.data, image_size=resolution.size, skip_bad_images=run.skip_bad_images,
                                echo=run.echo)
+    if data_line is not None:
+        run.echo(data_line(eval_data))
     run.echo(resolution.describe(eval_data.spec))
+    if check_side:
+        for entry in loaded:
+            check_image_size(eval_data.side, entry.spec)
     return eval_data, resolution
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from mokd_analysis import style
 from mokd_analysis.consistency import consistency_stats
 from mokd.cli import mokd_eval
-from conftest import CheckpointFactory
+from checkpoint_files import CheckpointFactory
 from mokd.core.data import eval_transform, open_dataset, parse_data_spec
 from mokd_eval.knn import knn_classify
 from mokd.core.registry import ALIASES

@@ -41,6 +41,7 @@ def finished_linear_run(tmp_path, checkpoint_factory, tiny_cnn_spec):
     return path, out
 
 
+@pytest.mark.slow  # trains a linear probe first
 def test_a_finished_run_is_not_started_over_without_resume_or_overwrite(finished_linear_run):
     path, out = finished_linear_run
     before = snapshot(out.parent)
@@ -50,6 +51,7 @@ def test_a_finished_run_is_not_started_over_without_resume_or_overwrite(finished
     assert snapshot(out.parent) == before
 
 
+@pytest.mark.slow  # trains a linear probe first
 def test_overwrite_discards_the_earlier_run_first(finished_linear_run):
     path, out = finished_linear_run
     before = snapshot(out.parent)
@@ -60,6 +62,7 @@ def test_overwrite_discards_the_earlier_run_first(finished_linear_run):
     assert '"spec": "shapes:60"' in out.read_text()
 
 
+@pytest.mark.slow  # trains a linear probe first
 def test_a_resume_on_other_data_with_the_same_classes_is_refused(finished_linear_run):
     path, out = finished_linear_run
     before = snapshot(out.parent)
@@ -123,6 +126,7 @@ def test_a_refused_lock_ends_every_rank_of_a_distributed_run_with_one_message(tm
         assert snapshot(run) == before
 
 
+@pytest.mark.slow  # spawns the process that holds the lock
 def test_the_lock_of_a_killed_trainer_does_not_block(tmp_path):
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"

@@ -27,7 +27,7 @@ from mokd.core.checkpoints import (
     read_checkpoint,
 )
 from mokd.core.errors import MokdError
-from mokd.core.registry import ALIASES, ArchSpec, build_backbone
+from mokd.core.registry import ALIASES, ArchSpec, meta_backbone
 
 
 class SidecarObject:
@@ -56,12 +56,18 @@ def assert_same_backbone(loaded: LoadedBackbone, source: nn.Module, img_size: in
     assert not loaded.module.training
 
 
+def assert_pair_loads(path, sources: dict[str, nn.Module], keys: tuple[str, str]) -> list[LoadedBackbone]:
+    """A pair checkpoint gives its two models under `keys`, each identical to its source."""
+    pair = load_backbones(path)
+    assert tuple(entry.key for entry in pair) == keys
+    for entry in pair:
+        assert_same_backbone(entry, sources[entry.key], 32)
+    return pair
+
+
 def test_official_mokd_pair_loads_both_teachers(checkpoint_factory, tiny_cnn_spec, tiny_vit_spec):
     path, sources = checkpoint_factory.official_mokd(tiny_cnn_spec, tiny_vit_spec)
-    cnn, vit = load_backbones(path)
-    assert (cnn.key, vit.key) == ("teacher_cnn", "teacher_vit")
-    assert_same_backbone(cnn, sources["teacher_cnn"], 32)
-    assert_same_backbone(vit, sources["teacher_vit"], 32)
+    cnn, vit = assert_pair_loads(path, sources, ("teacher_cnn", "teacher_vit"))
     assert cnn.spec == tiny_cnn_spec and vit.spec == tiny_vit_spec
     n_cnn = len(sources["teacher_cnn"].state_dict())
     assert cnn.report.startswith(f"teacher_cnn: loaded {n_cnn}/{n_cnn} backbone tensors strictly (inferred: r_tiny")
@@ -147,10 +153,7 @@ def test_forced_model_name_must_agree_and_is_reported(tmp_path, torchvision_resn
 
 def test_mokd_native_pair_uses_stored_specs(checkpoint_factory, tiny_cnn_spec, tiny_vit_spec):
     path, sources = checkpoint_factory.mokd_native(tiny_cnn_spec, tiny_vit_spec)
-    net1, net2 = load_backbones(path)
-    assert (net1.key, net2.key) == ("teacher1", "teacher2")
-    assert_same_backbone(net1, sources["teacher1"], 32)
-    assert_same_backbone(net2, sources["teacher2"], 32)
+    net1, net2 = assert_pair_loads(path, sources, ("teacher1", "teacher2"))
     assert "stored: r_tiny" in net1.report
     ckpt = net1.checkpoint
     assert ckpt.format == "mokd" and ckpt.meta["mode"] == "pair" and ckpt.epoch == 3
@@ -191,8 +194,7 @@ def test_img_size_override_keeps_the_position_embedding(tmp_path, checkpoint_fac
 
 
 def _meta_state(spec: ArchSpec) -> dict[str, torch.Tensor]:
-    with torch.device("meta"):
-        return build_backbone(spec).state_dict()
+    return meta_backbone(spec).state_dict()
 
 
 @pytest.mark.parametrize("alias", ["r18", "r34", "r50", "r101", "r152", "r_tiny", "vit_t", "vit_s", "vit_b"])

@@ -232,6 +232,7 @@ def test_a_strict_run_never_reuses_features_extracted_while_skipping(tmp_path, c
         cached_features(model, spec, strict, identity=identity, cache=cache, num_workers=0)
 
 
+@pytest.mark.slow  # spawns a DataLoader worker (whose shutdown waits up to 5 s)
 def test_an_unreadable_image_reads_the_same_with_and_without_workers(tmp_path, cnn):
     from mokd.core.data import eval_transform, open_dataset, parse_data_spec
 

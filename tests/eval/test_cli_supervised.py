@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from mokd.cli import mokd_eval
-from conftest import network_state, prefixed
+from checkpoint_files import network_state, prefixed
 from mokd.core.data import eval_transform, open_dataset, parse_data_spec
 from mokd.core.features import feature_function
 from mokd_eval.finetune import topk_counts
@@ -129,6 +129,7 @@ def test_cached_choice_ignores_validation_labels(tmp_path, monkeypatch):
     from mokd_eval import linear_eval
     from mokd.core.distributed import setup
     from mokd.core.features import FeatureCache
+    from mokd.core import pipeline
     from mokd.core.pipeline import FeatureOptions, RunSettings, open_eval_data
     from mokd_eval.protocols import TrainOptions
 
@@ -148,7 +149,7 @@ def test_cached_choice_ignores_validation_labels(tmp_path, monkeypatch):
         data.val.targets = np.roll(data.val.targets, 7)[::-1].copy()  # every val label scrambled
         return data
 
-    monkeypatch.setattr(linear_eval, "open_eval_data", poisoned)
+    monkeypatch.setattr(pipeline, "open_eval_data", poisoned)  # what `open_data_for` opens the data with
     dirty = evaluate(tmp_path / "dirty.json")
     assert dirty["results"][0]["protocol"]["heads"] == clean["results"][0]["protocol"]["heads"]
     assert dirty["results"][0]["protocol"]["lr_chosen"] == clean["results"][0]["protocol"]["lr_chosen"]

@@ -14,14 +14,16 @@ from click.testing import CliRunner
 from torch import nn
 
 import mokd.cli as cli
+from checkpoint_files import CheckpointFactory
 from mokd.core.registry import ALIASES
 
 R18 = ALIASES["r18"]
 
 
-@pytest.fixture
-def pair(checkpoint_factory, tiny_vit_spec):
-    return checkpoint_factory.official_mokd(R18, tiny_vit_spec)
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tiny_vit_spec):
+    """One official pair for the module: the exports read it and write elsewhere."""
+    return CheckpointFactory(tmp_path_factory.mktemp("pair")).official_mokd(R18, tiny_vit_spec)
 
 
 def _export(path, fmt, out, *extra):

@@ -52,6 +52,7 @@ def test_sweep_separates_linearly_separable_features():
     assert evaluate_head(result.weight, result.bias, features, labels, np.arange(16))["top1"] == 100.0
 
 
+@pytest.mark.slow  # trains four heads for 60 epochs and sklearn's logistic regression
 def test_sweep_matches_sklearn_logistic_regression_on_digits():
     x_train, y_train, x_val, y_val = digits_features()
     fit, held = heldout_split(y_train, 0.1, 0)

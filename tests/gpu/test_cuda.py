@@ -23,7 +23,7 @@ from click.testing import CliRunner
 import mokd.cli as cli
 from mokd_analysis.attention_maps import class_token_maps
 from mokd_analysis.mad_eval import measure, random_init
-from conftest import make_source_backbone
+from checkpoint_files import make_source_backbone
 from mokd.core import distributed
 from mokd_eval import knn
 from mokd.core.data import eval_transform, open_dataset, parse_data_spec

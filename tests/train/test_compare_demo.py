@@ -13,11 +13,8 @@ pytestmark = pytest.mark.slow  # trains
 
 
 @pytest.fixture
-def small_compare(monkeypatch):
-    monkeypatch.setattr(compare, "DEMO_DATA", "shapes:60")
-    monkeypatch.setattr(compare, "DEMO_SETTINGS", {
-        "img_size": 16, "local_size": 8, "epochs": 1, "batch_size": 8, "max_steps": 2, "out_dim": 64,
-        "mlp_hidden_dim": 32, "mlp_bottleneck_dim": 16, "num_workers": 0, "warmup_epochs": 0, "arch2": "test_vit"})
+def small_compare(shrink_demo):
+    shrink_demo(compare, arch2="test_vit")
 
 
 def test_compare_demo_trains_each_method_and_its_baseline_with_the_same_seed(small_compare, tmp_path):

@@ -16,11 +16,8 @@ pytestmark = pytest.mark.slow  # trains
 
 
 @pytest.fixture
-def small_demo(monkeypatch):
-    monkeypatch.setattr(demo, "DEMO_DATA", "shapes:60")
-    monkeypatch.setattr(demo, "DEMO_SETTINGS", {
-        "img_size": 16, "local_size": 8, "epochs": 1, "batch_size": 8, "max_steps": 2, "out_dim": 64,
-        "mlp_hidden_dim": 32, "mlp_bottleneck_dim": 16, "num_workers": 0, "warmup_epochs": 0})
+def small_demo(shrink_demo):
+    shrink_demo(demo)
 
 
 def test_demo_trains_both_modes_and_reports_four_models(small_demo, tmp_path):

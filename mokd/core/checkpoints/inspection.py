@@ -15,7 +15,7 @@ import torch
 from mokd.core.checkpoints.architecture import spec_to_build
 from mokd.core.checkpoints.layouts import ModelEntry, head_groups, read_checkpoint
 from mokd.core.checkpoints.loading import compare_state
-from mokd.core.registry import build_backbone
+from mokd.core.registry import meta_backbone
 
 
 def _numel(tensors: Mapping[str, torch.Tensor], names: set[str] | list[str]) -> int:
@@ -23,8 +23,7 @@ def _numel(tensors: Mapping[str, torch.Tensor], names: set[str] | list[str]) -> 
 
 
 def _describe_entry(entry: ModelEntry) -> dict[str, Any]:
-    with torch.device("meta"):
-        reference = build_backbone(spec_to_build(entry.spec, entry.backbone_state, f"'{entry.key}'"))
+    reference = meta_backbone(spec_to_build(entry.spec, entry.backbone_state, f"'{entry.key}'"))
     params = {name for name, _ in reference.named_parameters()}
     buffers = {name for name, _ in reference.named_buffers()}
     return {

@@ -19,7 +19,7 @@ from mokd.core.checkpoints.architecture import VIT_HEAD_DIM, spec_to_build
 from mokd.core.checkpoints.files import TRUSTED
 from mokd.core.checkpoints.layouts import CheckpointFile, ModelEntry, head_groups, name_prefixes, read_checkpoint
 from mokd.core.errors import MokdError
-from mokd.core.registry import ArchSpec, build_backbone, resolve_arch
+from mokd.core.registry import ArchSpec, meta_backbone, resolve_arch
 from mokd.core.validation import check_image_size
 
 
@@ -73,9 +73,7 @@ def _arch_note(entry: ModelEntry, spec: ArchSpec, forced: bool) -> str:
 def _uninitialised_backbone(spec: ArchSpec) -> nn.Module:
     """`spec` on CPU without random init: initialising a ViT costs seconds and the strict load overwrites
     every tensor anyway -- provided all of them are in the state dict, which is checked here."""
-    with torch.device("meta"):
-        module = build_backbone(spec)
-    module = module.to_empty(device="cpu")
+    module = meta_backbone(spec).to_empty(device="cpu")
     tensors = {name for name, _ in module.named_parameters()} | {name for name, _ in module.named_buffers()}
     not_saved = tensors - set(module.state_dict())
     if not_saved:

@@ -12,15 +12,22 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from checkpoint_files import CheckpointFactory
 from mokd.core.checkpoints import load_backbones
 from mokd_eval.detection.model import (C4Trunk, D2AnchorGenerator, DetectorConfig, build_detector,
                                        d2_bottleneck_res5, roi_align_v2)
 from mokd_eval.detection.train import param_groups
-from mokd.core.registry import ALIASES, build_backbone
+from mokd.core.registry import ALIASES, build_backbone, meta_backbone
 
 R18 = ALIASES["r18"]
 SMALL = DetectorConfig(num_classes=3, train_sizes=(64, 64), test_size=64, rois_per_image=8,
                        rpn_post_nms_topk=(20, 10), pooler_resolution=14)
+
+
+@pytest.fixture(scope="module")
+def r18_pair(tmp_path_factory, tiny_vit_spec):
+    """One mokd pair checkpoint with an R18 net for the module's loading tests (they only read it)."""
+    return CheckpointFactory(tmp_path_factory.mktemp("pair")).mokd_native(R18, tiny_vit_spec)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +42,7 @@ def test_trunk_is_stride_16_with_res4_channels(r18):
     with torch.no_grad():
         out = trunk(torch.randn(1, 3, 96, 128))
     assert out.shape == (1, 256, 6, 8)
-    r50 = C4Trunk(build_backbone(ALIASES["r50"]))
+    r50 = C4Trunk(meta_backbone(ALIASES["r50"]))
     assert r50.out_channels == 1024
 
 
@@ -122,9 +129,9 @@ def test_frozenbn_preset_freezes_stem_and_res2(r18):
 
 
 @pytest.mark.parametrize("layout", ["mokd", "official"])
-def test_every_trunk_and_res5_tensor_loads_from_pair_checkpoints(checkpoint_factory, tiny_vit_spec, layout):
+def test_every_trunk_and_res5_tensor_loads_from_pair_checkpoints(r18_pair, checkpoint_factory, tiny_vit_spec, layout):
     if layout == "mokd":
-        path, sources = checkpoint_factory.mokd_native(R18, tiny_vit_spec)
+        path, sources = r18_pair
         key = "teacher1"
     else:
         path, sources = checkpoint_factory.official_mokd(R18, tiny_vit_spec)
@@ -142,10 +149,10 @@ def test_every_trunk_and_res5_tensor_loads_from_pair_checkpoints(checkpoint_fact
     assert torch.equal(model.roi_heads.res5.blocks[1].bn2.running_mean, source.layer4[1].bn2.running_mean)
 
 
-def test_d2_bottleneck_loads_by_name_and_shape_like_detectron2(checkpoint_factory, tiny_vit_spec):
+def test_d2_bottleneck_loads_by_name_and_shape_like_detectron2(r18_pair):
     """R18 BasicBlock layer4 into detectron2's 3-Bottleneck head: conv1 (3x3 vs 1x1) is skipped, conv2, the
     norms and the shortcut match by shape, conv3/bn3 and block 2 have no source tensor."""
-    path, sources = checkpoint_factory.mokd_native(R18, tiny_vit_spec)
+    path, sources = r18_pair
     loaded = load_backbones(path, key="teacher1")[0]
     file_state = loaded.checkpoint.entries["teacher1"].backbone_state
     config = dataclasses.replace(SMALL, res5_head="d2-bottleneck")
