@@ -57,8 +57,10 @@ def extraction_workers(cores: int, device_type: str) -> int:
     On CUDA the GPU computes, so loading gets the cores (one kept for the main process; at most 8). On CPU the
     forward and the loading share the cores: decoding and resizing a 500 x 375 JPEG costs ~7 ms of one core
     against ~50 core-ms for an R18 forward at 224 px, so one worker per 8 cores (1 to 4) keeps the forward fed;
-    more workers take cores from the forward (measured on a 2-core machine under heavy load from other processes:
-    2 workers 78 %, 1 worker 104 % of the bare forward rate; docs/gpu.md#extraction-on-cpu).
+    more workers take cores from the forward (quiet 2-core machine, 240 JPEGs -> R18 at 224 px, share of the bare
+    channels_last forward, best of 3: 2 workers 88 %, 1 worker 94 %, no worker but loading threads taking turns
+    with the forward 97 %; paired over 5 rounds the medians were 89 % and 86 % for the last two, within the
+    noise: docs/gpu.md#extraction-on-cpu).
     """
     if device_type == "cuda":
         return max(1, min(MAX_CUDA_WORKERS, cores - 1))

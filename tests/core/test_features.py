@@ -249,7 +249,7 @@ def test_an_unreadable_image_reads_the_same_with_and_without_workers(tmp_path, c
 
 
 @pytest.mark.parametrize("which", ["cnn", "vit"])
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])  # a worker process: slow
 def test_image_folder_features_equal_a_forward_on_the_transformed_images(tmp_path, which, workers, request):
     """The extractor normalises whole batches itself under the evaluation transform; the features must be those of
     the plain per-image transform (JPEGs of odd sizes, the folder path users hit)."""
