@@ -190,8 +190,8 @@ def extract_features(backbone: nn.Module, spec: ArchSpec, dataset: Dataset, kind
 def _batches(shard: Dataset, batch_size: int, num_workers: int, device: torch.device) -> Iterable[tuple]:
     """Collated batches in order: from `num_workers` loader processes that overlap the forward, or, with none,
     loaded between two forwards by as many threads as torch computes with (PIL releases the GIL while it decodes
-    and resizes), so that on a CPU each job has every core in turn instead of a loader process taking a core from
-    the forward's threads in the middle of a layer."""
+    and resizes) rather than one image at a time on one core. On 2 cores the two were within the noise of each
+    other (docs/gpu.md#extraction-on-cpu)."""
     if num_workers > 0:
         return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate,
                           pin_memory=device.type == "cuda", persistent_workers=False)
