@@ -146,6 +146,12 @@ class LabelledDataset(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
+    @property
+    def decodes_files(self) -> bool:
+        """Whether each item is read and decoded from an image file (seconds of CPU per batch) rather than taken
+        from memory (microseconds): the feature extractor sizes its loading by it."""
+        return self._folder is not None
+
     def __getitem__(self, index: int) -> tuple[Any, int] | None:
         image = self._load(index)
         if image is None:
@@ -247,7 +253,7 @@ def eval_transform(spec: DataSpec, image_size: int | None = None) -> tuple["Norm
     if spec.native_size is None:
         crop = image_size or 224
         resize = round(crop * 256 / 224)
-        steps = [T.Resize(resize, interpolation=bicubic), T.CenterCrop(crop)]
+        steps = [ResizeCenterCrop(resize, crop)]
         text = f"Resize({resize}, bicubic) > CenterCrop({crop})"
     elif image_size is None or image_size == spec.native_size:
         steps = []
@@ -256,6 +262,45 @@ def eval_transform(spec: DataSpec, image_size: int | None = None) -> tuple["Norm
         steps = [T.Resize((image_size, image_size), interpolation=bicubic)]
         text = f"Resize({image_size}x{image_size}, bicubic)"
     return NormalizedImage(steps), f"{text} > ToTensor > {norm_text}"
+
+
+class ResizeCenterCrop:
+    """torchvision's `Resize(resize, bicubic) > CenterCrop(crop)` (DINO's evaluation resize) as one PIL resize of
+    the source box that becomes the crop.
+
+    Why: it resamples only the pixels that are kept, which cuts the CPU time of the step by ~40 % for
+    ImageNet-sized JPEGs (1.3 vs 2.2 ms at 500x375 -> 224) and leaves those cores to the forward pass. The output
+    size, crop offsets, sampling positions and bicubic filter are torchvision's, and PIL clips the filter at the
+    image's edges, not the box's, so only the float rounding of the filter weights differs: at most one grey level,
+    on ~1e-4 of the values when downscaling, up to ~6e-3 when upscaling small images (tests/core/test_data.py).
+    """
+
+    def __init__(self, resize: int, crop: int) -> None:
+        if crop > resize:
+            raise ValueError(f"the crop ({crop}) must not exceed the resized short side ({resize})")
+        self.resize, self.crop = resize, crop
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        resized_width, resized_height = _short_side_resized(width, height, self.resize)
+        left = int(round((resized_width - self.crop) / 2.0))  # torchvision's CenterCrop offsets
+        top = int(round((resized_height - self.crop) / 2.0))
+        if (resized_width, resized_height) == (width, height):  # torchvision skips the resize too
+            return image.crop((left, top, left + self.crop, top + self.crop))
+        scale_x, scale_y = width / resized_width, height / resized_height
+        box = (left * scale_x, top * scale_y, (left + self.crop) * scale_x, (top + self.crop) * scale_y)
+        return image.resize((self.crop, self.crop), Image.Resampling.BICUBIC, box=box)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(resize={self.resize}, crop={self.crop}, bicubic)"
+
+
+def _short_side_resized(width: int, height: int, short: int) -> tuple[int, int]:
+    """torchvision's `Resize(int)` output size: the short side becomes `short`, the long side keeps the aspect
+    ratio, truncated."""
+    if width <= height:
+        return short, int(short * height / width)
+    return int(short * width / height), short
 
 
 class NormalizedImage:

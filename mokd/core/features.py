@@ -34,7 +34,7 @@ from mokd.core.registry import ArchSpec
 from mokd.core.resources import available_cores, extraction_workers
 from mokd.core.training_loop import autocast_for
 
-CACHE_FORMAT_VERSION = 2  # 2: manifests carry a labels checksum
+CACHE_FORMAT_VERSION = 3  # 2: manifests carry a labels checksum; 3: ImageFolder resize + crop is one box resize
 DEFAULT_CACHE_DIR = Path(os.environ.get("MOKD_CACHE_DIR", Path.home() / ".cache" / "mokd"))
 
 
@@ -145,10 +145,11 @@ def extract_features(backbone: nn.Module, spec: ArchSpec, dataset: Dataset, kind
     torch_device = choose_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if num_workers is None:
+        num_workers = extraction_workers(available_cores(), torch_device.type,
+                                         decodes_files=bool(getattr(dataset, "decodes_files", False)))
     dataset, normalize_batch = _pixels_and_batch_normalization(dataset, torch_device)
     shard = Subset(_Indexed(dataset), range(rank, len(dataset), world)) if distributed else _Indexed(dataset)
-    if num_workers is None:
-        num_workers = extraction_workers(available_cores(), torch_device.type)
     loader = _batches(shard, batch_size, num_workers, torch_device)
 
     is_cnn = not spec.is_vit
@@ -190,8 +191,8 @@ def extract_features(backbone: nn.Module, spec: ArchSpec, dataset: Dataset, kind
 def _batches(shard: Dataset, batch_size: int, num_workers: int, device: torch.device) -> Iterable[tuple]:
     """Collated batches in order: from `num_workers` loader processes that overlap the forward, or, with none,
     loaded between two forwards by as many threads as torch computes with (PIL releases the GIL while it decodes
-    and resizes) rather than one image at a time on one core. On 2 cores the two were within the noise of each
-    other (docs/gpu.md#extraction-on-cpu)."""
+    and resizes) rather than one image at a time on one core: the CPU default for image files
+    (`extraction_workers`, docs/gpu.md#extraction-on-cpu)."""
     if num_workers > 0:
         return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate,
                           pin_memory=device.type == "cuda", persistent_workers=False)

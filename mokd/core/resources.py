@@ -51,19 +51,22 @@ def size_resources(cores: int, processes_on_node: int, device_type: str, num_wor
     return Resources(workers=num_workers, threads=threads)
 
 
-def extraction_workers(cores: int, device_type: str) -> int:
-    """DataLoader workers of feature extraction (inference only), unless given.
+def extraction_workers(cores: int, device_type: str, *, decodes_files: bool = False) -> int:
+    """DataLoader workers of feature extraction (inference only), unless given; 0 means loading threads that take
+    turns with the forward (`mokd.core.features`).
 
     On CUDA the GPU computes, so loading gets the cores (one kept for the main process; at most 8). On CPU the
-    forward and the loading share the cores: decoding and resizing a 500 x 375 JPEG costs ~7 ms of one core
-    against ~50 core-ms for an R18 forward at 224 px, so one worker per 8 cores (1 to 4) keeps the forward fed;
-    more workers take cores from the forward (quiet 2-core machine, 240 JPEGs -> R18 at 224 px, share of the bare
-    channels_last forward, best of 3: 2 workers 88 %, 1 worker 94 %, no worker but loading threads taking turns
-    with the forward 97 %; paired over 5 rounds the medians were 89 % and 86 % for the last two, within the
-    noise: docs/gpu.md#extraction-on-cpu).
+    forward and the loading share the cores. Decoding and resizing image files (~4 core-ms per 500 x 375 JPEG,
+    against ~54 core-ms for an R18 forward at 224 px) is best done between two forwards by threads on all cores:
+    a worker process running beside the forward's threads stalls them, however many cores there are (paired
+    medians on 2 cores, 240 JPEGs -> R18: threads 98 % of the bare channels_last forward, one worker 88 %).
+    In-memory images cost microseconds, where a worker's overlap wins: one per 8 cores (1 to 4). Figures and
+    method: docs/gpu.md#extraction-on-cpu.
     """
     if device_type == "cuda":
         return max(1, min(MAX_CUDA_WORKERS, cores - 1))
+    if decodes_files:
+        return 0
     return max(1, min(MAX_CPU_WORKERS, cores // 8))
 
 

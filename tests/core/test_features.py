@@ -274,3 +274,29 @@ def test_image_folder_features_equal_a_forward_on_the_transformed_images(tmp_pat
         expected = model.to(memory_format=torch.contiguous_format)(images).numpy()
     assert np.allclose(result.features, expected, atol=1e-5)
     assert result.labels.tolist() == list(dataset.targets)
+
+
+def test_default_loading_is_threads_for_image_files_and_a_worker_for_memory_on_cpu(tmp_path, cnn, monkeypatch):
+    """The CPU default follows the cost of an item: files are decoded by threads between forwards (no worker
+    process stalling the forward), in-memory images come from `extraction_workers`' worker processes."""
+    from PIL import Image
+
+    from mokd.core import features
+    from mokd.core.data import eval_transform, open_dataset, parse_data_spec
+    from mokd.core.resources import available_cores, extraction_workers
+
+    for split in ("train", "val"):
+        for index in range(2):
+            folder = tmp_path / split / f"class{index}"
+            folder.mkdir(parents=True)
+            Image.new("RGB", (40, 30), (index * 200, 10, 10)).save(folder / "0.jpg")
+    chosen = []
+    monkeypatch.setattr(features, "_batches", lambda shard, batch_size, num_workers, device: (
+        chosen.append(num_workers) or features._threaded_batches(shard, batch_size, 1)))
+    spec, model = cnn
+    for data_text in (f"imagefolder:{tmp_path}", "shapes:50"):
+        data_spec = parse_data_spec(data_text)
+        dataset = open_dataset(data_spec, "train", eval_transform(data_spec, image_size=32)[0])
+        assert dataset.decodes_files == (data_spec.kind == "imagefolder")
+        extract_features(model, spec, dataset, device="cpu")
+    assert chosen == [0, extraction_workers(available_cores(), "cpu")]

@@ -32,5 +32,13 @@ def test_busy_cores_cap_the_threads_on_cpu():
     (1, "cuda", 1), (2, "cuda", 1), (4, "cuda", 3), (32, "cuda", 8),
 ])
 def test_extraction_workers(cores, device, expected):
-    """CPU: the forward keeps the cores, one worker per 8 of them feeds it; CUDA: loading gets the cores."""
+    """In-memory images on CPU: the forward keeps the cores, one worker per 8 of them feeds it; CUDA: loading gets
+    the cores."""
     assert extraction_workers(cores, device) == expected
+
+
+@pytest.mark.parametrize("cores", [1, 2, 16, 64])
+def test_image_files_are_loaded_by_threads_on_cpu_and_by_workers_on_cuda(cores):
+    """Decoding files beside the forward stalls its threads on CPU at any core count; on CUDA it feeds the GPU."""
+    assert extraction_workers(cores, "cpu", decodes_files=True) == 0
+    assert extraction_workers(cores, "cuda", decodes_files=True) == extraction_workers(cores, "cuda")
