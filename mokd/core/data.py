@@ -148,8 +148,8 @@ class LabelledDataset(Dataset):
 
     @property
     def decodes_files(self) -> bool:
-        """Whether each item is read and decoded from an image file (seconds of CPU per batch) rather than taken
-        from memory (microseconds): the feature extractor sizes its loading by it."""
+        """Whether each item is read and decoded from an image file (milliseconds of CPU per image) rather than
+        taken from memory (microseconds): the feature extractor sizes its loading by it."""
         return self._folder is not None
 
     def __getitem__(self, index: int) -> tuple[Any, int] | None:

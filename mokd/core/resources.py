@@ -58,8 +58,9 @@ def extraction_workers(cores: int, device_type: str, *, decodes_files: bool = Fa
     On CUDA the GPU computes, so loading gets the cores (one kept for the main process; at most 8). On CPU the
     forward and the loading share the cores. Decoding and resizing image files (~4 core-ms per 500 x 375 JPEG,
     against ~54 core-ms for an R18 forward at 224 px) is best done between two forwards by threads on all cores:
-    a worker process running beside the forward's threads stalls them, however many cores there are (paired
-    medians on 2 cores, 240 JPEGs -> R18: threads 98 % of the bare channels_last forward, one worker 88 %).
+    a worker process running beside the forward's threads stalls them (measured on 2 cores only, 240 JPEGs ->
+    R18, paired medians against the bare channels_last forward: threads 94 % over 28 rounds, one worker 78 % over
+    12; the same contention is expected at any core count, untested there).
     In-memory images cost microseconds, where a worker's overlap wins: one per 8 cores (1 to 4). Figures and
     method: docs/gpu.md#extraction-on-cpu.
     """
